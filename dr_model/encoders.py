@@ -1,0 +1,58 @@
+"""User encoders over padded behaviour sequences: mean-pool and GRU.
+
+Sequences are item indices [N, L], left-padded with `pad = num_items` (most recent
+item last); the pad row of the embedding table is zero and excluded from pooling.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MeanPoolEncoder(nn.Module):
+    """Masked mean of item embeddings, then a linear map with tanh."""
+
+    def __init__(self, num_items: int, item_dim: int, user_dim: int) -> None:
+        super().__init__()
+        self.pad = num_items
+        self.emb = nn.Embedding(num_items + 1, item_dim, padding_idx=num_items)
+        self.proj = nn.Linear(item_dim, user_dim)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [N, L] int64 -> [N, user_dim]."""
+        mask = (seq != self.pad).unsqueeze(-1).float()
+        pooled = (self.emb(seq) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return torch.tanh(self.proj(pooled))
+
+
+class GRUEncoder(nn.Module):
+    """GRU over the non-pad items; the last hidden state is the user embedding."""
+
+    def __init__(self, num_items: int, item_dim: int, user_dim: int) -> None:
+        super().__init__()
+        self.pad = num_items
+        self.emb = nn.Embedding(num_items + 1, item_dim, padding_idx=num_items)
+        self.gru = nn.GRU(item_dim, user_dim, batch_first=True)
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [N, L] int64 -> [N, user_dim]."""
+        N, L = seq.shape
+        lengths = (seq != self.pad).sum(1)
+        # Left padding -> right padding, so packing skips the pads entirely.
+        shift = (torch.arange(L, device=seq.device).unsqueeze(0) + (L - lengths).unsqueeze(1)) % L
+        right = torch.gather(seq, 1, shift)
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(right), lengths.clamp_min(1).cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)
+        out = h[-1]
+        # A user with no known history gets the zero state, not the pad's transition.
+        return out * (lengths > 0).unsqueeze(1).float()
+
+
+def make_encoder(kind: str, num_items: int, item_dim: int, user_dim: int) -> nn.Module:
+    """Encoder by name ('mean' | 'gru')."""
+    if kind == "mean":
+        return MeanPoolEncoder(num_items, item_dim, user_dim)
+    if kind == "gru":
+        return GRUEncoder(num_items, item_dim, user_dim)
+    raise ValueError(f"unknown encoder {kind!r}; expected 'mean' or 'gru'")

@@ -1,0 +1,76 @@
+"""Path index (path -> items) and retrieval: beam search -> items on the paths -> rerank -> top-k."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PathIndex:
+    """CSR over sorted unique paths: keys [P], offsets [P+1], items [J*V] (item indices)."""
+
+    keys: np.ndarray
+    offsets: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def build(cls, assign: np.ndarray) -> "PathIndex":
+        """assign [V, J] int64 paths of item indices 0..V-1 -> index."""
+        V, J = assign.shape
+        path = assign.ravel()
+        item = np.repeat(np.arange(V, dtype=np.int64), J)
+        order = np.lexsort((item, path))
+        path, item = path[order], item[order]
+        keys, start = np.unique(path, return_index=True)
+        return cls(keys, np.append(start, len(path)).astype(np.int64), item)
+
+    def sizes(self) -> np.ndarray:
+        """Items per non-empty path [P]."""
+        return np.diff(self.offsets)
+
+    def lookup(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """paths [N, B] -> unique (row [M], item [M]) pairs, sorted by row then item."""
+        N, B = paths.shape
+        flat = paths.ravel()
+        pos = np.searchsorted(self.keys, flat)
+        pos_c = np.minimum(pos, max(len(self.keys) - 1, 0))
+        found = (len(self.keys) > 0) & (self.keys[pos_c] == flat) if len(self.keys) else np.zeros(flat.shape, bool)
+        lo = np.where(found, self.offsets[pos_c], 0)
+        n = np.where(found, self.offsets[pos_c + 1] - lo, 0)
+        row = np.repeat(np.repeat(np.arange(N, dtype=np.int64), B), n)
+        within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        item = self.items[np.repeat(lo, n) + within]
+        if len(item) == 0:
+            return row, item
+        key = np.unique(row * (int(self.items.max()) + 1) + item)
+        m = int(self.items.max()) + 1
+        return key // m, key % m
+
+
+def top_k_per_row(row: np.ndarray, item: np.ndarray, score: np.ndarray, n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat (row, item, score) -> items [n_rows, k] (-1 pad) and scores [n_rows, k] (-inf pad), descending."""
+    order = np.lexsort((item, -score, row))
+    row, item, score = row[order], item[order], score[order]
+    counts = np.bincount(row, minlength=n_rows)
+    start = np.cumsum(counts) - counts
+    rank = np.arange(len(row)) - np.repeat(start, counts)
+    keep = rank < k
+    out_i = np.full((n_rows, k), -1, dtype=np.int64)
+    out_s = np.full((n_rows, k), -np.inf, dtype=np.float64)
+    out_i[row[keep], rank[keep]] = item[keep]
+    out_s[row[keep], rank[keep]] = score[keep]
+    return out_i, out_s
+
+
+def rerank(w: torch.Tensor, item_emb: torch.Tensor, item_bias: torch.Tensor, row: np.ndarray, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Score candidate (row, item) pairs with the reranker and keep the top k per row.
+
+    w [N, dim] user vectors, item_emb [V, dim], item_bias [V] -> (items [N, k], scores [N, k]).
+    """
+    r = torch.from_numpy(row)
+    i = torch.from_numpy(item)
+    with torch.inference_mode():
+        s = ((w[r] * item_emb[i]).sum(1) + item_bias[i]).double().numpy()
+    return top_k_per_row(row, item, s, w.shape[0], k)

@@ -1,0 +1,169 @@
+"""Item->path scores s[v,c]: top-S paths per item, batch aggregation and streaming merge.
+
+Layout (`PathScores`): one row per item, S slots sorted by score descending; an empty
+slot has path -1 and score 0. Fixed width keeps the M-step fully vectorized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EMPTY = -1
+
+
+@dataclass(frozen=True)
+class PathScores:
+    """s[v,c] for a set of items.
+
+    items [V] int64 (sorted, unique), paths [V, S] int64 (-1 = empty), scores [V, S]
+    float64 (descending per row, 0 where empty), n_v [V] float64 (training pairs of v).
+    """
+
+    items: np.ndarray
+    paths: np.ndarray
+    scores: np.ndarray
+    n_v: np.ndarray
+
+    def __post_init__(self) -> None:
+        V = self.items.shape[0]
+        if self.paths.ndim != 2 or self.paths.shape[0] != V or self.scores.shape != self.paths.shape:
+            raise ValueError(f"PathScores shapes disagree: items {self.items.shape}, paths {self.paths.shape}, scores {self.scores.shape}")
+        if self.n_v.shape != (V,):
+            raise ValueError(f"PathScores.n_v must be [{V}], got {self.n_v.shape}")
+
+    @property
+    def S(self) -> int:
+        return self.paths.shape[1]
+
+    def __len__(self) -> int:
+        return self.items.shape[0]
+
+    def to_long(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Non-empty entries as flat columns (item_id, path, score, n_v), for tables."""
+        mask = self.paths != EMPTY
+        rows = np.nonzero(mask)[0]
+        return self.items[rows], self.paths[mask], self.scores[mask], self.n_v[rows]
+
+    @classmethod
+    def from_long(cls, item_id: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: np.ndarray, S: int) -> "PathScores":
+        """Flat (item, path, score, n_v) rows -> fixed-width top-S layout (sums duplicate pairs)."""
+        return aggregate_pairs(item_id, path, score, S, n_v=n_v, n_v_is_per_item=True)
+
+
+def _top_s_per_item(item: np.ndarray, path: np.ndarray, score: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique (item, path) rows -> items [V], paths [V,S], scores [V,S] keeping the S largest per item."""
+    # Sort by item, then score descending; ties broken by path for determinism.
+    order = np.lexsort((path, -score, item))
+    item, path, score = item[order], path[order], score[order]
+    items, start, counts = np.unique(item, return_index=True, return_counts=True)
+    rank = np.arange(item.shape[0]) - np.repeat(start, counts)
+    keep = rank < S
+    row = np.repeat(np.arange(items.shape[0]), counts)[keep]
+    out_p = np.full((items.shape[0], S), EMPTY, dtype=np.int64)
+    out_s = np.zeros((items.shape[0], S), dtype=np.float64)
+    out_p[row, rank[keep]] = path[keep]
+    out_s[row, rank[keep]] = score[keep]
+    return items, out_p, out_s
+
+
+def _sum_duplicates(item: np.ndarray, path: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keys = np.stack([item, path], axis=1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    sums = np.bincount(inv.ravel(), weights=score, minlength=uniq.shape[0])
+    return uniq[:, 0], uniq[:, 1], sums
+
+
+def aggregate_pairs(item: np.ndarray, path: np.ndarray, prob: np.ndarray, S: int,
+                    n_v: np.ndarray | None = None, n_v_is_per_item: bool = False) -> PathScores:
+    """Batch mode: per training pair top-S beam outputs -> s[v,c] summed exactly, top-S per item.
+
+    item [P] int64 (the pair's item, repeated per beam output) or [P] with path/prob [P, S'];
+    path/prob are flattened alongside. n_v defaults to the number of training pairs per item
+    (rows of a 2-D input), or is taken from per-row counts when `n_v_is_per_item`.
+    """
+    item = np.asarray(item, dtype=np.int64)
+    path = np.asarray(path, dtype=np.int64)
+    prob = np.asarray(prob, dtype=np.float64)
+    if path.ndim == 2:
+        pair_items = item
+        item = np.repeat(item, path.shape[1])
+        path, prob = path.ravel(), prob.ravel()
+    else:
+        pair_items = None
+    valid = path != EMPTY
+    if np.any(prob[valid] < 0) or not np.all(np.isfinite(prob[valid])):
+        raise ValueError("path scores must be finite and >= 0")
+    u_item, u_path, u_score = _sum_duplicates(item[valid], path[valid], prob[valid])
+    items, paths, scores = _top_s_per_item(u_item, u_path, u_score, S)
+    if n_v_is_per_item:
+        # one n_v per input row: take it per item (rows of one item carry the same value)
+        idx = np.searchsorted(items, item[valid])
+        nv = np.zeros(items.shape[0])
+        nv[idx] = np.asarray(n_v, dtype=np.float64)[valid]
+    elif pair_items is not None:
+        nv = np.bincount(np.searchsorted(items, pair_items[np.isin(pair_items, items)]), minlength=items.shape[0]).astype(np.float64)
+    else:
+        raise ValueError("pass path/prob as [P, S'] so n_v can be counted per training pair")
+    return PathScores(items, paths, scores, nv)
+
+
+def streaming_merge(old: PathScores, new: PathScores, decay: float) -> PathScores:
+    """Paper's streaming update with decay eta and min_score seeding, vectorized over items.
+
+    For each item: in both -> eta*s + s'; only new -> eta*min_score + s'; only old -> eta*s;
+    keep the S largest. min_score is the smallest recorded score of the item's stored list
+    (0 for an item never seen before). n_v -> eta*n_v + n_v'.
+    """
+    S = old.S
+    if new.S != S:
+        raise ValueError(f"cannot merge s[v,c] lists of different widths S={old.S} and S={new.S}")
+    old_valid = old.paths != EMPTY
+    # min over recorded (non-empty) slots; an empty stored list seeds with 0
+    min_old = np.where(old_valid, old.scores, np.inf).min(axis=1)
+    min_old = np.where(np.isfinite(min_old), min_old, 0.0)
+    # Seed of a path that is new for item v: eta*min_score(v) (0 when v has no stored list).
+    new_pos = np.searchsorted(old.items, new.items)
+    new_pos_c = np.minimum(new_pos, max(len(old) - 1, 0))
+    has_old = (len(old) > 0) & (old.items[new_pos_c] == new.items) if len(old) else np.zeros(len(new), bool)
+    seed = np.where(has_old, min_old[new_pos_c] if len(old) else 0.0, 0.0) * decay
+
+    o_mask = old_valid.ravel()
+    n_mask = (new.paths != EMPTY).ravel()
+    o_item = np.repeat(old.items, S)[o_mask]
+    o_path = old.paths.ravel()[o_mask]
+    o_score = decay * old.scores.ravel()[o_mask]
+    n_item = np.repeat(new.items, S)[n_mask]
+    n_path = new.paths.ravel()[n_mask]
+    n_score = new.scores.ravel()[n_mask]
+    n_seed = np.repeat(seed, S)[n_mask]
+
+    # A new-list path that is already stored gets eta*s + s' (its seed is dropped);
+    # otherwise eta*min_score + s'.
+    o_keys = np.stack([o_item, o_path], 1)
+    n_keys = np.stack([n_item, n_path], 1)
+    in_old = _rows_in(n_keys, o_keys)
+    n_score = n_score + np.where(in_old, 0.0, n_seed)
+
+    item = np.concatenate([o_item, n_item])
+    path = np.concatenate([o_path, n_path])
+    score = np.concatenate([o_score, n_score])
+    u_item, u_path, u_score = _sum_duplicates(item, path, score)
+    items, paths, scores = _top_s_per_item(u_item, u_path, u_score, S)
+
+    nv = np.zeros(items.shape[0])
+    nv[np.searchsorted(items, old.items[np.isin(old.items, items)])] += decay * old.n_v[np.isin(old.items, items)]
+    nv[np.searchsorted(items, new.items[np.isin(new.items, items)])] += new.n_v[np.isin(new.items, items)]
+    return PathScores(items, paths, scores, nv)
+
+
+def _rows_in(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each row of a [n, 2] int64: is it a row of b [m, 2]?"""
+    if b.shape[0] == 0:
+        return np.zeros(a.shape[0], dtype=bool)
+    both = np.concatenate([b, a])
+    _, inv = np.unique(both, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    present = np.zeros(inv.max() + 1, dtype=bool)
+    present[inv[: b.shape[0]]] = True
+    return present[inv[b.shape[0]:]]

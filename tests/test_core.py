@@ -1,0 +1,176 @@
+"""Fast tests of the pure-PyTorch/NumPy core: codec, structure model, beam search, encoders, reranker."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dr_model.beam import beam_search
+from dr_model.codec import decode, encode
+from dr_model.config import ConfigError, DRConfig, ModelConfig
+from dr_model.encoders import GRUEncoder, MeanPoolEncoder
+from dr_model.index import PathIndex
+from dr_model.reranker import Reranker
+from dr_model.structure import StructureModel
+
+
+def test_codec_round_trip_numpy_and_torch():
+    rng = np.random.default_rng(0)
+    for K, D in [(2, 1), (7, 3), (100, 3), (50, 4)]:
+        codes = rng.integers(0, K, size=(64, 5, D))
+        paths = encode(codes, K)
+        assert paths.dtype == np.int64 and paths.shape == (64, 5)
+        assert paths.min() >= 0 and paths.max() < K ** D
+        np.testing.assert_array_equal(decode(paths, K, D), codes)
+        t = torch.from_numpy(codes)
+        np.testing.assert_array_equal(encode(t, K).numpy(), paths)
+        np.testing.assert_array_equal(decode(torch.from_numpy(paths), K, D).numpy(), codes)
+    # first layer is the most significant digit
+    assert encode(np.array([1, 2, 3]), 10) == 123
+
+
+def test_codec_rejects_out_of_range():
+    with pytest.raises(ValueError, match="path codes"):
+        encode(np.array([[0, 5]]), 5)
+    with pytest.raises(ValueError, match="paths must lie"):
+        decode(np.array([25]), 5, 2)
+
+
+def _direct_path_log_prob(m: StructureModel, u: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """log p(path|x) computed literally: concat(u, e_1(c_1), ...) -> MLP -> log_softmax."""
+    N, P, D = codes.shape
+    total = torch.zeros(N, P)
+    for d in range(D):
+        parts = [u.unsqueeze(1).expand(N, P, -1)] + [m.node_emb[p](codes[..., p]) for p in range(d)]
+        x = torch.cat(parts, -1)
+        logits = m.out[d](F.relu(m.inp[d](x)))
+        total = total + F.log_softmax(logits, -1).gather(-1, codes[..., d:d + 1]).squeeze(-1)
+    return total
+
+
+def test_path_log_prob_and_gradients_match_direct_computation():
+    torch.manual_seed(0)
+    m = StructureModel(user_dim=8, K=5, D=3, node_dim=4, hidden=16).double()
+    u = torch.randn(6, 8, dtype=torch.double)
+    codes = torch.randint(0, 5, (6, 3, 3))
+    ours = m.path_log_prob(u, codes)
+    direct = _direct_path_log_prob(m, u, codes)
+    torch.testing.assert_close(ours, direct)
+
+    loss = m.multi_path_loss(u, codes)
+    direct_loss = -torch.log(direct.exp().sum(1)).mean()
+    torch.testing.assert_close(loss, direct_loss)
+    g_ours = torch.autograd.grad(loss, list(m.parameters()))
+    g_direct = torch.autograd.grad(-torch.log(_direct_path_log_prob(m, u, codes).exp().sum(1)).mean(), list(m.parameters()))
+    for a, b in zip(g_ours, g_direct):
+        torch.testing.assert_close(a, b)
+
+
+def test_path_probabilities_sum_to_one():
+    torch.manual_seed(1)
+    K, D = 3, 3
+    m = StructureModel(4, K, D, 2, 8).double()
+    u = torch.randn(2, 4, dtype=torch.double)
+    all_codes = torch.tensor(list(itertools.product(range(K), repeat=D))).unsqueeze(0).expand(2, -1, -1)
+    total = m.path_log_prob(u, all_codes).exp().sum(1)
+    torch.testing.assert_close(total, torch.ones(2, dtype=torch.double))
+
+
+@pytest.mark.parametrize("K,D", [(3, 3), (4, 2), (2, 4)])
+def test_beam_search_equals_exhaustive_enumeration_when_beam_covers_all(K, D):
+    torch.manual_seed(K * 10 + D)
+    m = StructureModel(6, K, D, 3, 10).double()
+    u = torch.randn(5, 6, dtype=torch.double)
+    all_codes = torch.tensor(list(itertools.product(range(K), repeat=D)))
+    lp = m.path_log_prob(u, all_codes.unsqueeze(0).expand(5, -1, -1))
+    exact_lp, order = torch.sort(lp, dim=1, descending=True)
+    exact_paths = encode(all_codes, K)[order]
+    # A beam of K**(D-1) keeps every prefix, so the top-B result is exact for any B <= K**D.
+    for B in (K ** (D - 1), K ** D):
+        paths, logp = beam_search(m, u, B)
+        assert paths.shape == (5, B)
+        torch.testing.assert_close(logp, exact_lp[:, :B])
+        np.testing.assert_array_equal(paths.numpy(), exact_paths[:, :B].numpy())
+
+
+def test_beam_search_small_beam_returns_sorted_valid_paths():
+    torch.manual_seed(3)
+    m = StructureModel(8, 10, 3, 4, 16)
+    u = torch.randn(7, 8)
+    paths, logp = beam_search(m, u, 4)
+    assert paths.shape == (7, 4)
+    assert torch.all(logp[:, :-1] >= logp[:, 1:])
+    assert torch.all((paths >= 0) & (paths < 1000))
+    # scores are the model's own log p of the returned paths
+    torch.testing.assert_close(m.path_log_prob(u, decode(paths, 10, 3)), logp)
+    # each user's paths are distinct
+    assert all(len(set(r.tolist())) == 4 for r in paths)
+
+
+def test_encoders_ignore_left_padding():
+    torch.manual_seed(0)
+    V = 10
+    for enc in (MeanPoolEncoder(V, 4, 6), GRUEncoder(V, 4, 6)):
+        short = torch.tensor([[3, 5, 7]])
+        padded = torch.tensor([[V, V, 3, 5, 7]])
+        torch.testing.assert_close(enc(short), enc(padded))
+        empty = torch.tensor([[V, V, V]])
+        assert enc(empty).shape == (1, 6)
+    # GRU is order sensitive, mean-pool is not
+    gru = GRUEncoder(V, 4, 6)
+    assert not torch.allclose(gru(torch.tensor([[1, 2]])), gru(torch.tensor([[2, 1]])))
+
+
+def test_brute_force_topk_is_exact_across_chunks():
+    torch.manual_seed(0)
+    r = Reranker(1000, 8)
+    with torch.no_grad():
+        r.item_bias.normal_()
+    w = torch.randn(9, 8)
+    s, i = r.brute_force_topk(w, 20, chunk=64)
+    full = w @ r.item_emb.weight.T + r.item_bias
+    es, ei = torch.topk(full, 20, dim=1)
+    torch.testing.assert_close(s, es)
+    np.testing.assert_array_equal(i.numpy(), ei.numpy())
+
+
+def test_sampled_softmax_log_q_correction_and_accidental_hits():
+    torch.manual_seed(0)
+    r = Reranker(5, 3)
+    w = torch.randn(2, 3)
+    pos = torch.tensor([1, 4])
+    neg = torch.tensor([0, 1, 2])
+    log_q = torch.log(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1]) * 3)
+    loss = r.sampled_softmax_loss(w, pos, neg, log_q)
+    # by hand
+    logits = w @ r.item_emb.weight.T + r.item_bias - log_q
+    l0 = -(logits[0, 1] - torch.logsumexp(torch.stack([logits[0, 1], logits[0, 0], logits[0, 2]]), 0))  # hit on 1 removed
+    l1 = -(logits[1, 4] - torch.logsumexp(torch.stack([logits[1, 4], logits[1, 0], logits[1, 1], logits[1, 2]]), 0))
+    torch.testing.assert_close(loss, (l0 + l1) / 2)
+
+
+def test_path_index_lookup_dedupes_items_per_user():
+    assign = np.array([[5, 7, 9], [5, 8, 10], [11, 12, 13]])
+    idx = PathIndex.build(assign)
+    np.testing.assert_array_equal(idx.keys, [5, 7, 8, 9, 10, 11, 12, 13])
+    np.testing.assert_array_equal(idx.sizes(), [2, 1, 1, 1, 1, 1, 1, 1])
+    row, item = idx.lookup(np.array([[5, 7], [99, 12], [8, 10]]))
+    np.testing.assert_array_equal(row, [0, 0, 1, 2])
+    np.testing.assert_array_equal(item, [0, 1, 2, 1])
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="model.K"):
+        ModelConfig(K=1)
+    with pytest.raises(ConfigError, match="model.encoder"):
+        ModelConfig(encoder="lstm")
+    with pytest.raises(ConfigError, match="search.score_paths"):
+        DRConfig.from_dict({"model": {"J": 5}, "search": {"score_paths": 3}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        DRConfig.from_dict({"model": {"KK": 5}})
+    cfg = DRConfig.load(None, ["model.K=7", "model.encoder=gru", "mstep.alpha=1e-3"])
+    assert (cfg.model.K, cfg.model.encoder, cfg.mstep.alpha) == (7, "gru", 1e-3)
+    assert cfg.hash() != DRConfig().hash()
