@@ -76,6 +76,7 @@ class MStepConfig:
     rounds: int = 3             # coordinate-descent sweeps per M-step
     block_size: int = 4096      # items updated together by the fast kernel
     decay: float = 0.999        # eta, streaming merge of s[v,c] across nights
+    damping: bool = True        # undo in-block moves that earlier block moves made losing (see mstep.py)
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, "mstep.alpha", ">= 0", self.alpha)
@@ -114,9 +115,14 @@ class EvalConfig:
     """Evaluation protocol."""
 
     k: int = 10                 # metrics @k
+    exclude_history: bool = True    # never recommend an item from the user's input half (all methods)
+    beam_sweep: tuple[int, ...] = (5, 10, 25, 50)   # DR recall against beam size
 
     def __post_init__(self) -> None:
         _check(isinstance(self.k, int) and self.k >= 1, "eval.k", "an integer >= 1", self.k)
+        _check(isinstance(self.exclude_history, bool), "eval.exclude_history", "true or false", self.exclude_history)
+        object.__setattr__(self, "beam_sweep", tuple(self.beam_sweep))
+        _check(all(isinstance(b, int) and b >= 1 for b in self.beam_sweep), "eval.beam_sweep", "a list of integers >= 1", self.beam_sweep)
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,24 @@ def prf_at_k(pred: np.ndarray, truth_offsets: np.ndarray, truth_items: np.ndarra
     p, r, f = per_user_prf(pred, truth_offsets, truth_items, k)
     return PRF(float(p.mean()) if len(p) else 0.0, float(r.mean()) if len(r) else 0.0,
                float(f.mean()) if len(f) else 0.0, int(len(p)))
+
+
+def pad_to(pred: np.ndarray, k: int) -> np.ndarray:
+    """pred [U, m] -> [U, k], cut or padded with -1."""
+    out = np.full((pred.shape[0], k), -1, dtype=np.int64)
+    m = min(k, pred.shape[1])
+    out[:, :m] = pred[:, :m]
+    return out
+
+
+def exclude_seen(pred: np.ndarray, hist: np.ndarray, k: int) -> np.ndarray:
+    """Drop each user's history items from a ranked list, keep order: pred [U, m], hist [U, L] -> [U, k].
+
+    Ask for m >= k + L predictions so k remain after at most L are removed.
+    """
+    pred = np.asarray(pred, dtype=np.int64)
+    seen = (pred[:, :, None] == hist[:, None, :]).any(-1) & (pred >= 0)
+    keep = ~seen & (pred >= 0)
+    order = np.argsort(~keep, axis=1, kind="stable")          # kept entries first, in rank order
+    ranked = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(pred, order, 1), -1)
+    return pad_to(ranked, k)

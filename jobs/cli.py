@@ -9,14 +9,15 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 from dr_model.config import ConfigError, DRConfig
+from jobs.cli_common import config_options
 
 BENCHMARKS = {
     "beam": "beam search users/s/core at K=100, D=3, B=50, embedding 64 (+ brute-force top-200 over 10^6 items)",
     "mstep": "M-step kernel item-rounds/s/core at 10^6 items, S=32, J=3 vs the sequential reference",
     "ingest": "rows/s ingesting synthetic interactions into Delta on local Spark",
+    "estep": "E-step training samples/s: Ray Train 1 and 2 workers vs a plain PyTorch loop (target: <= 20% overhead)",
 }
 
 # Command modules that add their own subcommands (each has register(subparsers)).
@@ -56,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Delta tables. Run `dr COMMAND --help` for each command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, default=None,
-                   help="TOML config with sections [model] [search] [mstep] [train] [eval] [split] "
-                        "(see configs/). Defaults are the paper's MovieLens settings.")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one config value, e.g. --set model.K=100 --set mstep.alpha=3e-7 (repeatable)")
+    config_options(p, top_level=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     b = sub.add_parser("bench", help="run a benchmark and print its figures",

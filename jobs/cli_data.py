@@ -12,6 +12,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from jobs.cli_common import config_options
+
 EXIT_ERROR = 2
 
 
@@ -155,8 +157,7 @@ def register(subparsers: Any) -> None:
                                            "evaluation users' first half as input and second half as truth, "
                                            "training samples as (previous <= L items, next item). Overwrites "
                                            "samples_train and eval_users; re-running the same split is a no-op.")
-    sp.add_argument("--config", default=None, help="DRConfig TOML file ([split] and model.seq_len are used)")
-    sp.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="config override (repeatable)")
+    config_options(sp)   # [split] and model.seq_len are used
     sp.add_argument("--version", type=int, default=None, help="interactions version to split (default: latest)")
     sp.add_argument("--seq-len", type=int, default=None, help="history length L (default: model.seq_len)")
     sp.add_argument("--rating-threshold", type=float, default=None, help="keep ratings >= this")
