@@ -1,0 +1,180 @@
+"""E-step checkpoints under the warehouse, tied to the item_paths version they were trained against.
+
+Layout: `<warehouse>/checkpoints/<run_id>/`
+  estep-round-<r>/                 the round's finished E-step (what retrieval and the M-step use)
+  estep-round-<r>.epoch-<e>/       in-progress state after e epochs of round r (finer resume; removed
+                                   once the round is finished)
+Each directory holds `state.pt` (tensors only: model, optimizer, vocabulary item ids; loaded with
+`torch.load(weights_only=True)`) and `meta.json` (run, round, table versions, config + hash,
+epoch counters, per-epoch losses). A directory is written under a hidden temporary name and
+renamed into place, so a reader never sees half a checkpoint.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+FORMAT = 1
+_NAME = re.compile(r"^estep-round-(\d+)(?:\.epoch-(\d+))?$")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint was asked to pair with a different item_paths/samples version or config."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Everything about a checkpoint except its tensors (stored as meta.json)."""
+
+    run_id: str
+    round: int
+    item_paths_version: int
+    samples_version: int
+    config: dict[str, Any]
+    config_hash: str
+    epochs_done: int                # epochs of this round's schedule already trained
+    epochs_total: int
+    num_items: int
+    losses: list[dict[str, Any]] = field(default_factory=list)   # one row per trained epoch
+    format: int = FORMAT
+    created_at: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.epochs_done >= self.epochs_total
+
+
+@dataclass(frozen=True)
+class EStepCheckpoint:
+    """A loaded checkpoint: meta + model state, optimizer state (or None), item ids [V] (model index order)."""
+
+    path: str
+    meta: CheckpointMeta
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None
+    item_ids: np.ndarray
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def run_dir(warehouse_root: str, run_id: str) -> str:
+    """Checkpoint folder of one run under the warehouse root (a path or URI)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", run_id):
+        raise ValueError(f"run_id {run_id!r}: use letters, digits, '_', '.', '-' only (it names a folder)")
+    return f"{warehouse_root.rstrip('/')}/checkpoints/{run_id}"
+
+
+def checkpoint_name(em_round: int, epochs_done: int | None = None) -> str:
+    """Folder name: the round's final checkpoint, or its partial state after `epochs_done` epochs."""
+    return f"estep-round-{em_round:04d}" + ("" if epochs_done is None else f".epoch-{epochs_done:04d}")
+
+
+def _listing(root: str) -> list[tuple[int, int | None, str]]:
+    """(round, epochs or None for final, path) of every complete checkpoint folder under a run dir."""
+    fs, path = _fs(root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    out = []
+    for info in infos:
+        m = _NAME.match(info.base_name)
+        if info.type == pafs.FileType.Directory and m:
+            out.append((int(m.group(1)), None if m.group(2) is None else int(m.group(2)), f"{root}/{info.base_name}"))
+    return out
+
+
+def final_checkpoint(root: str, em_round: int) -> str | None:
+    """Path of round `em_round`'s finished E-step checkpoint, or None."""
+    return next((p for r, e, p in _listing(root) if r == em_round and e is None), None)
+
+
+def latest_partial(root: str, em_round: int) -> str | None:
+    """The in-progress checkpoint of round `em_round` with the most epochs, or None."""
+    parts = sorted((e, p) for r, e, p in _listing(root) if r == em_round and e is not None)
+    return parts[-1][1] if parts else None
+
+
+def previous_final(root: str, em_round: int) -> str | None:
+    """The finished checkpoint of the latest round before `em_round` (warm start), or None."""
+    done = sorted((r, p) for r, e, p in _listing(root) if r < em_round and e is None)
+    return done[-1][1] if done else None
+
+
+def save_checkpoint(root: str, meta: CheckpointMeta, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any] | None, item_ids: np.ndarray) -> str:
+    """Write atomically (temp folder + rename); a final checkpoint removes the round's partial ones."""
+    fs, base = _fs(root)
+    name = checkpoint_name(meta.round, None if meta.complete else meta.epochs_done)
+    fs.create_dir(base, recursive=True)
+    tmp = f"{base}/.tmp-{name}-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(tmp, recursive=True)
+    buf = io.BytesIO()
+    # Tensors and plain containers only, so loading works with weights_only=True.
+    torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()},
+                "optimizer": optimizer_state,
+                "item_ids": torch.from_numpy(np.array(item_ids, dtype=np.int64))}, buf)   # a writable copy
+    with fs.open_output_stream(f"{tmp}/state.pt") as f:
+        f.write(buf.getvalue())
+    meta = CheckpointMeta(**{**asdict(meta), "created_at": time.time()})
+    with fs.open_output_stream(f"{tmp}/meta.json") as f:
+        f.write(json.dumps(asdict(meta), indent=1, sort_keys=True).encode())
+    final = f"{base}/{name}"
+    if fs.get_file_info(final).type == pafs.FileType.Directory:
+        fs.delete_dir(final)        # a rerun of the same epoch (after a crash) replaces it
+    fs.move(tmp, final)
+    if meta.complete:
+        for r, e, p in _listing(root):
+            if r == meta.round and e is not None:
+                _fs(p)[0].delete_dir(_fs(p)[1])
+    else:
+        for r, e, p in _listing(root):
+            if r == meta.round and e is not None and e < meta.epochs_done:
+                _fs(p)[0].delete_dir(_fs(p)[1])
+    return f"{root}/{name}"
+
+
+def read_meta(path: str) -> CheckpointMeta:
+    """meta.json of a checkpoint folder."""
+    fs, p = _fs(path)
+    with fs.open_input_stream(f"{p}/meta.json") as f:
+        data = json.loads(f.read())
+    if data.get("format") != FORMAT:
+        raise CheckpointMismatch(f"checkpoint {path}: format {data.get('format')} is not {FORMAT}")
+    return CheckpointMeta(**data)
+
+
+def check_pairing(meta: CheckpointMeta, path: str, item_paths_version: int | None,
+                  samples_version: int | None = None, config_hash: str | None = None) -> None:
+    """Refuse (CheckpointMismatch) a checkpoint trained against other table versions or another config."""
+    if item_paths_version is not None and meta.item_paths_version != item_paths_version:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was trained against item_paths version {meta.item_paths_version}, "
+            f"not {item_paths_version}: a model only pairs with the paths it was trained against")
+    if samples_version is not None and meta.samples_version != samples_version:
+        raise CheckpointMismatch(f"checkpoint {path} was trained on samples_train version "
+                                 f"{meta.samples_version}, not {samples_version}")
+    if config_hash is not None and meta.config_hash != config_hash:
+        raise CheckpointMismatch(f"checkpoint {path} has config hash {meta.config_hash}, not {config_hash}")
+
+
+def load_checkpoint(path: str, item_paths_version: int | None, samples_version: int | None = None,
+                    config_hash: str | None = None) -> EStepCheckpoint:
+    """Load and check pairing; item_paths_version=None only for a deliberate warm start."""
+    meta = read_meta(path)
+    check_pairing(meta, path, item_paths_version, samples_version, config_hash)
+    fs, p = _fs(path)
+    with fs.open_input_stream(f"{p}/state.pt") as f:
+        state = torch.load(io.BytesIO(f.read()), weights_only=True)
+    return EStepCheckpoint(path, meta, state["model"], state["optimizer"], state["item_ids"].numpy())

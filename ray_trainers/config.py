@@ -1,0 +1,63 @@
+"""Validated, frozen Ray settings for the distributed jobs (scaling lives here, not in DRConfig).
+
+DRConfig says WHAT is trained (and is hashed into every commit); RayConfig says WHERE it runs,
+so the same model config trains identically on a laptop and on a cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dr_model.config import ConfigError
+
+
+def _check(cond: bool, name: str, rule: str, value: object) -> None:
+    if not cond:
+        raise ConfigError(f"ray config field '{name}' = {value!r}: must be {rule}")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Ray cluster address and E-step scaling.
+
+    num_workers=0 runs the training loop in the driver process (Ray Train local mode: fast
+    tests, no torch.distributed); >= 1 starts that many Ray Train worker actors.
+    cpus_per_worker < 1 leaves CPUs for Ray Data's read tasks on small machines (DESIGN §7:
+    2 workers x 1 CPU on 2 CPUs hang because read tasks never get a CPU).
+    """
+
+    address: str | None = None              # None: start/attach a local Ray; "auto" or ray://... on a cluster
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    torch_threads: int = 1                  # intra-op threads per worker (match the CPUs it really gets)
+    max_failures: int = 0                   # worker-group restarts; each restart resumes from the last checkpoint
+    checkpoint_every_epoch: bool = True     # partial checkpoints inside an E-step (finer resume)
+    prefetch_batches: int = 1               # Ray Data batches prepared ahead of the training step
+    # True: each worker streams its shard once per call into memory (n/W x (L+1) int64) and
+    # fully reshuffles it every epoch; False: stream from Delta every epoch with a local
+    # shuffle buffer (shards larger than worker memory). Restarting Ray Data's pipeline each
+    # epoch costs seconds, which dominated small epochs (see jobs/benchmarks/estep.py).
+    cache_shard: bool = True
+    # Only used when this process starts a local Ray (address None and Ray not yet up).
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0", self.num_workers)
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
+        _check(isinstance(self.torch_threads, int) and self.torch_threads >= 1, "torch_threads", "an integer >= 1", self.torch_threads)
+        _check(isinstance(self.max_failures, int) and self.max_failures >= -1, "max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
+        _check(isinstance(self.prefetch_batches, int) and self.prefetch_batches >= 0, "prefetch_batches", "an integer >= 0", self.prefetch_batches)
+        _check(self.num_cpus is None or (isinstance(self.num_cpus, int) and self.num_cpus >= 1), "num_cpus", "None or an integer >= 1", self.num_cpus)
+        _check(self.object_store_memory is None or self.object_store_memory >= 75 * 2 ** 20,
+               "object_store_memory", "None or >= 75 MiB (Ray's minimum)", self.object_store_memory)
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Connect to / start Ray once per process (dashboard off); a no-op when Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
+             object_store_memory=cfg.object_store_memory if cfg.address is None else None,
+             include_dashboard=False, configure_logging=False)

@@ -1,0 +1,415 @@
+"""The E-step on Ray Train: data-parallel training of dr_model's DRModel against a pinned item_paths.
+
+Inputs are pinned Delta versions: `samples_train` is streamed to the workers by Ray Data (never
+collected to the driver); `item_paths` (items x J, small) is read once, turned into the model's
+vocabulary + path table [V, J] and shared through the object store. By default each worker
+streams its shard once per call into memory and reshuffles it fully every epoch (RayConfig.
+cache_shard; False streams from Delta every epoch for shards larger than memory). Every worker runs
+dr_model.trainer.train_step (the same update as the single-process trainer) on its shard with
+the per-worker batch batch_size / num_workers, and gradients are averaged between backward and
+the optimizer step, so N workers follow the global batch of the single-process loop.
+
+Why not torch's DistributedDataParallel wrapper: DDP only synchronises through the wrapped
+module's forward(), while DRModel's losses are separate methods (structure_loss, rerank_loss)
+and the frozen-reranker phase changes which parameters get gradients. Averaging the trainable
+parameters' gradients explicitly (one flattened all-reduce per step, rebuilt per phase)
+is what DDP would do, without either problem. The same all-reduce carries a "had a batch"
+flag, so workers whose shard ran out keep stepping with the others' average (DDP's Join).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from dr_model.config import DRConfig
+from dr_model.model import DRModel
+from dr_model.reranker import sampling_log_q
+from dr_model.trainer import Phase, Vocab, phase_optimizer, schedule, train_step
+from jobs.tables import Warehouse
+
+from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial,
+                         load_checkpoint, previous_final, read_meta, check_pairing, run_dir, save_checkpoint)
+from .config import RayConfig, ensure_ray
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class EStepResult:
+    """What one round's E-step produced; model_state pairs with item_paths_version only."""
+
+    checkpoint_path: str
+    complete: bool                          # False when stopped early (stop_after_epochs)
+    losses: list[dict[str, Any]]            # one row per epoch of the round (resumed epochs included)
+    model_state: dict[str, torch.Tensor]
+    item_ids: np.ndarray                    # [V] raw item ids in model-index order
+    item_paths_version: int
+    epochs_trained: int                     # epochs run by this call (0: the round was already done)
+    resumed_from: str | None                # checkpoint this call continued (or warm-started) from
+    dropped_samples: int                    # samples whose target has no paths in item_paths (skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: pinned table versions
+# --------------------------------------------------------------------------------------------
+
+
+def load_item_paths(warehouse: Warehouse, version: int, J: int) -> tuple[np.ndarray, np.ndarray]:
+    """item_paths at a pinned version -> (item ids [V] sorted, paths [V, J] int64)."""
+    t = warehouse.read_arrow("item_paths", version, columns=["item_id", "slot", "path"])
+    item = t.column("item_id").to_numpy()
+    slot = t.column("slot").to_numpy()
+    path = t.column("path").to_numpy()
+    ids, inv, cnt = np.unique(item, return_inverse=True, return_counts=True)
+    if len(ids) == 0:
+        raise ValueError(f"item_paths version {version} is empty")
+    if (cnt != J).any() or slot.min() < 0 or slot.max() >= J:
+        raise ValueError(f"item_paths version {version}: every item needs exactly J={J} slots 0..{J - 1} "
+                         f"(found {int((cnt != J).sum())} items with another count)")
+    assign = np.full((len(ids), J), -1, dtype=np.int64)
+    assign[inv, slot] = path
+    if (assign < 0).any():
+        raise ValueError(f"item_paths version {version}: duplicate (item_id, slot) rows")
+    return ids, assign
+
+
+def samples_dataset(warehouse: Warehouse, version: int) -> Any:
+    """samples_train at a pinned version as a Ray Dataset of (hist, target), read by Ray tasks."""
+    import ray.data
+
+    files = warehouse.files("samples_train", version)
+    if not files:
+        raise ValueError(f"samples_train version {version} has no data files")
+    return ray.data.read_parquet(files).select_columns(["hist", "target"])
+
+
+def target_counts(ds: Any, item_ids: np.ndarray) -> np.ndarray:
+    """Training pairs per item [V] (the sampled-softmax proposal), summed from per-block counts."""
+    V = len(item_ids)
+
+    def count(batch: pa.Table) -> dict[str, np.ndarray]:
+        idx = Vocab(item_ids).index(batch.column("target").to_numpy())
+        return {"counts": np.bincount(idx[idx >= 0], minlength=V)[None, :]}
+
+    per_block = ds.select_columns(["target"]).map_batches(count, batch_format="pyarrow", batch_size=None)
+    total = np.zeros(V, dtype=np.int64)
+    for b in per_block.iter_batches(batch_size=None, batch_format="numpy"):   # one [1, V] row per block
+        total += b["counts"].sum(0)
+    return total
+
+
+def batch_tensors(batch: pa.Table, vocab: Vocab, L: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Arrow (hist list<int64> [n], target [n]) -> (seq [m, L], target indices [m], dropped n-m)."""
+    hist = batch.column("hist").combine_chunks()
+    n = len(hist)
+    if n == 0:
+        return torch.empty((0, L), dtype=torch.long), torch.empty(0, dtype=torch.long), 0
+    lens = pc.list_value_length(hist)
+    mm = pc.min_max(lens).as_py()
+    if mm["min"] != mm["max"]:
+        raise ValueError(f"samples_train.hist must be padded to one length, found {mm['min']}..{mm['max']}")
+    width = int(mm["max"])
+    h = hist.flatten().to_numpy().reshape(n, width)
+    # Left padding keeps the most recent items last: cut or pad on the left.
+    h = h[:, -L:] if width >= L else np.pad(h, ((0, 0), (L - width, 0)), constant_values=-1)
+    t = vocab.index(batch.column("target").to_numpy())
+    keep = t >= 0
+    return vocab.seq(h[keep]), torch.from_numpy(t[keep]), int(n - keep.sum())
+
+
+def read_shard(shard: Any, vocab: Vocab, L: int, prefetch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream this worker's shard once into memory -> (seq [n, L], target [n]) (model indices)."""
+    seqs, tgts = [], []
+    for b in shard.iter_batches(batch_size=65536, batch_format="pyarrow", prefetch_batches=prefetch):
+        s, t, _ = batch_tensors(b, vocab, L)
+        seqs.append(s)
+        tgts.append(t)
+    if not seqs:
+        return torch.empty((0, L), dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(seqs), torch.cat(tgts)
+
+
+def shuffled_batches(seq: torch.Tensor, target: torch.Tensor, bs: int, seed: int):
+    """A full shuffle of the cached shard per epoch (as the single-process loop): yields (seq [b, L], target [b])."""
+    perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
+    for b in perm.split(bs):
+        yield seq[b], target[b]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-worker training loop
+# --------------------------------------------------------------------------------------------
+
+
+class GradSync:
+    """Averages trainable gradients over the workers that had a batch: one flattened all-reduce per step."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        # One persistent buffer [sum of numel + 1]; the last slot counts the workers that had a batch.
+        self.flat = torch.zeros(sum(p.numel() for p in params) + 1)
+        self.views, off = [], 0
+        for p in params:
+            self.views.append(self.flat[off: off + p.numel()].view_as(p))
+            off += p.numel()
+
+    def __call__(self, has_batch: bool = True) -> int:
+        import torch.distributed as dist
+
+        for p, v in zip(self.params, self.views):
+            if p.grad is None:
+                v.zero_()
+            else:
+                v.copy_(p.grad)
+        self.flat[-1] = 1.0 if has_batch else 0.0
+        dist.all_reduce(self.flat)
+        n = int(round(float(self.flat[-1])))
+        if n:
+            self.flat[:-1] /= n
+        for p, v in zip(self.params, self.views):
+            # A view of the buffer: train_step's zero_grad(set_to_none) drops it before the next backward.
+            p.grad = v
+        return n
+
+    def join(self, opt: torch.optim.Optimizer) -> bool:
+        """This worker has no batch left: step with the others' average; False once nobody has one."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        n = self(has_batch=False)
+        if n:
+            opt.step()
+        return n > 0
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _epoch_plan(phases: list[Phase], epochs_done: int) -> list[tuple[int, Phase, int]]:
+    """(phase index, phase, epoch in phase) for every epoch not trained yet."""
+    plan, g = [], 0
+    for i, ph in enumerate(phases):
+        for e in range(ph.epochs):
+            if g >= epochs_done:
+                plan.append((i, ph, e))
+            g += 1
+    return plan
+
+
+def _resolve_start(root: str, em_round: int, c: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(checkpoint to resume this round from, or to warm-start from) — checked for pairing."""
+    part = latest_partial(root, em_round)
+    if part is not None:
+        meta = read_meta(part)
+        check_pairing(meta, part, c["item_paths_version"], c["samples_version"], c["config_hash"])
+        total = sum(p["epochs"] for p in c["phases"])
+        if meta.epochs_total != total:
+            raise CheckpointMismatch(f"checkpoint {part} belongs to a {meta.epochs_total}-epoch schedule, "
+                                     f"this run asks for {total} epochs")
+        return part, None
+    return None, previous_final(root, em_round)
+
+
+def train_loop(c: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker body: resume/warm-start, then the round's remaining epochs; rank 0 checkpoints."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    torch.set_num_threads(c["torch_threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    cfg = DRConfig.from_dict(c["config"])
+    item_ids, assign, counts = (ray.get(r) for r in c["arrays"])
+    vocab = Vocab(item_ids)
+    phases = [Phase(**p) for p in c["phases"]]
+    total = sum(p.epochs for p in phases)
+    root, em_round = c["root"], c["round"]
+    if final_checkpoint(root, em_round) is not None:
+        return {"epochs_done": total}           # a restarted worker group after the round finished
+
+    torch.manual_seed(cfg.train.seed)
+    model = DRModel(cfg.model, vocab.size)
+    resume, warm = _resolve_start(root, em_round, c)
+    epochs_done, opt_state, history = 0, None, []
+    if resume is not None:
+        ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"])
+        model.load_state_dict(ck.model_state)
+        epochs_done, opt_state, history = ck.meta.epochs_done, ck.optimizer_state, list(ck.meta.losses)
+    elif warm is not None:
+        # The previous round's model, trained against the previous paths: an initialisation only.
+        ck = load_checkpoint(warm, None)
+        if not np.array_equal(ck.item_ids, item_ids):
+            raise CheckpointMismatch(f"warm start {warm}: its item vocabulary differs from item_paths "
+                                     f"version {c['item_paths_version']}")
+        model.load_state_dict(ck.model_state)
+    if distributed:
+        for t in model.state_dict().values():   # identical by seed/checkpoint; make it certain
+            dist.broadcast(t, 0)
+
+    tc = cfg.train
+    q, log_q = sampling_log_q(torch.from_numpy(np.array(counts)), tc.negatives)   # ray.get arrays are read-only
+    assign_t = torch.from_numpy(np.array(assign))
+    bs = math.ceil(tc.batch_size / world)       # global batch = the single-process batch
+    shard = ray.train.get_dataset_shard("train")
+    L = cfg.model.seq_len
+    plan = _epoch_plan(phases, epochs_done)
+    if c["stop_after_epochs"] is not None:
+        plan = plan[: c["stop_after_epochs"]]
+    opt, cur_phase, sync = None, -1, None
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    for i, ph, ep in plan:
+        if i != cur_phase:
+            # A new phase: (un)freeze, fresh Adam over the trainable set (as the single-process
+            # trainer does), and a gradient sync over exactly those parameters.
+            opt = phase_optimizer(model, cfg, ph.train_reranker)
+            if opt_state is not None and ep > 0:
+                opt.load_state_dict(opt_state)  # resuming inside this phase
+            cur_phase = i
+            sync = GradSync([p for p in model.parameters() if p.requires_grad]) if distributed else None
+        gen = torch.Generator().manual_seed(_seed(ph.seed, ep, rank))
+        sums = torch.zeros(3, dtype=torch.float64)   # structure loss * n, rerank loss * n, n
+        t0 = time.perf_counter()
+        if c["cache_shard"]:
+            if cache is None:
+                cache = read_shard(shard, vocab, L, c["prefetch_batches"])
+            batches = shuffled_batches(*cache, bs, _seed(ph.seed, ep, rank, 7))
+        else:
+            batches = (batch_tensors(b, vocab, L)[:2] for b in shard.iter_batches(
+                batch_size=bs, batch_format="pyarrow", prefetch_batches=c["prefetch_batches"],
+                local_shuffle_buffer_size=c["shuffle_buffer"], local_shuffle_seed=_seed(ph.seed, ep, 7)))
+        for seq, target in batches:
+            if len(target) == 0:
+                continue
+            s, r = train_step(model, opt, seq, target, assign_t, q, log_q, tc.negatives, ph.train_reranker, gen, sync)
+            n = len(target)
+            sums[0] += s * n
+            sums[1] += (r if ph.train_reranker else 0.0) * n
+            sums[2] += n
+        if sync is not None:
+            while sync.join(opt):
+                pass
+            dist.all_reduce(sums)
+        secs = time.perf_counter() - t0
+        epochs_done += 1
+        row = {"phase": ph.name, "epoch": ep, "round_epoch": epochs_done - 1,
+               "structure_loss": float(sums[0] / max(sums[2], 1)),
+               "rerank_loss": float(sums[1] / max(sums[2], 1)) if ph.train_reranker else None,
+               "samples": int(sums[2]), "seconds": secs, "samples_per_s": float(sums[2]) / secs,
+               "workers": world}
+        history.append(row)
+        if rank == 0:
+            _stderr(f"[estep] round {em_round} {ph.name} epoch {ep + 1}/{ph.epochs}: structure loss "
+                    f"{row['structure_loss']:.4f}"
+                    + (f", rerank loss {row['rerank_loss']:.4f}" if ph.train_reranker else " (reranker frozen)")
+                    + f", {row['samples']} samples in {secs:.1f}s ({row['samples_per_s']:.0f}/s, {world} worker(s))")
+            if c["checkpoint_every_epoch"] or epochs_done == total:
+                _save(c, cfg, model, opt, item_ids, epochs_done, total, history)
+        ray.train.report({"epochs_done": epochs_done, "structure_loss": row["structure_loss"]})
+    if rank == 0 and plan and not c["checkpoint_every_epoch"] and epochs_done < total:
+        _save(c, cfg, model, opt, item_ids, epochs_done, total, history)   # stopped early: keep the progress
+    return {"epochs_done": epochs_done}
+
+
+def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: torch.optim.Optimizer, item_ids: np.ndarray,
+          epochs_done: int, total: int, history: list[dict[str, Any]]) -> str:
+    meta = CheckpointMeta(run_id=c["run_id"], round=c["round"], item_paths_version=c["item_paths_version"],
+                          samples_version=c["samples_version"], config=cfg.to_dict(), config_hash=c["config_hash"],
+                          epochs_done=epochs_done, epochs_total=total, num_items=len(item_ids), losses=history)
+    return save_checkpoint(c["root"], meta, model.state_dict(), opt.state_dict(), item_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver entry point
+# --------------------------------------------------------------------------------------------
+
+
+def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, ray_cfg: RayConfig,
+              samples_version: int, item_paths_version: int, phases: list[Phase] | None = None,
+              stop_after_epochs: int | None = None, log: Log = _stderr) -> EStepResult:
+    """Train round `em_round`'s E-step (or resume it) and return its checkpoint + per-epoch losses.
+
+    Resume: a finished checkpoint of this round is returned as is (no training); otherwise the
+    latest in-progress checkpoint of this round is continued; otherwise the previous round's
+    finished model is the starting point (warm start) or, in round 0, a fresh seeded model.
+    Both refuse (CheckpointMismatch) state trained against another item_paths/samples version
+    or config. `stop_after_epochs` stops after that many epochs (time-boxed runs, tests).
+    """
+    root = run_dir(warehouse.root, run_id)
+    phases = schedule(cfg, em_round) if phases is None else phases
+    done = final_checkpoint(root, em_round)
+    if done is not None:
+        ck = load_checkpoint(done, item_paths_version, samples_version, cfg.hash())
+        log(f"[estep] round {em_round}: finished checkpoint {done} exists, nothing to train")
+        return _result(ck, 0, done, 0)
+
+    import ray
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(ray_cfg)
+    item_ids, assign = load_item_paths(warehouse, item_paths_version, cfg.model.J)
+    ds = samples_dataset(warehouse, samples_version)
+    counts = target_counts(ds, item_ids)
+    dropped = int(ds.count() - counts.sum())   # targets without paths: skipped by every epoch
+    if dropped:
+        log(f"[estep] round {em_round}: {dropped} samples have a target without paths in item_paths "
+            f"v{item_paths_version}; they are skipped")
+    conf = {
+        "config": cfg.to_dict(), "config_hash": cfg.hash(), "root": root, "run_id": run_id, "round": em_round,
+        "item_paths_version": item_paths_version, "samples_version": samples_version,
+        "phases": [asdict(p) for p in phases], "stop_after_epochs": stop_after_epochs,
+        "arrays": [ray.put(item_ids), ray.put(assign), ray.put(counts)],
+        "torch_threads": ray_cfg.torch_threads, "prefetch_batches": ray_cfg.prefetch_batches,
+        "checkpoint_every_epoch": ray_cfg.checkpoint_every_epoch, "cache_shard": ray_cfg.cache_shard,
+        "shuffle_buffer": max(4 * cfg.train.batch_size, 1024),
+    }
+    resume, warm = _resolve_start(root, em_round, conf)
+    prev = 0 if resume is None else read_meta(resume).epochs_done    # read now: finishing removes partials
+    log(f"[estep] round {em_round}: {len(item_ids)} items x J={cfg.model.J} (item_paths v{item_paths_version}), "
+        f"samples_train v{samples_version}, {ray_cfg.num_workers} worker(s), schedule "
+        + ", ".join(f"{p.name} x{p.epochs}" for p in phases)
+        + (f"; resuming {resume}" if resume else f"; warm start from {warm}" if warm else ""))
+    # Deterministic block order: same seed -> same batches, so a resumed run retraces an uninterrupted one.
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    ds.context.execution_options.preserve_order = True     # local mode iterates the dataset itself
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=conf,
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=f"estep-{run_id}-round-{em_round}", storage_path=f"{root}/_ray",
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+        datasets={"train": ds}, dataset_config=DataConfig(execution_options=opts))
+    t0 = time.perf_counter()
+    trainer.fit()
+    log(f"[estep] round {em_round}: Ray Train finished in {time.perf_counter() - t0:.1f}s")
+    path = final_checkpoint(root, em_round) or latest_partial(root, em_round)
+    if path is None:
+        raise RuntimeError(f"E-step round {em_round} of run {run_id} left no checkpoint under {root}")
+    ck = load_checkpoint(path, item_paths_version, samples_version, cfg.hash())
+    for row in ck.meta.losses[prev:]:
+        log(f"[estep]   {row['phase']} epoch {row['epoch'] + 1}: structure {row['structure_loss']:.4f}"
+            + (f", rerank {row['rerank_loss']:.4f}" if row["rerank_loss"] is not None else "")
+            + f", {row['samples_per_s']:.0f} samples/s")
+    return _result(ck, ck.meta.epochs_done - prev, resume or warm, dropped)
+
+
+def _result(ck: EStepCheckpoint, trained: int, resumed_from: str | None, dropped: int) -> EStepResult:
+    return EStepResult(checkpoint_path=ck.path, complete=ck.meta.complete, losses=list(ck.meta.losses),
+                       model_state=ck.model_state, item_ids=ck.item_ids,
+                       item_paths_version=ck.meta.item_paths_version, epochs_trained=trained,
+                       resumed_from=resumed_from, dropped_samples=dropped)
