@@ -59,14 +59,21 @@ def pad_to(pred: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def exclude_seen(pred: np.ndarray, hist: np.ndarray, k: int) -> np.ndarray:
+def exclude_seen(pred: np.ndarray, hist: np.ndarray, k: int, scores: np.ndarray | None = None):
     """Drop each user's history items from a ranked list, keep order: pred [U, m], hist [U, L] -> [U, k].
 
-    Ask for m >= k + L predictions so k remain after at most L are removed.
+    Ask for m >= k + L predictions so k remain after at most L are removed. With scores
+    [U, m] given, returns (items [U, k], scores [U, k]) with -inf for padding.
     """
     pred = np.asarray(pred, dtype=np.int64)
     seen = (pred[:, :, None] == hist[:, None, :]).any(-1) & (pred >= 0)
     keep = ~seen & (pred >= 0)
     order = np.argsort(~keep, axis=1, kind="stable")          # kept entries first, in rank order
-    ranked = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(pred, order, 1), -1)
-    return pad_to(ranked, k)
+    kept = np.take_along_axis(keep, order, 1)
+    ranked = np.where(kept, np.take_along_axis(pred, order, 1), -1)
+    if scores is None:
+        return pad_to(ranked, k)
+    s = np.where(kept, np.take_along_axis(np.asarray(scores, dtype=np.float64), order, 1), -np.inf)
+    out_s = np.full((pred.shape[0], k), -np.inf)
+    out_s[:, : min(k, s.shape[1])] = s[:, :k]
+    return pad_to(ranked, k), out_s

@@ -17,11 +17,13 @@ BENCHMARKS = {
     "beam": "beam search users/s/core at K=100, D=3, B=50, embedding 64 (+ brute-force top-200 over 10^6 items)",
     "mstep": "M-step kernel item-rounds/s/core at 10^6 items, S=32, J=3 vs the sequential reference",
     "ingest": "rows/s ingesting synthetic interactions into Delta on local Spark",
+    "spark-scores": "scores job (Spark beam search -> s[v,c]) pairs/s/core on local[1] and local[2] vs in-process",
+    "spark-mstep": "distributed M-step item-rounds/s/core on local[1] and local[2] vs the in-process kernel",
     "estep": "E-step training samples/s: Ray Train 1 and 2 workers vs a plain PyTorch loop (target: <= 20% overhead)",
 }
 
 # Command modules that add their own subcommands (each has register(subparsers)).
-COMMAND_MODULES = ["jobs.local_train", "jobs.cli_data"]
+COMMAND_MODULES = ["jobs.cli_pipeline", "jobs.cli_spark", "jobs.cli_data", "jobs.local_train"]
 
 
 def log(msg: str) -> None:

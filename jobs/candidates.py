@@ -1,0 +1,142 @@
+"""`dr candidates`: top-N candidates for every user (or one date's active users) from a train run.
+
+Each user's last L interactions (pinned interactions version) -> beam search -> the run's path
+index -> rerank -> top N (history items removed) -> `candidates`, partitioned by run date. The
+model checkpoint and the item_paths version come from the same succeeded train run, so they
+always pair. Idempotent per candidates run id (watermark); one commit at the end.
+"""
+from __future__ import annotations
+
+import io
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from dr_model.metrics import exclude_seen
+from dr_model.vocab import Vocab
+
+from . import runs
+from .tables import CommitMeta, CommitResult, Warehouse
+
+JOB = "candidates"
+OUT_SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("item_id", pa.int64()),
+                        ("score", pa.float32()), ("run_id", pa.string()), ("run_date", pa.date32())])
+OUT_DDL = "user_id long, rank int, item_id long, score float, run_id string, run_date date"
+_INDEX: dict[str, Any] = {}
+
+
+def _log(msg: str) -> None:
+    print(f"[candidates] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class CandidatesResult:
+    run_id: str
+    train_run_id: str
+    users: int
+    rows: int
+    version: int
+    skipped: bool
+    seconds: float
+
+
+def user_histories(spark: Any, wh: Warehouse, interactions_version: int | None, L: int,
+                   active_on: date | None = None) -> Any:
+    """One row per user: (user_id, hist array<bigint> of the last L items in time order, left-padded -1)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    inter = wh.read_spark(spark, "interactions", interactions_version)
+    users = None
+    if active_on is not None:
+        users = inter.filter(F.col("date") == F.lit(active_on)).select("user_id").distinct()
+    w = Window.partitionBy("user_id").orderBy(F.col("ts").desc(), F.col("item_id").desc())
+    last = inter.select("user_id", "item_id", "ts").withColumn("rn", F.row_number().over(w)).filter(F.col("rn") <= L)
+    if users is not None:
+        last = last.join(users, "user_id", "left_semi")
+    hist = last.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct("ts", "item_id"))).alias("evs"))
+    items = F.transform("evs", lambda e: e["item_id"])
+    pad = F.array_repeat(F.lit(-1).cast("bigint"), F.lit(L) - F.size(items))
+    return hist.select("user_id", F.concat(pad, items).alias("hist"))
+
+
+def _index_blob(assign: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, assign)
+    return buf.getvalue()
+
+
+def candidate_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, index_bc: Any, index_key: str,
+                      beam: int, n: int, run_id: str, run_date: date, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """(user_id, hist[L]) -> (user_id, rank, item_id, score, run_id, run_date), N rows per user."""
+    from dr_model.index import PathIndex
+    from spark_udfs.beam_udf import load_model
+
+    model = index = None
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if model is None:
+            model, vocab = load_model(key, payload.value)
+            index = _INDEX.get(index_key)
+            if index is None:
+                _INDEX.clear()
+                index = _INDEX[index_key] = PathIndex.build(np.load(io.BytesIO(index_bc.value)))
+        users = batch.column(batch.schema.get_field_index("user_id")).to_numpy()
+        hc = batch.column(batch.schema.get_field_index("hist"))
+        L = len(hc[0])
+        hist = hc.flatten().to_numpy().reshape(batch.num_rows, L)
+        for lo in range(0, batch.num_rows, batch_size):
+            h = hist[lo:lo + batch_size]
+            idx, sc, _ = model.retrieve(vocab.seq(h), index, beam, n + L)
+            raw = np.where(idx >= 0, vocab.ids[np.maximum(idx, 0)], -1)
+            items, scores = exclude_seen(raw, h, n, scores=sc)
+            ok = items >= 0
+            u = np.repeat(users[lo:lo + batch_size], n).reshape(-1, n)
+            rank = np.broadcast_to(np.arange(1, n + 1, dtype=np.int32), items.shape)
+            cnt = int(ok.sum())
+            yield pa.RecordBatch.from_arrays([
+                pa.array(u[ok]), pa.array(rank[ok]), pa.array(items[ok]), pa.array(scores[ok].astype(np.float32)),
+                pa.array([run_id] * cnt, pa.string()), pa.array([run_date] * cnt, pa.date32())], schema=OUT_SCHEMA)
+
+
+def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, run_id: str | None = None,
+                   run_date: date | None = None, active_on: date | None = None, top_n: int = 100,
+                   log=_log) -> CandidatesResult:
+    """Generate and commit candidates for the users of one train run's model (latest succeeded by default)."""
+    from spark_udfs.beam_udf import ModelPayload
+
+    from .evaluate import load_run_model
+
+    t0 = time.perf_counter()
+    run = runs.latest(wh, "train", train_run_id, status="succeeded")
+    if run is None:
+        raise LookupError(f"no succeeded train run {train_run_id or ''} in {wh.root}: run `dr train` first")
+    run_id = run_id or run.run_id
+    run_date = run_date or date.today()
+    meta = CommitMeta(job=JOB, run_id=run_id, config_hash=None, watermark=1,
+                      extra={"train_run_id": run.run_id, "item_paths_version": run.table_versions["item_paths"]})
+    if (wh.watermark("candidates", JOB, run_id) or 0) >= 1:
+        v = wh.committed_version("candidates", JOB, run_id)
+        log(f"candidates for run {run_id} already committed (v{v}): nothing to do")
+        return CandidatesResult(run_id, run.run_id, 0, 0, v, True, time.perf_counter() - t0)
+    model, item_ids, assign, cfg = load_run_model(wh, run)
+    payload = ModelPayload.from_model(model, Vocab(item_ids))
+    blob = _index_blob(assign)
+    sc = spark.sparkContext
+    pb, ib = sc.broadcast(payload.data), sc.broadcast(blob)
+    ikey = f"{run.run_id}:{run.table_versions['item_paths']}"
+    users = user_histories(spark, wh, run.table_versions.get("interactions"), cfg.model.seq_len, active_on)
+    args = (payload.key, pb, ib, ikey, cfg.search.beam, top_n, run_id, run_date, cfg.search.batch_size)
+    out = users.mapInArrow(lambda it: candidate_batches(it, *args), OUT_DDL)
+    log(f"train run {run.run_id} (item_paths v{run.table_versions['item_paths']}), beam {cfg.search.beam}, "
+        f"top {top_n}, {'users active on ' + str(active_on) if active_on else 'all users'}")
+    res: CommitResult = wh.write_spark("candidates", out, meta, mode="append")
+    n_users = res.rows // top_n if top_n else 0
+    log(f"committed candidates v{res.version}: {res.rows} rows [{time.perf_counter() - t0:.1f}s]")
+    return CandidatesResult(run_id, run.run_id, n_users, res.rows, res.version, res.skipped, time.perf_counter() - t0)

@@ -1,0 +1,195 @@
+"""`dr train | candidates | evaluate | backfill | runs`: the nightly pipeline's commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+from jobs.cli_common import config_options
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cluster_options(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    p.add_argument("--warehouse", default="./warehouse",
+                   help="warehouse root holding every Delta table and checkpoint (default ./warehouse)")
+    p.add_argument("--spark-master", default="local[2]", help="Spark master URL (default local[2])")
+    if ray:
+        p.add_argument("--ray-address", default=None,
+                       help="Ray address ('auto', ray://host:10001); default: start a local Ray")
+        p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers for the E-step (default 2)")
+        p.add_argument("--ray-cpus-per-worker", type=float, default=0.5,
+                       help="CPUs reserved per Ray Train worker (default 0.5: leaves CPUs for Ray Data readers)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+def _config(args: argparse.Namespace, dataset: str | None = None):
+    from dr_model.config import DRConfig
+
+    path = args.config
+    if path is None and dataset is not None and (CONFIG_DIR / f"{dataset}.toml").exists():
+        path = CONFIG_DIR / f"{dataset}.toml"
+    return DRConfig.load(path, args.set)
+
+
+def _spark_wh(args: argparse.Namespace):
+    from jobs.spark import get_spark
+    from jobs.tables import Warehouse
+
+    return get_spark(args.spark_master, app=f"dr-{args.cmd_name}"), Warehouse(args.warehouse)
+
+
+def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
+    print(json.dumps(obj, sort_keys=True, default=str) if args.json else text)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ray_trainers.config import RayConfig
+
+    from jobs.train import run_train
+
+    cfg = _config(args, args.dataset)
+    ray_cfg = RayConfig(address=args.ray_address, num_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker)
+    spark, wh = _spark_wh(args)
+    if args.dataset and not wh.exists("interactions"):
+        from jobs.datasets import movielens
+
+        _log(f"[train] empty warehouse: loading {args.dataset}")
+        movielens(spark, wh, args.dataset)
+    res = run_train(spark, wh, cfg, ray_cfg, args.run_id)
+    _emit(args, {"run_id": res.run_id, "skipped": res.skipped, "table_versions": res.table_versions,
+                 "checkpoint": res.checkpoint, "seconds": round(res.seconds, 1)},
+          f"train run {res.run_id}: {'already done' if res.skipped else 'succeeded'}; tables {res.table_versions}; "
+          f"checkpoint {res.checkpoint}")
+    return 0
+
+
+def cmd_candidates(args: argparse.Namespace) -> int:
+    from jobs.candidates import run_candidates
+
+    spark, wh = _spark_wh(args)
+    res = run_candidates(spark, wh, train_run_id=args.train_run_id, run_id=args.run_id,
+                         run_date=args.run_date, active_on=args.date, top_n=args.top_n)
+    _emit(args, vars(res), f"candidates {res.run_id} (model of train run {res.train_run_id}): {res.rows} rows, "
+          f"candidates v{res.version}{' (already done)' if res.skipped else ''}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dr_model.evaluation import format_report
+
+    from jobs.evaluate import run_evaluate
+    from jobs.tables import Warehouse
+
+    report = run_evaluate(Warehouse(args.warehouse), args.run_id, args.set or None)
+    _emit(args, report, format_report(report) + f"\nreport: {report['report_files'][1]}")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    spark, wh = _spark_wh(args)
+    if args.what == "path-index":
+        from jobs.path_index import build_path_index
+
+        res = build_path_index(spark, wh, args.item_paths_version, f"backfill-item_paths-{args.item_paths_version}")
+        _emit(args, vars(res), f"path_index v{res.version} for item_paths v{args.item_paths_version}: {res.rows} rows")
+    else:
+        from jobs.candidates import run_candidates
+
+        if args.train_run_id is None:
+            raise SystemExit("dr backfill candidates: --train-run-id is required (the run whose model to use)")
+        run_id = args.run_id or f"backfill-{args.train_run_id}"
+        res = run_candidates(spark, wh, train_run_id=args.train_run_id, run_id=run_id,
+                             run_date=args.run_date, active_on=args.date, top_n=args.top_n)
+        _emit(args, vars(res), f"candidates {res.run_id} regenerated with train run {res.train_run_id}: {res.rows} rows, "
+              f"candidates v{res.version}{' (already done)' if res.skipped else ''}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from jobs import runs
+    from jobs.tables import Warehouse
+
+    rows = runs.history(Warehouse(args.warehouse), args.job)
+    if args.json:
+        print(json.dumps([{**vars(r), "ts": r.ts.isoformat()} for r in rows], sort_keys=True, default=str))
+        return 0
+    print(f"{'time (UTC)':<20} {'job':<11} {'run id':<24} {'status':<10} tables")
+    for r in rows:
+        print(f"{r.ts:%Y-%m-%d %H:%M:%S}  {r.job:<11} {r.run_id:<24} {r.status:<10} "
+              f"{json.dumps(r.table_versions, sort_keys=True)}")
+    return 0
+
+
+def _date(s: str) -> date:
+    return date.fromisoformat(s)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="the nightly job: split -> EM rounds (Ray E-step, Spark scores + M-step) -> path index",
+        description="Run the nightly training job: the paper's split of the latest interactions, initial "
+                    "paths (hash-random on the first run, the last committed assignment later), R EM rounds "
+                    "[E-step on Ray Train -> s[v,c] on Spark -> penalized M-step on Spark -> item_paths + "
+                    "checkpoint], a final E-step against the final paths, the path index, and a row in `runs`. "
+                    "Idempotent per --run-id: a finished run changes nothing; a failed run resumes at its "
+                    "last committed round.")
+    config_options(p)
+    p.add_argument("--run-id", required=True, help="idempotency key of this night's run, e.g. nightly-20261124")
+    p.add_argument("--dataset", choices=["ml-1m", "ml-100k"], default=None,
+                   help="load this MovieLens set first when the warehouse has no interactions; also picks "
+                        "configs/DATASET.toml when no --config is given")
+    _cluster_options(p)
+    p.set_defaults(func=cmd_train, cmd_name="train")
+
+    p = sub.add_parser("candidates", help="top-N candidates for every user (or one date's active users)",
+                       description="Beam search -> path index -> rerank -> top-N for every user, with the model "
+                                   "and item_paths of one succeeded train run (latest by default), into "
+                                   "`candidates` partitioned by run date. Idempotent per --run-id.")
+    config_options(p)
+    p.add_argument("--train-run-id", default=None, help="train run whose model to use (default: latest succeeded)")
+    p.add_argument("--run-id", default=None, help="candidates run id (default: the train run id)")
+    p.add_argument("--date", type=_date, default=None, help="only users active on this date (YYYY-MM-DD)")
+    p.add_argument("--run-date", type=_date, default=None, help="partition date to write (default today)")
+    p.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")
+    _cluster_options(p, ray=False)
+    p.set_defaults(func=cmd_candidates, cmd_name="candidates")
+
+    p = sub.add_parser("evaluate", help="the paper's protocol: P/R/F@k for DR, brute force, popularity, item-CF",
+                       description="Evaluate a train run (latest succeeded by default) on its held-out test users: "
+                                   "P/R/F@k for DR, brute force (same reranker over all items), popularity and "
+                                   "item-CF; items scored per user; DR recall by beam size; path-size histogram; "
+                                   "objective per EM round. Writes evaluation.json and evaluation.html (charts) "
+                                   "into <warehouse>/runs/<run_id>/. --set eval.k=... / search.beam=... apply.")
+    config_options(p)
+    p.add_argument("--run-id", default=None, help="train run to evaluate (default: latest succeeded)")
+    p.add_argument("--warehouse", default="./warehouse", help="warehouse root (default ./warehouse)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_evaluate, cmd_name="evaluate")
+
+    p = sub.add_parser("backfill", help="rebuild a path index for any item_paths version, or past candidates",
+                       description="path-index: the path -> items index for any committed item_paths version. "
+                                   "candidates: regenerate candidates with a past train run's model (paired with "
+                                   "the item_paths version it was trained against).")
+    config_options(p)
+    p.add_argument("what", choices=["path-index", "candidates"])
+    p.add_argument("--item-paths-version", type=int, default=None, help="path-index: item_paths version (default latest)")
+    p.add_argument("--train-run-id", default=None, help="candidates: the train run whose model to use")
+    p.add_argument("--run-id", default=None, help="candidates: run id to write (default backfill-<train run>)")
+    p.add_argument("--date", type=_date, default=None, help="candidates: only users active on this date")
+    p.add_argument("--run-date", type=_date, default=None, help="candidates: partition date (default today)")
+    p.add_argument("--top-n", type=int, default=100)
+    _cluster_options(p, ray=False)
+    p.set_defaults(func=cmd_backfill, cmd_name="backfill")
+
+    p = sub.add_parser("runs", help="list runs and the table versions they produced")
+    p.add_argument("--job", default=None, help="only this job (train, candidates, ...)")
+    p.add_argument("--warehouse", default="./warehouse")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs, cmd_name="runs")
