@@ -1,0 +1,167 @@
+"""`dr bench spark-mstep`: distributed M-step item-rounds/s/core on local[1] and local[2] vs the in-process kernel.
+
+Setting of `dr bench mstep` (K=100, D=3, S=32, J=3, alpha=3e-10, 3 rounds, block 4096) on
+planted-cluster scores generated inside Spark, chunk by chunk (`chunk_scores`), so the
+driver never holds them. Each configuration runs in its own subprocess (its own JVM).
+Spark throughput = V * rounds / (wall seconds of the sweeps, checkpoint included,
+statistics excluded, like the in-process figure) / cores. The in-process figure is
+`mstep_blocked` on the same chunks (per CPU second, single thread). Peak driver memory:
+the Python driver's peak RSS; the JVM's peak RSS is reported too, but in local mode the
+executors live in that JVM, so it holds the checkpointed item state as well.
+10^7 items: set DR_BENCH_10M=1 (slow on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+K, D, S, J = 100, 3, 32, 3
+ALPHA, ROUNDS = 3e-10, 3
+CHUNK = 100_000
+TARGET_FRACTION, TARGET_SCALING = 0.70, 1.6
+
+
+def chunk_scores(chunk: int, items: int, num_paths: int) -> tuple[np.ndarray, ...]:
+    """Chunk `chunk` of a synthetic s[v,c]: items [n], paths [n,S], scores [n,S], n_v [n] (same in and out of Spark)."""
+    from jobs.benchmarks.mstep import synthetic_scores
+
+    lo = chunk * CHUNK
+    n = min(CHUNK, items - lo)
+    ps = synthetic_scores(n, S, num_paths, seed=chunk)
+    return ps.items + lo, ps.paths, ps.scores, ps.n_v
+
+
+def _gen(batches: Iterator[pa.RecordBatch], items: int, num_paths: int) -> Iterator[pa.RecordBatch]:
+    from dr_model.scores import PathScores
+
+    for b in batches:
+        for c in b.column(0).to_numpy():
+            it, p, s, nv = chunk_scores(int(c), items, num_paths)
+            item, path, score, n_v = PathScores(it, p, s, nv).to_long()
+            yield pa.RecordBatch.from_arrays([pa.array(item), pa.array(path), pa.array(score), pa.array(n_v)],
+                                             names=["item_id", "path", "score", "n_v"])
+
+
+def _cfg():  # noqa: ANN202
+    from dr_model.config import DRConfig
+
+    return DRConfig.from_dict({"model": {"K": K, "D": D, "J": J}, "search": {"score_paths": S},
+                               "mstep": {"alpha": ALPHA, "rounds": ROUNDS}})
+
+
+def _jvm_peak_mb(spark) -> float:  # noqa: ANN001
+    pid = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(x.split()[1]) for x in fh if x.startswith("VmHWM")) / 1024
+
+
+def worker(master: str, items: int) -> dict:
+    """One Spark configuration (run in a subprocess): generate, commit path_scores, time the M-step."""
+    from jobs.mstep import MStepOptions, distributed_mstep
+    from jobs.spark import get_spark
+    from jobs.tables import CommitMeta, Warehouse
+
+    cores = int(master[len("local["):-1])
+    cfg = _cfg()
+    P = cfg.model.num_paths
+    spark = get_spark(master, app="bench-spark-mstep", conf={"spark.sql.shuffle.partitions": str(cores),
+                                                              "spark.driver.memory": "6g"})
+    with tempfile.TemporaryDirectory() as tmp:
+        wh = Warehouse(tmp)
+        t0 = time.perf_counter()
+        nchunks = -(-items // CHUNK)
+        gen = spark.range(nchunks, numPartitions=min(nchunks, 4 * cores)).mapInArrow(
+            lambda it: _gen(it, items, P), "item_id long, path long, score double, n_v double")
+        v = wh.write_spark("path_scores", gen, CommitMeta("bench", "gen")).version
+        setup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, stats = distributed_mstep(spark, wh, cfg, v, None, "bench", 0, MStepOptions(partitions=cores),
+                                     log=lambda m: print(m, file=sys.stderr, flush=True))
+        job_s = time.perf_counter() - t0
+        sweep_s = sum(s.seconds for s in stats[1:])
+        out = {"master": master, "cores": cores, "items": items, "setup_s": round(setup_s, 1),
+               "job_wall_s": round(job_s, 1), "sweep_wall_s": round(sweep_s, 2),
+               "item_rounds_per_s_per_core": round(items * ROUNDS / sweep_s / cores, 1),
+               "task_cpu_item_rounds_per_s": round(items * ROUNDS / max(sum(s.cpu_seconds for s in stats[1:]), 1e-9), 1),
+               "objective": stats[-1].objective, "max_path_size": stats[-1].max_path_size,
+               "rounds": [{"round": s.round, "objective": round(s.objective, 1), "max_path_size": s.max_path_size,
+                           "nonempty_paths": s.nonempty_paths, "items_moved": s.items_moved,
+                           "seconds": round(s.seconds, 2)} for s in stats],
+               "peak_driver_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "peak_jvm_rss_mb": round(_jvm_peak_mb(spark), 1)}
+    spark.stop()
+    return out
+
+
+def in_process(items: int) -> dict:
+    """mstep_blocked on the same chunks (single thread, per CPU second)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from dr_model.mstep import initial_assignment, mstep_blocked
+    from dr_model.scores import PathScores
+
+    cfg = _cfg()
+    P = cfg.model.num_paths
+    parts = [chunk_scores(c, items, P) for c in range(-(-items // CHUNK))]
+    ps = PathScores(*(np.concatenate(x) for x in zip(*parts)))
+    res = mstep_blocked(ps, initial_assignment(items, J, P, seed=1), P, cfg.mstep)
+    cpu = sum(r.cpu_seconds for r in res.rounds)
+    return {"items": items, "item_rounds_per_s_per_core": round(items * ROUNDS / cpu, 1),
+            "objective": res.objective, "max_path_size": res.rounds[-1].max_path_size}
+
+
+def _sub(args: list[str]) -> dict:
+    """Run this module in a fresh interpreter (own JVM) and parse its last stdout line as JSON."""
+    p = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True, check=False)
+    if p.returncode:
+        raise RuntimeError(f"benchmark subprocess {args} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False) -> dict:
+    """local[1] / local[2] at 10^6 items (10^5 quick; + 10^7 with DR_BENCH_10M=1) vs in-process; stable keys."""
+    sizes = [10 ** 5] if quick else [10 ** 6] + ([10 ** 7] if os.environ.get("DR_BENCH_10M") == "1" else [])
+    out: dict = {"date": time.strftime("%Y-%m-%d"), "K": K, "D": D, "S": S, "J": J, "alpha": ALPHA, "rounds": ROUNDS,
+                 "items": sizes[0], "sizes": sizes}
+    base = _sub(["--in-process", str(sizes[0])])
+    out["in_process_item_rounds_per_s_per_core"] = base["item_rounds_per_s_per_core"]
+    out["in_process_objective"] = base["objective"]
+    out["in_process_max_path_size"] = base["max_path_size"]
+    for V in sizes:
+        runs = {m: _sub(["--worker", m, str(V)]) for m in ("local[1]", "local[2]")}
+        sfx = "" if V == sizes[0] else f"_{V}"
+        for m, key in (("local[1]", "local1"), ("local[2]", "local2")):
+            r = runs[m]
+            out[f"{key}_item_rounds_per_s_per_core{sfx}"] = r["item_rounds_per_s_per_core"]
+            out[f"{key}_peak_driver_rss_mb{sfx}"] = r["peak_driver_rss_mb"]
+            out[f"{key}_peak_jvm_rss_mb{sfx}"] = r["peak_jvm_rss_mb"]
+            out[f"{key}_objective{sfx}"] = r["objective"]
+            out[f"{key}_max_path_size{sfx}"] = r["max_path_size"]
+            out[f"{key}_rounds{sfx}"] = r["rounds"]
+            out[f"{key}_job_wall_s{sfx}"] = r["job_wall_s"]
+        out[f"scaling_local1_to_local2{sfx}"] = round(runs["local[2]"]["item_rounds_per_s_per_core"] * 2
+                                                     / runs["local[1]"]["item_rounds_per_s_per_core"], 3)
+        out[f"peak_driver_rss_mb_{V}"] = max(runs[m]["peak_driver_rss_mb"] for m in runs)
+    out["fraction_of_in_process"] = round(out["local1_item_rounds_per_s_per_core"]
+                                          / out["in_process_item_rounds_per_s_per_core"], 3)
+    out["objective_rel_gap_local2_vs_in_process"] = (out["in_process_objective"] - out["local2_objective"]) / abs(out["in_process_objective"])
+    out["meets_targets"] = bool(out["fraction_of_in_process"] >= TARGET_FRACTION
+                                and out["scaling_local1_to_local2"] >= TARGET_SCALING)
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if sys.argv[1:2] == ["--worker"]:
+        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]))))
+    elif sys.argv[1:2] == ["--in-process"]:
+        print(json.dumps(in_process(int(sys.argv[2]))))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -1,0 +1,103 @@
+"""`dr scores`, `dr mstep`, `dr path-index`: the Spark jobs of an EM round from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warehouse", type=Path, required=True, help="warehouse root (folder or URI) holding the Delta tables")
+    p.add_argument("--spark-master", default="local[2]", help="Spark master URL (default local[2])")
+    p.add_argument("--run-id", default=None, help="run id recorded with the commit (default: a new uuid)")
+    p.add_argument("--round", type=int, default=None, help="EM round recorded with the commit")
+
+
+def _session(args: argparse.Namespace, app: str):  # noqa: ANN202
+    from jobs.spark import get_spark
+    from jobs.tables import Warehouse
+
+    return get_spark(args.spark_master, app=app), Warehouse(args.warehouse), args.run_id or uuid.uuid4().hex[:12]
+
+
+def _print(obj: dict) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+def _scores(args: argparse.Namespace) -> int:
+    from jobs.cli import load_config
+    from jobs.scores import compute_path_scores, load_payload
+
+    cfg = load_config(args)
+    spark, wh, run_id = _session(args, "dr-scores")
+    res = compute_path_scores(spark, wh, load_payload(str(args.checkpoint), cfg), cfg, args.samples_version,
+                              run_id, args.round, previous_version=args.previous_version)
+    _print({"table": res.table, "version": res.version, "rows": res.rows, "run_id": run_id})
+    return 0
+
+
+def _mstep(args: argparse.Namespace) -> int:
+    from jobs.cli import load_config
+    from jobs.mstep import MStepOptions, distributed_mstep
+
+    cfg = load_config(args)
+    spark, wh, run_id = _session(args, "dr-mstep")
+    opts = MStepOptions(partitions=args.partitions, extrapolate=not args.plain, seed=args.seed)
+    res, stats = distributed_mstep(spark, wh, cfg, args.path_scores_version, args.init_item_paths_version,
+                                   run_id, args.round, opts)
+    _print({"table": res.table, "version": res.version, "rows": res.rows, "run_id": run_id,
+            "rounds": [vars(s) for s in stats]})
+    return 0
+
+
+def _path_index(args: argparse.Namespace) -> int:
+    from jobs.path_index import build_path_index
+
+    spark, wh, run_id = _session(args, "dr-path-index")
+    res = build_path_index(spark, wh, args.item_paths_version, run_id)
+    _print({"table": res.table, "version": res.version, "rows": res.rows, "run_id": run_id})
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the subcommands scores, mstep and path-index."""
+    s = sub.add_parser("scores", help="beam-search the training samples on Spark -> a path_scores version",
+                       description="Beam search (beam S = search.score_paths, batches of search.batch_size) over "
+                                   "samples_train with an E-step checkpoint's model; s[v,c] = summed p(c|x), top S per "
+                                   "item, committed as one path_scores version. With --previous-version: streaming "
+                                   "merge into that version (decay mstep.decay, min_score seeding).")
+    _common(s)
+    s.add_argument("--checkpoint", type=Path, required=True, help="E-step checkpoint directory (ray_trainers layout)")
+    s.add_argument("--samples-version", type=int, default=None, help="samples_train version (default latest)")
+    s.add_argument("--previous-version", type=int, default=None, help="path_scores version to merge into (streaming)")
+    s.set_defaults(func=_scores)
+
+    m = sub.add_parser("mstep", help="distributed penalized coordinate descent -> an item_paths version",
+                       description="Items hash-partitioned over executors; the path-size table is aggregated and "
+                                   "broadcast every round; each partition re-assigns its items with dr_model's kernel, "
+                                   "counting its own moves once per partition (extrapolated local deltas). Logs "
+                                   "objective / largest path / non-empty paths / items moved per round to stderr.")
+    _common(m)
+    m.add_argument("--path-scores-version", type=int, default=None, help="path_scores version (default latest)")
+    m.add_argument("--init-item-paths-version", type=int, default=None,
+                   help="starting item_paths version (default: random balanced start)")
+    m.add_argument("--partitions", type=int, default=None, help="item partitions (default: Spark default parallelism)")
+    m.add_argument("--plain", action="store_true", help="plain local copies of the size table (comparison only)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random start")
+    m.set_defaults(func=_mstep)
+
+    p = sub.add_parser("path-index", help="build the path -> items index of an item_paths version",
+                       description="Reads item_paths at a version and commits path_index (path, item_id, slot, "
+                                   "score) clustered by path; the commit records the item_paths version.")
+    _common(p)
+    p.add_argument("--item-paths-version", type=int, default=None, help="item_paths version (default latest)")
+    p.set_defaults(func=_path_index)
+
+
+__all__ = ["register"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `dr scores|mstep|path-index`")

@@ -1,0 +1,89 @@
+"""Scores job: beam search over `samples_train` in Spark -> s[v,c] (top-S per item) -> a `path_scores` version.
+
+Batch mode sums p(c|x) over every training pair of an item (DESIGN.md §2). Streaming
+mode (nightly increments) merges the new sums into a previous `path_scores` version with
+decay eta = mstep.decay and min_score seeding. Either way the job makes ONE commit at
+the end (mode overwrite: every version is a full snapshot), so a failed run leaves
+`path_scores` at its previous version. Nothing per item reaches the driver.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from dr_model.config import DRConfig
+from jobs.tables import CommitMeta, CommitResult, Warehouse
+from spark_udfs.beam_udf import BEAM_DDL, ModelPayload, beam_batches, top_s_batches
+
+JOB = "scores"
+_OUT_DDL = "item_id long, path long, score double, n_v double"
+
+
+def _log(msg: str) -> None:
+    print(f"[scores] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ScoresOptions:
+    """Knobs of the Spark plan (not of the model): partitions of the per-item step (None: shuffle default)."""
+
+    partitions: int | None = None
+
+
+def beam_rows(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig) -> DataFrame:
+    """samples (hist, target) -> (item_id, path, prob): the top-S beam outputs of every pair (S per pair)."""
+    bc = spark.sparkContext.broadcast(model.data)     # shipped once per executor, not per task
+    key, S, bs = model.key, cfg.search.score_paths, cfg.search.batch_size
+    return samples.select("hist", "target").mapInArrow(lambda it: beam_batches(it, key, bc, S, bs), BEAM_DDL)
+
+
+def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig,
+                      previous: DataFrame | None = None, opts: ScoresOptions = ScoresOptions()) -> DataFrame:
+    """The s[v,c] rows (item_id, path, score, n_v), top-S per item; merged into `previous` when given."""
+    # Sum per (item, path) in Spark: map-side partial sums shrink the shuffle to <= S rows per item.
+    sums = beam_rows(spark, samples, model, cfg).groupBy("item_id", "path").agg(F.sum("prob").alias("score"))
+    n_v = samples.groupBy(F.col("target").alias("item_id")).agg(F.count(F.lit(1)).cast("double").alias("n_v"))
+    rows = sums.join(n_v, "item_id").withColumn("src", F.lit(0))
+    if previous is not None:
+        rows = rows.unionByName(previous.select("item_id", "path", "score", "n_v").withColumn("src", F.lit(1)))
+    n = opts.partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
+    S, decay = cfg.search.score_paths, (cfg.mstep.decay if previous is not None else None)
+    # every row of an item lands in one partition: dr_model keeps its top S (and merges) there
+    return rows.repartition(n, "item_id").mapInArrow(lambda it: top_s_batches(it, S, decay), _OUT_DDL)
+
+
+def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelPayload, cfg: DRConfig,
+                        samples_version: int | None, run_id: str, round: int | None = None,
+                        previous_version: int | None = None, opts: ScoresOptions = ScoresOptions(),
+                        log: Callable[[str], None] = _log) -> CommitResult:
+    """Score `samples_train@samples_version` with `model`, commit s[v,c] as ONE `path_scores` version.
+
+    previous_version None: batch mode. Otherwise streaming: merge with `path_scores@previous_version`.
+    """
+    t0 = time.perf_counter()
+    samples = warehouse.read_spark(spark, "samples_train", samples_version)
+    previous = warehouse.read_spark(spark, "path_scores", previous_version) if previous_version is not None else None
+    mode = "batch" if previous is None else f"streaming (decay {cfg.mstep.decay}, previous version {previous_version})"
+    log(f"beam S={cfg.search.score_paths}, batch {cfg.search.batch_size}, samples_train@{samples_version}, {mode}")
+    df = path_scores_frame(spark, samples, model, cfg, previous, opts)
+    meta = CommitMeta(JOB, run_id, round, cfg.hash(), extra={
+        "samples_version": samples_version, "previous_version": previous_version, "model_key": model.key,
+        "mode": "batch" if previous is None else "streaming"})
+    res = warehouse.write_spark("path_scores", df, meta, mode="overwrite")
+    log(f"committed path_scores v{res.version}: {res.rows} rows in {res.files} files [{time.perf_counter() - t0:.1f}s]")
+    return res
+
+
+def load_payload(checkpoint: str, cfg: DRConfig) -> ModelPayload:
+    """Model payload from an E-step checkpoint directory (ray_trainers.checkpoint layout)."""
+    from ray_trainers.checkpoint import load_checkpoint
+
+    return ModelPayload.from_checkpoint(load_checkpoint(checkpoint, None), cfg.model)
+
+
+__all__ = ["ScoresOptions", "beam_rows", "path_scores_frame", "compute_path_scores", "load_payload", "JOB"]

@@ -1,0 +1,154 @@
+"""Beam search over training samples inside Spark (`mapInArrow`), and the per-item s[v,c] step.
+
+DESIGN.md §7 "Beam search inside Spark": the model travels once as bytes (a broadcast),
+every Python worker deserialises it once (module-level cache keyed by the payload's
+hash, so later tasks and later jobs with the same model reuse it), torch uses as many
+threads as the task has CPUs, and inference runs in batches of `search.batch_size`.
+
+The math is dr_model's: `DRModel.beam` + `exp(logp)` per pair (what `trainer.pair_scores`
+does), and per item `PathScores.from_long` (top-S of the summed scores) and
+`streaming_merge`. Spark only moves rows: pair outputs are summed per (item, path) by a
+Spark aggregation (partial sums map-side), then every item's rows meet in one partition
+where dr_model keeps its top S.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from dr_model.config import ModelConfig
+from dr_model.scores import EMPTY, PathScores, streaming_merge
+
+# Output of the beam UDF: one row per (training pair, beam output).
+BEAM_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()), ("prob", pa.float64())])
+BEAM_DDL = "item_id long, path long, prob double"
+# Rows meeting in the per-item step: source 0 = this run's sums, 1 = the previous version.
+MERGE_DDL = "item_id long, path long, score double, n_v double"
+PATH_SCORES_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()),
+                                ("score", pa.float64()), ("n_v", pa.float64())])
+
+_MODELS: dict[str, Any] = {}          # payload hash -> (DRModel, Vocab), one per Python worker
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """A structure model as bytes (state_dict + vocabulary ids + model config) and its hash."""
+
+    data: bytes
+    key: str
+
+    @classmethod
+    def from_state(cls, model_state: dict, item_ids: np.ndarray, model_cfg: ModelConfig) -> "ModelPayload":
+        """state_dict of a DRModel, its vocabulary's raw item ids [V] (sorted), its ModelConfig."""
+        buf = io.BytesIO()
+        import torch
+
+        torch.save({"state": model_state, "ids": np.asarray(item_ids, dtype=np.int64),
+                    "cfg": {k: getattr(model_cfg, k) for k in model_cfg.__dataclass_fields__}}, buf)
+        data = buf.getvalue()
+        return cls(data, hashlib.sha256(data).hexdigest()[:20])
+
+    @classmethod
+    def from_model(cls, model: Any, vocab: Any) -> "ModelPayload":
+        """A trained DRModel and its trainer.Vocab."""
+        return cls.from_state(model.state_dict(), vocab.ids, model.cfg)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any, model_cfg: ModelConfig) -> "ModelPayload":
+        """An E-step checkpoint (ray_trainers.checkpoint.EStepCheckpoint: model_state, item_ids)."""
+        return cls.from_state(ckpt.model_state, ckpt.item_ids, model_cfg)
+
+
+def load_model(key: str, data: bytes) -> tuple[Any, Any]:
+    """(DRModel in eval mode, Vocab) for a payload, deserialised once per Python worker."""
+    hit = _MODELS.get(key)
+    if hit is not None:
+        return hit
+    import torch
+
+    from dr_model.model import DRModel
+    from dr_model.trainer import Vocab
+
+    blob = torch.load(io.BytesIO(data), weights_only=False)
+    vocab = Vocab(np.asarray(blob["ids"], dtype=np.int64))
+    model = DRModel(ModelConfig(**blob["cfg"]), vocab.size)
+    model.load_state_dict(blob["state"])
+    model.eval()
+    _MODELS.clear()               # keep one model per worker: a new night's model replaces the old
+    _MODELS[key] = (model, vocab)
+    return model, vocab
+
+
+def _set_threads() -> None:
+    """torch threads = the task's CPUs (spark.task.cpus), so tasks do not oversubscribe cores."""
+    import torch
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    n = max(1, ctx.cpus()) if ctx is not None else 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def beam_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
+                 batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Samples (hist list<long> [L], target) -> rows (item_id = target, path, prob = p(c|x)), S per pair.
+
+    `payload` is a Spark broadcast of the model bytes (read only on a cache miss).
+    """
+    model = None
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if model is None:
+            _set_threads()
+            model, vocab = load_model(key, payload.value)
+        hist_col = batch.column(batch.schema.get_field_index("hist"))
+        target = batch.column(batch.schema.get_field_index("target")).to_numpy()
+        # fixed-length histories: the flat child array reshapes to [N, L] without copies per row
+        L = len(hist_col[0]) if batch.num_rows else 0
+        hist = hist_col.flatten().to_numpy().reshape(batch.num_rows, L)
+        for lo in range(0, batch.num_rows, batch_size):
+            hi = min(batch.num_rows, lo + batch_size)
+            paths, logp = model.beam(vocab.seq(hist[lo:hi]), S)
+            p = paths.numpy()
+            prob = logp.double().exp().numpy()
+            keep = (p != EMPTY).ravel()
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.repeat(target[lo:hi], p.shape[1])[keep]), pa.array(p.ravel()[keep]),
+                 pa.array(prob.ravel()[keep])], schema=BEAM_SCHEMA)
+
+
+def _path_scores(tbl: pa.Table, S: int) -> PathScores:
+    """Long rows (item_id, path, score, n_v) of some items -> PathScores (top-S per item)."""
+    col = lambda name, dt: tbl.column(name).to_numpy().astype(dt, copy=False)  # noqa: E731
+    if tbl.num_rows == 0:
+        return PathScores(np.zeros(0, np.int64), np.zeros((0, S), np.int64), np.zeros((0, S)), np.zeros(0))
+    return PathScores.from_long(col("item_id", np.int64), col("path", np.int64), col("score", np.float64),
+                                col("n_v", np.float64), S)
+
+
+def top_s_batches(batches: Iterator[pa.RecordBatch], S: int, decay: float | None) -> Iterator[pa.RecordBatch]:
+    """All rows of a partition's items (src 0 new sums, src 1 previous version) -> path_scores rows.
+
+    decay None: batch mode (new only). Otherwise dr_model's streaming merge of the previous
+    top-S lists with the new ones (decay eta, min_score seeding).
+    """
+    got = [b for b in batches if b.num_rows]
+    if not got:
+        return
+    tbl = pa.Table.from_batches(got)
+    src = tbl.column("src").to_numpy()
+    new = _path_scores(tbl.filter(pa.array(src == 0)), S)
+    out = new if decay is None else streaming_merge(_path_scores(tbl.filter(pa.array(src == 1)), S), new, decay)
+    item, path, score, n_v = out.to_long()
+    yield pa.RecordBatch.from_arrays([pa.array(item), pa.array(path), pa.array(score), pa.array(n_v)],
+                                     schema=PATH_SCORES_SCHEMA)
+
+
+__all__ = ["ModelPayload", "load_model", "beam_batches", "top_s_batches", "BEAM_DDL", "MERGE_DDL"]

@@ -1,0 +1,102 @@
+"""Distributed M-step and path index on a real local SparkSession vs the sequential reference."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dr_model.config import DRConfig, replace
+from dr_model.mstep import initial_assignment, mstep_reference, objective, path_sizes
+from dr_model.scores import PathScores
+from dr_model.trainer import pair_scores
+from jobs.benchmarks.mstep import synthetic_scores
+from jobs.mstep import MStepOptions, distributed_mstep
+from jobs.path_index import build_path_index, find_path_index
+from jobs.tables import CommitMeta, Warehouse
+from test_spark_scores import CFG as ML_CFG
+from test_spark_scores import trained_ml100k
+
+SYN_CFG = DRConfig.from_dict({
+    "model": {"K": 20, "D": 3, "J": 3},
+    "search": {"score_paths": 16},
+    "mstep": {"alpha": 2e-7, "rounds": 4, "block_size": 256},
+})
+
+
+def write_inputs(wh: Warehouse, ps: PathScores, assign0: np.ndarray) -> tuple[int, int]:
+    """path_scores and a starting item_paths version from arrays; returns their versions."""
+    item, path, score, n_v = ps.to_long()
+    v_ps = wh.write_arrow("path_scores", pd.DataFrame({"item_id": item, "path": path, "score": score, "n_v": n_v}),
+                          CommitMeta("test", "ps")).version
+    V, J = assign0.shape
+    ip = pd.DataFrame({"item_id": np.repeat(ps.items, J), "slot": np.tile(np.arange(J, dtype=np.int32), V),
+                       "path": assign0.ravel(), "score": np.nan})
+    return v_ps, wh.write_arrow("item_paths", ip, CommitMeta("test", "init")).version
+
+
+def read_assign(wh: Warehouse, version: int, items: np.ndarray, J: int) -> np.ndarray:
+    t = wh.read_arrow("item_paths", version).to_pandas().sort_values(["item_id", "slot"])
+    np.testing.assert_array_equal(t["item_id"].to_numpy()[::J], items)
+    return t["path"].to_numpy().reshape(-1, J)
+
+
+def check_against_reference(spark, wh: Warehouse, ps: PathScores, cfg: DRConfig, partitions: int) -> list:
+    P, J = cfg.model.num_paths, cfg.model.J
+    assign0 = initial_assignment(len(ps), J, P, seed=3)
+    v_ps, v_init = write_inputs(wh, ps, assign0)
+    ref = mstep_reference(ps, assign0, P, cfg.mstep)
+    res, stats = distributed_mstep(spark, wh, cfg, v_ps, v_init, "run-m", 2, MStepOptions(partitions=partitions))
+    print("reference  :", [(round(r.objective, 1), r.max_path_size, r.items_moved) for r in [ref.initial, *ref.rounds]])
+    print("distributed:", [(round(r.objective, 1), r.max_path_size, r.items_moved) for r in stats])
+    # the committed table is the assignment the statistics describe
+    got = read_assign(wh, res.version, ps.items, J)
+    obj = objective(ps, got, P, cfg.mstep.alpha, cfg.mstep.penalty_power)
+    assert obj.total == pytest.approx(stats[-1].objective, rel=1e-9)
+    assert path_sizes(got, P).max() == stats[-1].max_path_size
+    assert (np.sort(got, 1)[:, 1:] != np.sort(got, 1)[:, :-1]).all()         # J distinct paths per item
+    assert stats[0].objective == pytest.approx(ref.initial.objective, rel=1e-9)
+    assert [s.round for s in stats] == list(range(cfg.mstep.rounds + 1))
+    # the acceptance criteria of the issue; a distributed objective ABOVE the reference's is not a
+    # miss (on the small ML-100K problem the sequential greedy order ends in a worse local optimum)
+    assert stats[-1].objective >= ref.objective - 0.01 * abs(ref.objective)
+    assert abs(stats[-1].max_path_size - ref.rounds[-1].max_path_size) <= 0.10 * ref.rounds[-1].max_path_size
+    assert stats[-1].items_moved < stats[1].items_moved                        # settling down
+    info = wh.versions("item_paths")[-1]
+    assert (info.job, info.run_id, info.round) == ("mstep", "run-m", 2)
+    assert info.metadata["dr.path_scores_version"] == v_ps
+    return stats
+
+
+def test_distributed_mstep_matches_reference_on_synthetic_scores(spark, warehouse):
+    ps = synthetic_scores(20_000, 16, SYN_CFG.model.num_paths, seed=0, pool=32)
+    check_against_reference(spark, warehouse, ps, SYN_CFG, partitions=2)
+
+
+def test_distributed_mstep_matches_reference_on_movielens_scores(spark, warehouse):
+    res, hist, target, _ = trained_ml100k()
+    ps = pair_scores(res.model, res.vocab.seq(hist), target, ML_CFG.search.score_paths, ML_CFG.search.batch_size)
+    check_against_reference(spark, warehouse, ps, ML_CFG, partitions=2)
+
+
+def test_random_start_path_index_and_failed_run(spark, warehouse):
+    cfg = replace(SYN_CFG, mstep=replace(SYN_CFG.mstep, rounds=2))
+    ps = synthetic_scores(3000, 16, cfg.model.num_paths, seed=1, pool=32)
+    item, path, score, n_v = ps.to_long()
+    v_ps = warehouse.write_arrow("path_scores", pd.DataFrame({"item_id": item * 7, "path": path, "score": score,
+                                                              "n_v": n_v}), CommitMeta("test", "ps")).version
+    res, stats = distributed_mstep(spark, warehouse, cfg, v_ps, None, "run-r", 0)
+    assert stats[0].max_path_size <= 2 * -(-3 * 3000 // cfg.model.num_paths) + 2      # balanced random start
+    assign = read_assign(warehouse, res.version, ps.items * 7, 3)
+    # path index of that version: every (item, slot, path) once, findable by the item_paths version
+    idx = build_path_index(spark, warehouse, res.version, "run-r")
+    t = warehouse.read_arrow("path_index", idx.version).to_pandas()
+    assert len(t) == assign.size
+    want = set(zip(np.repeat(ps.items * 7, 3).tolist(), assign.ravel().tolist()))
+    assert set(zip(t["item_id"].tolist(), t["path"].tolist())) == want
+    assert find_path_index(warehouse, res.version) == idx.version
+    # a starting version with the wrong number of paths per item fails in the executors: nothing committed
+    bad = warehouse.write_arrow("item_paths", pd.DataFrame({"item_id": [7], "slot": np.int32([0]), "path": [1],
+                                                            "score": [np.nan]}), CommitMeta("test", "bad"))
+    with pytest.raises(Exception, match="expected J=3"):
+        distributed_mstep(spark, warehouse, cfg, v_ps, bad.version, "run-bad", 1)
+    assert warehouse.version("item_paths") == bad.version
