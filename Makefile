@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The nightly job on MovieLens-1M on the embedded default (local Spark, local Ray, ./warehouse):
+# train (loads ML-1M on first use) -> candidates for every user -> evaluation table.
 demo: $(STAMP)
-	$(VENV)/bin/dr demo
+	$(VENV)/bin/dr train --dataset ml-1m --run-id demo-ml-1m --warehouse warehouse
+	$(VENV)/bin/dr candidates --warehouse warehouse --train-run-id demo-ml-1m --top-n 100
+	$(VENV)/bin/dr evaluate --warehouse warehouse --run-id demo-ml-1m
 
 test: $(STAMP)
 	$(PY) -m pytest -q
