@@ -77,6 +77,10 @@ class MStepConfig:
     block_size: int = 4096      # items updated together by the fast kernel
     decay: float = 0.999        # eta, streaming merge of s[v,c] across nights
     damping: bool = True        # undo in-block moves that earlier block moves made losing (see mstep.py)
+    # Keep an item's current paths unless the greedy picks strictly improve the objective.
+    # The paper's J greedy picks can pick a worse set than the item already has (J >= 2,
+    # strong penalty); with this test every coordinate step is non-decreasing. False = the paper.
+    improving_only: bool = True
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, "mstep.alpha", ">= 0", self.alpha)

@@ -313,6 +313,13 @@ def mstep_reference(ps: PathScores, assign0: np.ndarray, num_paths: int, cfg: MS
                 chosen.append(c)
                 partial += sc[best_k]
                 size_l[c] += 1
+            if (cfg.improving_only and len(chosen) == J and set(chosen) != set(assign_l[v])
+                    and not _improves(chosen, assign_l[v], cand, sc, nv, size_l, alpha, power)):
+                for c in chosen:              # keep the current paths: the picks are no better
+                    size_l[c] -= 1
+                chosen = list(assign_l[v])
+                for c in chosen:
+                    size_l[c] += 1
             while len(chosen) < J:            # fewer than J usable candidates
                 c = _least_loaded_scan(size_l, chosen)
                 chosen.append(c)
@@ -323,6 +330,23 @@ def mstep_reference(ps: PathScores, assign0: np.ndarray, num_paths: int, cfg: MS
         sizes = np.asarray(size_l, dtype=np.int64)
         rounds.append(_round_stats(ps, assign, prev, sizes, num_paths, cfg, r, secs, cpu))
     return MStepResult(assign=assign, rounds=rounds, initial=initial)
+
+
+def _improves(new: list[int], old: list[int], cand: list[int], sc: list[float], nv: float,
+              size_l: list[int], alpha: float, power: float) -> bool:
+    """Is the item's objective strictly better on `new` than on `old`? (sizes hold the new picks, not old)
+
+    Paths in both sets cancel; a set whose scores sum to 0 has log-likelihood -inf, so an
+    item whose current paths have no score always moves (as in the kernel's test).
+    """
+    score = dict(zip(cand, sc))
+    old_tot = sum(score.get(c, 0.0) for c in old)
+    if old_tot <= 0:
+        return True
+    new_tot = sum(score.get(c, 0.0) for c in new)
+    arrive = sum(penalty_delta(size_l[c] - 1, power) for c in new if c not in old)
+    leave = sum(penalty_delta(size_l[c], power) for c in old if c not in new)
+    return nv * (math.log(new_tot) - math.log(old_tot)) - alpha * (arrive - leave) > 0
 
 
 def _least_loaded_scan(size_l: list[int], exclude: list[int]) -> int:
@@ -389,7 +413,7 @@ def _own_slots(paths: np.ndarray, assign: np.ndarray) -> np.ndarray:
 def update_block(paths_blk: np.ndarray, scores_blk: np.ndarray, nv_blk: np.ndarray, assign_blk: np.ndarray,
                  sizes: np.ndarray, alpha: float, power: float, *, slot_major: bool = False,
                  own_slots: np.ndarray | None = None, slots_out: np.ndarray | None = None,
-                 damping: bool = True, dtype: type = np.float32) -> np.ndarray:
+                 damping: bool = True, improving_only: bool = True, dtype: type = np.float32) -> np.ndarray:
     """Re-assign one block of B items; sizes [P] int64 is updated IN PLACE; returns new assign [B, J] int64.
 
     paths_blk / scores_blk [B, S] (or [S, B] with slot_major=True, the kernel's layout:
@@ -422,8 +446,8 @@ def update_block(paths_blk: np.ndarray, scores_blk: np.ndarray, nv_blk: np.ndarr
     seen.reshape(-1)[(own_slots * B + np.arange(B)[:, None])[own]] -= 1
     delta_f = penalty_delta(seen.astype(dtype), power)
     new_p, new_k = _greedy(delta_f, s, nv, paths_blk, J, alpha, power)
-    if damping and B > 1:
-        _damp_block(new_p, new_k, old, own_slots, seen, sizes, s, nv_blk, alpha, power)
+    if (damping and B > 1) or improving_only:
+        _damp_block(new_p, new_k, old, own_slots, seen, sizes, s, nv_blk, alpha, power, damping, improving_only)
     # net change of the block: own paths out, gain picks in
     np.subtract.at(sizes, old.reshape(-1), 1)
     picked = new_p >= 0
@@ -438,7 +462,8 @@ def update_block(paths_blk: np.ndarray, scores_blk: np.ndarray, nv_blk: np.ndarr
 
 
 def _damp_block(new_p: np.ndarray, new_k: np.ndarray, old: np.ndarray, own_slots: np.ndarray, seen: np.ndarray,
-                sizes: np.ndarray, s: np.ndarray, nv: np.ndarray, alpha: float, power: float) -> None:
+                sizes: np.ndarray, s: np.ndarray, nv: np.ndarray, alpha: float, power: float,
+                damping: bool = True, improving_only: bool = False) -> None:
     """Undo the block's proposed moves that earlier block items' proposals made non-improving (in place).
 
     For a moving item i (new/old path sets, s from its candidates):
@@ -451,6 +476,8 @@ def _damp_block(new_p: np.ndarray, new_k: np.ndarray, old: np.ndarray, own_slots
     of its own block turned it into a loss. Without interference D = 0 and nothing is
     undone, so the sequential semantics are untouched (block_size = 1 is the reference).
     Items that need a fill, or whose old paths have no score, always move.
+    improving_only adds the coordinate-descent acceptance test: a move is also undone when
+    it does not strictly improve the objective (imp <= 0), interference or not.
     new_p / new_k [B, J], old / own_slots [B, J], seen [S, B], s [S, B], nv [B].
     """
     S, B = s.shape
@@ -498,7 +525,11 @@ def _damp_block(new_p: np.ndarray, new_k: np.ndarray, old: np.ndarray, own_slots
         ll = np.asarray(nv, dtype=np.float64)[mv] * (np.log(new_tot) - np.log(old_tot))
     imp_d = ll - alpha * cost_d
     imp_0 = ll - alpha * cost_0
-    undo = mv[test & (imp_d <= 0) & (imp_d < imp_0)]
+    if damping:
+        bad = (imp_d <= 0) & ((imp_d < imp_0) | improving_only)
+    else:
+        bad = imp_0 <= 0
+    undo = mv[test & bad]
     new_p[undo] = old[undo]
     new_k[undo] = own_slots[undo]
 
@@ -585,7 +616,7 @@ def prepare_blocks(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, block
 
 
 def sweep(cands: CandidateBlocks, assign: np.ndarray, sizes: np.ndarray, alpha: float, power: float, *,
-          slots: np.ndarray | None = None, damping: bool = True) -> np.ndarray:
+          slots: np.ndarray | None = None, damping: bool = True, improving_only: bool = True) -> np.ndarray:
     """One round over a set of items, block by block: assign [V, J] -> new assign [V, J].
 
     `sizes` [P] is updated in place. A distributed job runs this per partition against its
@@ -601,7 +632,7 @@ def sweep(cands: CandidateBlocks, assign: np.ndarray, sizes: np.ndarray, alpha: 
         own = slots[lo:hi] if slots is not None else None
         out[lo:hi] = update_block(pb, sb, nb, assign[lo:hi], sizes, alpha, power, slot_major=True,
                                   own_slots=own, slots_out=own, damping=damping,
-                                  dtype=cands.scores.dtype.type)
+                                  improving_only=improving_only, dtype=cands.scores.dtype.type)
     return out
 
 
@@ -627,7 +658,8 @@ def mstep_blocked(ps: PathScores, assign0: np.ndarray, num_paths: int, cfg: MSte
     rounds: list[RoundStats] = []
     for r in range(1, cfg.rounds + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        new = sweep(cands, assign, sizes, cfg.alpha, cfg.penalty_power, slots=slots, damping=damping)
+        new = sweep(cands, assign, sizes, cfg.alpha, cfg.penalty_power, slots=slots, damping=damping,
+                    improving_only=cfg.improving_only)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         rounds.append(_round_stats(ps, new, assign, sizes, num_paths, cfg, r, secs, cpu))
         assign = new

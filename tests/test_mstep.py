@@ -149,10 +149,28 @@ def test_greedy_is_not_an_exact_item_step():
     """
     ps = _ps([[0, 1, 2], [0, -1, -1]], [[2.8, 1, 1], [50, 0, 0]], [1, 100])
     a0 = np.array([[1, 2], [0, 3]])
-    res = mstep_reference(ps, a0, 4, MStepConfig(alpha=1.0, penalty_power=2.0, rounds=1))
+    paper = MStepConfig(alpha=1.0, penalty_power=2.0, rounds=1, improving_only=False)
+    res = mstep_reference(ps, a0, 4, paper)
     assert res.assign[0].tolist() == [0, 1]
     # item 1 keeps path 0 and refills; Q = log 1.9 - 1 = -0.36 lower than at the start
     assert res.objective < res.initial.objective
+    # the acceptance test (default) keeps {1, 2}: no coordinate step lowers the objective
+    for solve in (mstep_reference, lambda *a: mstep_blocked(*a, dtype=np.float64)):
+        kept = solve(ps, a0, 4, MStepConfig(alpha=1.0, penalty_power=2.0, rounds=1))
+        assert kept.assign[0].tolist() == [1, 2]
+        assert kept.objective >= res.objective
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_improving_only_rounds_never_lower_the_objective(seed):
+    """With the acceptance test every sweep is non-decreasing, for J = 3 and a strong penalty."""
+    ps = _hot(seed)
+    a0 = initial_assignment(len(ps), 3, 2500, seed=seed)
+    for alpha in (1e-4, 1e-3):
+        cfg = MStepConfig(alpha=alpha, rounds=4, block_size=64)
+        for res in (mstep_reference(ps, a0, 2500, cfg), mstep_blocked(ps, a0, 2500, cfg)):
+            objs = [r.objective for r in res.rounds]
+            assert all(b >= a - 1e-6 * abs(a) for a, b in zip(objs[1:], objs[2:])), objs
 
 
 def test_larger_alpha_shrinks_the_largest_path():
