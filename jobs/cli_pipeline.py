@@ -73,8 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_candidates(args: argparse.Namespace) -> int:
     from jobs.candidates import run_candidates
 
+    from jobs import runs
+
     spark, wh = _spark_wh(args)
-    res = run_candidates(spark, wh, train_run_id=args.train_run_id, run_id=args.run_id,
+    train_run = args.train_run_id
+    if train_run is None and args.run_id and runs.latest(wh, "train", args.run_id, status="succeeded"):
+        train_run = args.run_id        # the nightly DAG: candidates of the night's own train run
+    res = run_candidates(spark, wh, train_run_id=train_run, run_id=args.run_id,
                          run_date=args.run_date, active_on=args.date, top_n=args.top_n)
     _emit(args, vars(res), f"candidates {res.run_id} (model of train run {res.train_run_id}): {res.rows} rows, "
           f"candidates v{res.version}{' (already done)' if res.skipped else ''}")
@@ -99,16 +104,21 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
         res = build_path_index(spark, wh, args.item_paths_version, f"backfill-item_paths-{args.item_paths_version}")
         _emit(args, vars(res), f"path_index v{res.version} for item_paths v{args.item_paths_version}: {res.rows} rows")
-    else:
+    elif args.what == "candidates":
         from jobs.candidates import run_candidates
 
-        if args.train_run_id is None:
-            raise SystemExit("dr backfill candidates: --train-run-id is required (the run whose model to use)")
-        run_id = args.run_id or f"backfill-{args.train_run_id}"
-        res = run_candidates(spark, wh, train_run_id=args.train_run_id, run_id=run_id,
+        if args.run_id is None:
+            raise SystemExit("dr backfill candidates: --run-id (the past train run whose model to use) is required")
+        res = run_candidates(spark, wh, train_run_id=args.run_id, run_id=f"backfill-{args.run_id}",
                              run_date=args.run_date, active_on=args.date, top_n=args.top_n)
         _emit(args, vars(res), f"candidates {res.run_id} regenerated with train run {res.train_run_id}: {res.rows} rows, "
               f"candidates v{res.version}{' (already done)' if res.skipped else ''}")
+    else:
+        from jobs.cold_items import run_cold_items
+
+        res = run_cold_items(spark, wh, args.run_id)
+        _emit(args, vars(res), f"cold items of train run {res.train_run_id}: {res.cold_items} given paths "
+              f"({res.by_neighbor} by category neighbour, {res.by_least_loaded} least-loaded); {res.versions}")
     return 0
 
 
@@ -153,12 +163,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and item_paths of one succeeded train run (latest by default), into "
                                    "`candidates` partitioned by run date. Idempotent per --run-id.")
     config_options(p)
-    p.add_argument("--train-run-id", default=None, help="train run whose model to use (default: latest succeeded)")
+    p.add_argument("--train-run-id", default=None,
+                   help="train run whose model to use (default: the train run named --run-id if any, else the latest succeeded)")
     p.add_argument("--run-id", default=None, help="candidates run id (default: the train run id)")
     p.add_argument("--date", type=_date, default=None, help="only users active on this date (YYYY-MM-DD)")
     p.add_argument("--run-date", type=_date, default=None, help="partition date to write (default today)")
     p.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")
-    _cluster_options(p, ray=False)
+    _cluster_options(p)
     p.set_defaults(func=cmd_candidates, cmd_name="candidates")
 
     p = sub.add_parser("evaluate", help="the paper's protocol: P/R/F@k for DR, brute force, popularity, item-CF",
@@ -173,19 +184,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_evaluate, cmd_name="evaluate")
 
-    p = sub.add_parser("backfill", help="rebuild a path index for any item_paths version, or past candidates",
+    p = sub.add_parser("backfill", help="index for any item_paths version, past candidates, paths for cold items",
                        description="path-index: the path -> items index for any committed item_paths version. "
                                    "candidates: regenerate candidates with a past train run's model (paired with "
-                                   "the item_paths version it was trained against).")
+                                   "the item_paths version it was trained against), written as run "
+                                   "backfill-<run id>. cold-items: catalog items without interactions get paths "
+                                   "(nearest assigned item of their category in the reranker's embedding space, "
+                                   "else the least-loaded paths), recorded in cold_item_paths and a new path_index.")
     config_options(p)
-    p.add_argument("what", choices=["path-index", "candidates"])
+    p.add_argument("what", choices=["path-index", "candidates", "cold-items"])
     p.add_argument("--item-paths-version", type=int, default=None, help="path-index: item_paths version (default latest)")
-    p.add_argument("--train-run-id", default=None, help="candidates: the train run whose model to use")
-    p.add_argument("--run-id", default=None, help="candidates: run id to write (default backfill-<train run>)")
+    p.add_argument("--run-id", default=None, help="candidates / cold-items: the train run (default latest succeeded)")
     p.add_argument("--date", type=_date, default=None, help="candidates: only users active on this date")
     p.add_argument("--run-date", type=_date, default=None, help="candidates: partition date (default today)")
     p.add_argument("--top-n", type=int, default=100)
-    _cluster_options(p, ray=False)
+    _cluster_options(p)
     p.set_defaults(func=cmd_backfill, cmd_name="backfill")
 
     p = sub.add_parser("runs", help="list runs and the table versions they produced")

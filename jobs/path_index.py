@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from jobs.tables import CommitMeta, CommitResult, Warehouse
 
@@ -21,13 +21,18 @@ def _log(msg: str) -> None:
 
 
 def build_path_index(spark: SparkSession, warehouse: Warehouse, item_paths_version: int | None, run_id: str,
-                     partitions: int | None = None, log: Callable[[str], None] = _log) -> CommitResult:
-    """item_paths@version (latest when None) -> ONE `path_index` version (path, item_id, slot, score)."""
+                     partitions: int | None = None, log: Callable[[str], None] = _log,
+                     frame: DataFrame | None = None) -> CommitResult:
+    """item_paths@version (latest when None) -> ONE `path_index` version (path, item_id, slot, score).
+
+    `frame` (item_id, slot, path, score) replaces the item_paths rows, e.g. with cold items added.
+    """
     v = warehouse.version("item_paths") if item_paths_version is None else item_paths_version
     if v is None:
         raise FileNotFoundError("table 'item_paths' does not exist: run the M-step first")
     n = partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
-    df = (warehouse.read_spark(spark, "item_paths", v).select("path", "item_id", "slot", "score")
+    src = warehouse.read_spark(spark, "item_paths", v) if frame is None else frame
+    df = (src.select("path", "item_id", "slot", "score")
           .repartition(n, "path").sortWithinPartitions("path", "item_id"))
     res = warehouse.write_spark("path_index", df, CommitMeta(JOB, run_id, extra={"item_paths_version": v}),
                                 mode="overwrite")

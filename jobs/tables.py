@@ -128,6 +128,13 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
         _field("n_input", pa.int32(), False),       # events in the first half (n // 2)
         _field("truth", _IDS, False),               # second half, in time order
     ]), key=("user_id",)),
+    # Catalog items without interactions given paths by `dr backfill cold-items` (jobs/cold_items.py).
+    TableSpec("cold_item_paths", pa.schema([
+        _field("item_id", _ID, False), _field("slot", pa.int32(), False), _field("path", pa.int64(), False),
+        _field("method", pa.string(), False),           # neighbor | least_loaded
+        _field("neighbor_item_id", _ID, False),         # the assigned item whose paths it took (-1: none)
+        _field("item_paths_version", pa.int64(), False), _field("run_id", pa.string(), False),
+    ]), key=("item_id", "slot")),
     # Synthetic ground truth (jobs/datasets.py): user -> planted interest clusters.
     TableSpec("synthetic_truth", pa.schema([
         _field("user_id", _ID, False), _field("slot", pa.int32(), False), _field("cluster", pa.int64(), False),

@@ -69,6 +69,28 @@ def test_train_candidates_evaluate_and_idempotent_reruns(spark, ray_local, ml100
     assert run_candidates(spark, wh, top_n=20, log=lambda m: None).skipped
     assert wh.version("candidates") == cand.version
 
+    # cold items: two catalog items without interactions, one with a known category
+    import pandas as pd
+
+    from jobs.cold_items import run_cold_items
+    from jobs.tables import CommitMeta
+
+    new = pd.DataFrame({"item_id": [900001, 900002], "title": ["new comedy", "mystery box"],
+                        "category": ["Comedy", None]})
+    wh.merge("items", new, CommitMeta("test", "cold-catalog"))
+    cold = run_cold_items(spark, wh, log=lambda m: None)
+    ip = wh.read_arrow("item_paths", tv["item_paths"]).to_pandas()
+    catalog = set(wh.read_arrow("items").column("item_id").to_pylist())
+    assert cold.cold_items == len(catalog - set(ip.item_id)) == cold.by_neighbor + cold.by_least_loaded
+    cp = wh.read_arrow("cold_item_paths").to_pandas()
+    method = cp.groupby("item_id").method.first()
+    assert (method[900001], method[900002]) == ("neighbor", "least_loaded")
+    assert cp.groupby("item_id").path.nunique().min() == cfg.model.J          # J distinct paths each
+    neighbor = int(cp[cp.item_id == 900001].neighbor_item_id.iloc[0])
+    assert set(cp[cp.item_id == 900001].path) == set(ip[ip.item_id == neighbor].path)
+    idx = wh.read_arrow("path_index", cold.versions["path_index"]).to_pandas()
+    assert {900001, 900002} <= set(idx.item_id) and len(idx) == len(ip) + len(cp)
+
     report = run_evaluate(wh, log=lambda m: None)
     m = report["methods"]
     assert set(m) == {"dr", "brute_force", "popularity", "item_cf"}
