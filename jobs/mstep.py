@@ -1,18 +1,22 @@
 """Distributed M-step job: penalized coordinate descent over items partitioned on Spark -> an `item_paths` version.
 
-Per round (DESIGN.md §2 "Distributed form"): the path-size table |c| is aggregated over
-all items (a sparse per-partition count, summed by Spark) and broadcast; every partition
-re-assigns its items with dr_model's kernel against its copy of the table
-(spark_udfs.mstep_udf: extrapolated local deltas, the convergence scheme); the new state
-is checkpointed (`localCheckpoint`) so the plan does not grow with the rounds. The driver
-only ever holds the size table (num_paths ints) and a few scalars per round. One commit
-at the end: a failed run leaves `item_paths` at its previous version.
+Per round (DESIGN.md §2 "Distributed form"): the path-size table |c| (the sum of the
+partitions' count vectors of the previous pass) is broadcast; every partition re-assigns
+its items with dr_model's kernel against its copy of the table (spark_udfs.mstep_udf:
+extrapolated local deltas, the convergence scheme) and, in the same pass, computes its
+part of the round's statistics. The candidates never travel after the first pass: they
+sit in a worker-side cache (mstep_udf module doc; a miss rebuilds them from the
+path_scores files), so the per-round state is one row per partition holding the items'
+assignment as binary blobs; it is checkpointed (`localCheckpoint`) so the plan does not
+grow with the rounds. The driver only holds the size table (num_paths ints), at most
+`MStepOptions.driver_merge` partition count vectors while summing them, and a few scalars
+per round. One commit at the end: a failed run leaves `item_paths` at its previous version.
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,8 +27,8 @@ from pyspark.sql import functions as F
 from dr_model.config import DRConfig
 from dr_model.mstep import RoundStats, penalty
 from jobs.tables import CommitMeta, CommitResult, Warehouse
-from spark_udfs.mstep_udf import (ITEM_PATHS_DDL, STATE_DDL, STATS_DDL, build_state, item_paths_batches,
-                                  stats_batches, sweep_batches)
+from spark_udfs.mstep_udf import (INPUT_COLUMNS, ITEM_PATHS_DDL, STATE_DDL, STATS_COLUMNS, MStepContext, build_state,
+                                  drop_job, item_paths_batches, sweep_batches)
 
 JOB = "mstep"
 
@@ -35,12 +39,29 @@ def _log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class MStepOptions:
-    """Plan knobs: item partitions (None: defaultParallelism), the scheme switch, start seed, state storage."""
+    """Plan knobs: item partitions (None: defaultParallelism), the scheme switch, start seed, state storage.
+
+    worker_cache False: every task rebuilds its candidates from the path_scores files (the
+    cache-miss path; slow, for tests). driver_merge: partitions' count vectors summed on
+    the driver directly; more partitions are summed by a Spark tree reduction first.
+    """
 
     partitions: int | None = None
     extrapolate: bool = True          # False: plain copies (cross-partition Jacobi; kept for comparison)
     seed: int = 0                     # random balanced start of items without starting paths
     storage: str = "MEMORY_AND_DISK"  # StorageLevel name of each round's checkpointed state
+    worker_cache: bool = True
+    driver_merge: int = 32
+
+
+@dataclass
+class MStepState:
+    """The checkpointed state (one row per item partition, STATE_DDL) and the run's task context."""
+
+    df: DataFrame
+    ctx: MStepContext
+    partitions: int
+    extra: dict = field(default_factory=dict)
 
 
 def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
@@ -48,10 +69,14 @@ def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
 
 
 def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
-                  init_item_paths_version: int | None, opts: MStepOptions = MStepOptions()) -> DataFrame:
-    """One checkpointed row per item (STATE_DDL), hash-partitioned by item_id."""
-    S, J, P = cfg.search.score_paths, cfg.model.J, cfg.model.num_paths
+                  init_item_paths_version: int | None, opts: MStepOptions = MStepOptions()) -> MStepState:
+    """The checkpointed starting state: items hash-partitioned by item_id, one state row per partition."""
+    S, J, P, mc = cfg.search.score_paths, cfg.model.J, cfg.model.num_paths, cfg.mstep
     n = opts.partitions or spark.sparkContext.defaultParallelism
+    ctx = MStepContext(job=MStepContext.new_job(), S=S, J=J, num_paths=P, alpha=mc.alpha, power=mc.penalty_power,
+                       block_size=mc.block_size, extrapolate=opts.extrapolate, partitions=n,
+                       sources=tuple(warehouse.files("path_scores", path_scores_version)), cache=opts.worker_cache,
+                       improving_only=mc.improving_only)
     rows = (warehouse.read_spark(spark, "path_scores", path_scores_version)
             .select("item_id", "path", "score", "n_v", F.lit(-1).alias("slot"), F.lit(0).alias("src")))
     if init_item_paths_version is not None:
@@ -59,55 +84,98 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
         rows = rows.unionByName(ip.select("item_id", "path", F.lit(0.0).alias("score"), F.lit(0.0).alias("n_v"),
                                           F.col("slot").cast("int").alias("slot"), F.lit(1).alias("src")))
     seed = opts.seed
-    state = rows.repartition(n, "item_id").mapInArrow(lambda it: build_state(it, S, J, P, seed), STATE_DDL)
-    return _checkpoint(state, opts.storage)
+    state = rows.repartition(n, "item_id").mapInArrow(lambda it: build_state(it, ctx, seed), STATE_DDL)
+    try:
+        return MStepState(_checkpoint(state, opts.storage), ctx, n)
+    except Exception:
+        drop_job(ctx.job)
+        raise
 
 
-def round_stats(state: DataFrame, cfg: DRConfig, r: int, seconds: float) -> tuple[RoundStats, np.ndarray]:
+def _add(a: tuple, b: tuple) -> tuple:
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _stats_of(counts: bytes, loglik: float, skipped: int, moved: int, cpu: float, cache: int) -> tuple:
+    return (np.frombuffer(counts, dtype=np.int32).astype(np.int64), loglik, skipped, moved, cpu,
+            np.bincount([cache], minlength=3)[:3] if cache >= 0 else np.zeros(3, np.int64))
+
+
+def collect_stats(state: MStepState, num_paths: int,
+                  driver_merge: int = 32) -> tuple[np.ndarray, float, int, int, float, np.ndarray]:
+    """Sum the partitions' statistics of a state.
+
+    -> (sizes [num_paths] int64, loglik, skipped, moved, task cpu, cache [3]: partitions whose
+    candidates were rebuilt from path_scores / mapped from the machine's files / in the worker).
+    """
+    zero = (np.zeros(num_paths, dtype=np.int64), 0.0, 0, 0, 0.0, np.zeros(3, np.int64))
+    df = state.df.select(*STATS_COLUMNS)
+    if state.partitions <= driver_merge:
+        t = df.toArrow()                                    # <= driver_merge rows
+        tot = zero
+        cols = [t.column(c).to_pylist() for c in STATS_COLUMNS]
+        for row in zip(*cols):
+            tot = _add(tot, _stats_of(*row))
+        return tot
+    depth = max(2, int(np.ceil(np.log(state.partitions) / np.log(max(driver_merge, 2)))))
+    got = df.rdd.map(lambda r: _stats_of(*r)).treeReduce(_add, depth=depth) if state.partitions else zero
+    return got
+
+
+def round_stats(state: MStepState, cfg: DRConfig, r: int, seconds: float,
+                driver_merge: int = 32) -> tuple[RoundStats, np.ndarray]:
     """Objective / largest path / non-empty paths / moved of a state, and its size table [num_paths] int64."""
-    S, J, P, power = cfg.search.score_paths, cfg.model.J, cfg.model.num_paths, cfg.mstep.penalty_power
-    agg = (state.mapInArrow(lambda it: stats_batches(it, S, J, P, power), STATS_DDL)
-           .groupBy("path").agg(F.sum("cnt").alias("cnt"), F.sum("loglik").alias("loglik"),
-                                F.sum("skipped").alias("skipped"), F.sum("moved").alias("moved"),
-                                F.sum("cpu").alias("cpu"))
-           .toArrow())                                       # <= num_paths + 1 rows: the only driver data
-    path = agg.column("path").to_numpy()
-    sizes = np.zeros(P, dtype=np.int64)
-    sizes[path[path >= 0]] = agg.column("cnt").to_numpy()[path >= 0]
-    part = agg.filter(agg.column("path").to_numpy() == -1).to_pylist()
-    tot = part[0] if part else {"loglik": 0.0, "skipped": 0, "moved": 0, "cpu": 0.0}
-    pen = cfg.mstep.alpha * float(penalty(sizes[sizes > 0], power).sum())
-    st = RoundStats(round=r, objective=float(tot["loglik"]) - pen, max_path_size=int(sizes.max(initial=0)),
-                    nonempty_paths=int((sizes > 0).sum()), items_moved=int(tot["moved"]),
-                    skipped_items=int(tot["skipped"]), seconds=seconds, cpu_seconds=float(tot["cpu"]))
+    return _round_stats(collect_stats(state, cfg.model.num_paths, driver_merge), state, cfg, r, seconds)
+
+
+def _round_stats(sums: tuple, state: MStepState, cfg: DRConfig, r: int, seconds: float) -> tuple[RoundStats, np.ndarray]:
+    sizes, loglik, skipped, moved, cpu, cache = sums
+    state.extra["cache"] = cache.tolist()
+    pen = cfg.mstep.alpha * float(penalty(sizes[sizes > 0], cfg.mstep.penalty_power).sum())
+    st = RoundStats(round=r, objective=float(loglik) - pen, max_path_size=int(sizes.max(initial=0)),
+                    nonempty_paths=int((sizes > 0).sum()), items_moved=int(moved), skipped_items=int(skipped),
+                    seconds=seconds, cpu_seconds=float(cpu))
     return st, sizes
 
 
-def run_rounds(spark: SparkSession, state: DataFrame, cfg: DRConfig, opts: MStepOptions = MStepOptions(),
-               log: Callable[[str], None] = _log) -> tuple[DataFrame, list[RoundStats]]:
-    """cfg.mstep.rounds sweeps from a state -> (final state, stats with round 0 = the start)."""
-    S, J, mc = cfg.search.score_paths, cfg.model.J, cfg.mstep
-    st, sizes = round_stats(state, cfg, 0, 0.0)
+def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions = MStepOptions(),
+               log: Callable[[str], None] = _log) -> tuple[MStepState, list[RoundStats]]:
+    """cfg.mstep.rounds sweeps from a state -> (final state, stats with round 0 = the start).
+
+    One Spark job per round: the pass (sweep + the partitions' statistics) is marked for a
+    local checkpoint, and collecting its statistics columns computes, stores and checkpoints
+    it. RoundStats.seconds: wall time of that job (the driver's sum of the statistics, a
+    few ms, excluded; logged with it).
+    """
+    J, mc = cfg.model.J, cfg.mstep
+    st, sizes = round_stats(state, cfg, 0, 0.0, opts.driver_merge)
     stats = [st]
     V = int(sizes.sum()) // J                                # scored items (each holds J paths)
     log(f"round 0: objective {st.objective:.4f}, largest path {st.max_path_size}, non-empty paths "
         f"{st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths)")
-    ext = opts.extrapolate
+    ctx = state.ctx
     for r in range(1, mc.rounds + 1):
         t0 = time.perf_counter()
         bc = spark.sparkContext.broadcast(sizes)              # the round's size table, once per executor
-        new = state.mapInArrow(lambda it, bc=bc: sweep_batches(it, bc, S, J, mc.alpha, mc.penalty_power,
-                                                               mc.block_size, V, ext), STATE_DDL)
-        new = _checkpoint(new, opts.storage)                  # cuts the lineage: plans stay one round long
+        new = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it, bc=bc: sweep_batches(it, bc, ctx, V), STATE_DDL)
+        # cuts the lineage (plans stay one round long); materialised by the statistics job below
+        new = new.localCheckpoint(eager=False, storageLevel=getattr(StorageLevel, opts.storage))
+        old, state = state, MStepState(new, ctx, state.partitions)
+        sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)
         secs = time.perf_counter() - t0
+        st, sizes = _round_stats(sums, state, cfg, r, secs)
+        old.df.unpersist()
         bc.destroy()
-        state.unpersist()
-        state = new
-        st, sizes = round_stats(state, cfg, r, secs)
         stats.append(st)
         log(f"round {r}: objective {st.objective:.4f}, largest path {st.max_path_size}, non-empty paths "
-            f"{st.nonempty_paths}, items moved {st.items_moved} [{secs:.1f}s, task cpu {st.cpu_seconds:.1f}s]")
+            f"{st.nonempty_paths}, items moved {st.items_moved} [{secs:.2f}s, with statistics "
+            f"{time.perf_counter() - t0:.2f}s, task cpu {st.cpu_seconds:.2f}s; candidates of the partitions: "
+            f"{_cache_msg(state.extra['cache'])}]")
     return state, stats
+
+
+def _cache_msg(c: list[int]) -> str:
+    return f"{c[2]} in worker memory, {c[1]} mapped from local files, {c[0]} rebuilt from path_scores"
 
 
 def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
@@ -122,21 +190,26 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
     trainer.train_em).
     """
     t0 = time.perf_counter()
-    S, J = cfg.search.score_paths, cfg.model.J
+    J = cfg.model.J
     log(f"path_scores@{path_scores_version}, start item_paths@{init_item_paths_version}, K={cfg.model.K} "
-        f"D={cfg.model.D} J={J} S={S}, alpha={cfg.mstep.alpha}, {cfg.mstep.rounds} rounds, "
+        f"D={cfg.model.D} J={J} S={cfg.search.score_paths}, alpha={cfg.mstep.alpha}, {cfg.mstep.rounds} rounds, "
         f"{'extrapolated local deltas' if opts.extrapolate else 'plain local copies'}")
     state = initial_state(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts)
-    state, stats = run_rounds(spark, state, cfg, opts, log)
-    out = state.mapInArrow(lambda it: item_paths_batches(it, S, J), ITEM_PATHS_DDL)
-    meta = CommitMeta(JOB, run_id, round, cfg.hash(), extra={
-        "path_scores_version": path_scores_version, "init_item_paths_version": init_item_paths_version,
-        "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain", "objective": stats[-1].objective,
-        "max_path_size": stats[-1].max_path_size})
-    res = warehouse.write_spark("item_paths", out, meta, mode="overwrite")
-    state.unpersist()
+    ctx = state.ctx
+    try:
+        state, stats = run_rounds(spark, state, cfg, opts, log)
+        out = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it: item_paths_batches(it, ctx), ITEM_PATHS_DDL)
+        meta = CommitMeta(JOB, run_id, round, cfg.hash(), extra={
+            "path_scores_version": path_scores_version, "init_item_paths_version": init_item_paths_version,
+            "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain", "objective": stats[-1].objective,
+            "max_path_size": stats[-1].max_path_size})
+        res = warehouse.write_spark("item_paths", out, meta, mode="overwrite")
+    finally:
+        state.df.unpersist()
+        drop_job(ctx.job)                                   # local mode: the executors' cache folder
     log(f"committed item_paths v{res.version}: {res.rows} rows [{time.perf_counter() - t0:.1f}s]")
     return res, stats
 
 
-__all__ = ["MStepOptions", "initial_state", "round_stats", "run_rounds", "distributed_mstep", "JOB"]
+__all__ = ["MStepOptions", "MStepState", "initial_state", "collect_stats", "round_stats", "run_rounds",
+           "distributed_mstep", "JOB"]

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from dr_model.config import DRConfig
 from jobs.tables import CommitMeta, CommitResult, Warehouse
-from spark_udfs.beam_udf import BEAM_DDL, ModelPayload, beam_batches, top_s_batches
+from spark_udfs.beam_udf import BEAM_DDL, PAIR_DDL, ModelPayload, beam_batches, pair_batches, top_s_batches
 
 JOB = "scores"
 _OUT_DDL = "item_id long, path long, score double, n_v double"
@@ -44,15 +44,19 @@ def beam_rows(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg:
 
 def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig,
                       previous: DataFrame | None = None, opts: ScoresOptions = ScoresOptions()) -> DataFrame:
-    """The s[v,c] rows (item_id, path, score, n_v), top-S per item; merged into `previous` when given."""
-    # Sum per (item, path) in Spark: map-side partial sums shrink the shuffle to <= S rows per item.
-    sums = beam_rows(spark, samples, model, cfg).groupBy("item_id", "path").agg(F.sum("prob").alias("score"))
-    n_v = samples.groupBy(F.col("target").alias("item_id")).agg(F.count(F.lit(1)).cast("double").alias("n_v"))
-    rows = sums.join(n_v, "item_id").withColumn("src", F.lit(0))
+    """The s[v,c] rows (item_id, path, score, n_v), top-S per item; merged into `previous` when given.
+
+    One scan of the samples, one shuffle: the beam rows (with each pair's n_v share) go
+    straight to their item's partition, where dr_model sums them per (item, path) exactly
+    and keeps the top S (beam_udf module doc).
+    """
+    bc = spark.sparkContext.broadcast(model.data)     # shipped once per executor, not per task
+    key, S, bs = model.key, cfg.search.score_paths, cfg.search.batch_size
+    rows = samples.select("hist", "target").mapInArrow(lambda it: pair_batches(it, key, bc, S, bs), PAIR_DDL)
     if previous is not None:
         rows = rows.unionByName(previous.select("item_id", "path", "score", "n_v").withColumn("src", F.lit(1)))
     n = opts.partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
-    S, decay = cfg.search.score_paths, (cfg.mstep.decay if previous is not None else None)
+    decay = cfg.mstep.decay if previous is not None else None
     # every row of an item lands in one partition: dr_model keeps its top S (and merges) there
     return rows.repartition(n, "item_id").mapInArrow(lambda it: top_s_batches(it, S, decay), _OUT_DDL)
 

@@ -6,10 +6,13 @@ hash, so later tasks and later jobs with the same model reuse it), torch uses as
 threads as the task has CPUs, and inference runs in batches of `search.batch_size`.
 
 The math is dr_model's: `DRModel.beam` + `exp(logp)` per pair (what `trainer.pair_scores`
-does), and per item `PathScores.from_long` (top-S of the summed scores) and
-`streaming_merge`. Spark only moves rows: pair outputs are summed per (item, path) by a
-Spark aggregation (partial sums map-side), then every item's rows meet in one partition
-where dr_model keeps its top S.
+does), and per item `PathScores.from_long` (sums the (item, path) duplicates exactly, then
+keeps the top S) and `streaming_merge`. Spark only moves rows: the beam UDF emits one row
+per (pair, beam output) carrying n_v = 1 on the pair's first output (0 on the others), so
+n_v needs no second scan of the samples and no join; one shuffle brings every row of an
+item to one partition, where dr_model sums and keeps the top S. (A per-batch partial sum
+in the UDF would only pay off when an item repeats within an Arrow batch; with catalog-
+scale targets it rarely does, and the per-item step sums exactly anyway.)
 """
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ from dr_model.scores import EMPTY, PathScores, streaming_merge
 # Output of the beam UDF: one row per (training pair, beam output).
 BEAM_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()), ("prob", pa.float64())])
 BEAM_DDL = "item_id long, path long, prob double"
+# The same rows as input of the per-item step: score = p(c|x), n_v = 1 on a pair's first output, src 0.
+PAIR_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()), ("score", pa.float64()),
+                         ("n_v", pa.float64()), ("src", pa.int32())])
+PAIR_DDL = "item_id long, path long, score double, n_v double, src int"
 # Rows meeting in the per-item step: source 0 = this run's sums, 1 = the previous version.
 MERGE_DDL = "item_id long, path long, score double, n_v double"
 PATH_SCORES_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()),
@@ -95,12 +102,9 @@ def _set_threads() -> None:
         torch.set_num_threads(n)
 
 
-def beam_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
-                 batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Samples (hist list<long> [L], target) -> rows (item_id = target, path, prob = p(c|x)), S per pair.
-
-    `payload` is a Spark broadcast of the model bytes (read only on a cache miss).
-    """
+def _beam_arrays(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
+                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per input Arrow batch: (target [N], paths [N, B'], prob [N, B'] float64, kept [N, B'] bool = path not EMPTY)."""
     model = None
     for batch in batches:
         if batch.num_rows == 0:
@@ -113,15 +117,40 @@ def beam_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: i
         # fixed-length histories: the flat child array reshapes to [N, L] without copies per row
         L = len(hist_col[0]) if batch.num_rows else 0
         hist = hist_col.flatten().to_numpy().reshape(batch.num_rows, L)
+        ps, probs = [], []
         for lo in range(0, batch.num_rows, batch_size):
-            hi = min(batch.num_rows, lo + batch_size)
-            paths, logp = model.beam(vocab.seq(hist[lo:hi]), S)
-            p = paths.numpy()
-            prob = logp.double().exp().numpy()
-            keep = (p != EMPTY).ravel()
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(np.repeat(target[lo:hi], p.shape[1])[keep]), pa.array(p.ravel()[keep]),
-                 pa.array(prob.ravel()[keep])], schema=BEAM_SCHEMA)
+            paths, logp = model.beam(vocab.seq(hist[lo:lo + batch_size]), S)
+            ps.append(paths.numpy())
+            probs.append(logp.double().exp().numpy())
+        p = np.concatenate(ps) if len(ps) > 1 else ps[0]
+        prob = np.concatenate(probs) if len(probs) > 1 else probs[0]
+        yield target, p, prob, p != EMPTY
+
+
+def beam_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
+                 batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Samples (hist list<long> [L], target) -> rows (item_id = target, path, prob = p(c|x)), S per pair.
+
+    `payload` is a Spark broadcast of the model bytes (read only on a cache miss).
+    """
+    for target, p, prob, kept in _beam_arrays(batches, key, payload, S, batch_size):
+        keep = kept.ravel()
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(np.repeat(target, p.shape[1])[keep]), pa.array(p.ravel()[keep]),
+             pa.array(prob.ravel()[keep])], schema=BEAM_SCHEMA)
+
+
+def pair_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
+                 batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Samples -> PAIR_SCHEMA rows: beam outputs with n_v = 1 on each pair's first kept output (one batch per input batch)."""
+    for target, p, prob, kept in _beam_arrays(batches, key, payload, S, batch_size):
+        first = np.zeros(p.shape)
+        first[np.arange(p.shape[0]), kept.argmax(1)] = kept.any(1)
+        keep = kept.ravel()
+        n = int(keep.sum())
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(np.repeat(target, p.shape[1])[keep]), pa.array(p.ravel()[keep]), pa.array(prob.ravel()[keep]),
+             pa.array(first.ravel()[keep]), pa.array(np.zeros(n, np.int32))], schema=PAIR_SCHEMA)
 
 
 def _path_scores(tbl: pa.Table, S: int) -> PathScores:
@@ -134,21 +163,30 @@ def _path_scores(tbl: pa.Table, S: int) -> PathScores:
 
 
 def top_s_batches(batches: Iterator[pa.RecordBatch], S: int, decay: float | None) -> Iterator[pa.RecordBatch]:
-    """All rows of a partition's items (src 0 new sums, src 1 previous version) -> path_scores rows.
+    """All rows of a partition's items -> path_scores rows.
 
-    decay None: batch mode (new only). Otherwise dr_model's streaming merge of the previous
-    top-S lists with the new ones (decay eta, min_score seeding).
+    src 0: this run's pair rows (n_v = each row's share of the item's pair count, see
+    `pair_batches`); src 1: the previous version (n_v per item on every row). decay None:
+    batch mode (new only). Otherwise dr_model's streaming merge of the previous top-S lists
+    with the new ones (decay eta, min_score seeding).
     """
     got = [b for b in batches if b.num_rows]
     if not got:
         return
     tbl = pa.Table.from_batches(got)
     src = tbl.column("src").to_numpy()
-    new = _path_scores(tbl.filter(pa.array(src == 0)), S)
+    fresh = tbl if (src == 0).all() else tbl.filter(pa.array(src == 0))
+    if fresh.num_rows:
+        # n_v per item = the sum of its rows' shares, on every row of the item (from_long's layout)
+        _, inv = np.unique(fresh.column("item_id").to_numpy(), return_inverse=True)
+        nv = np.bincount(inv, weights=fresh.column("n_v").to_numpy())[inv]
+        fresh = fresh.set_column(fresh.schema.get_field_index("n_v"), "n_v", pa.array(nv))
+    new = _path_scores(fresh, S)
     out = new if decay is None else streaming_merge(_path_scores(tbl.filter(pa.array(src == 1)), S), new, decay)
     item, path, score, n_v = out.to_long()
     yield pa.RecordBatch.from_arrays([pa.array(item), pa.array(path), pa.array(score), pa.array(n_v)],
                                      schema=PATH_SCORES_SCHEMA)
 
 
-__all__ = ["ModelPayload", "load_model", "beam_batches", "top_s_batches", "BEAM_DDL", "MERGE_DDL"]
+__all__ = ["ModelPayload", "load_model", "beam_batches", "pair_batches", "top_s_batches", "BEAM_DDL", "PAIR_DDL",
+           "MERGE_DDL"]

@@ -12,68 +12,330 @@ estimate of the global table at that point of the sweep. Each partition therefor
 corrects only its share. scale = 1 (one partition) is exactly `mstep_blocked`'s sweep.
 A scaled departure can push an entry below zero; entries are clipped at 0.
 
-State rows (one per item, `STATE_DDL`): candidates [S] (PathScores layout), n_v, the
-current assignment [J] and the previous round's (for `items moved`), `scored` (False
-for items carried through from the starting item_paths without any candidate: they keep
-their paths and, as in trainer.train_em, are not in the size table), and `cpu`, the
-sweep's task CPU seconds on the partition's first row.
+Data layout (what makes a round cheap):
+
+* The candidates (paths / scores / n_v) never change during an M-step, so they are NOT
+  part of the per-round Spark state. The pass that builds the state stores them, already
+  in the kernel's block layout, in a **worker-side cache** keyed by (job id, partition):
+  NumPy files in the executor's local SparkFiles folder, memory-mapped by every Python
+  worker of that executor (page cache: one copy per machine, shared by the workers,
+  whichever worker gets the partition), plus a per-process dict of the mapped arrays.
+  A miss (a lost executor, a partition scheduled elsewhere) rebuilds the entry from the
+  `path_scores` version's files (only this partition's items), so a round never depends
+  on the cache for correctness, only for speed.
+* The Spark state is ONE row per partition (`STATE_DDL`) holding the partition's item
+  ids, its assignment [n, J] and each assigned path's slot among the item's candidates
+  [n_scored, J] as binary blobs (no per-item rows, no list columns), plus the round's
+  statistics of that partition: its path counts (dense int32 [num_paths]), the
+  log-likelihood part, skipped / moved items and the sweep's task CPU seconds. So the
+  statistics come out of the same pass as the sweep; the driver sums P count vectors.
+
+Items carried through from the starting item_paths without any candidate (`scored` =
+False in the previous layout) sit after the n_scored scored items of the row: they keep
+their paths and, as in trainer.train_em, are not in the size table.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
-from typing import Iterator
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from dr_model.mstep import initial_assignment, objective, path_sizes, penalty_delta, prepare_blocks, sweep, update_block
+from dr_model.mstep import (CandidateBlocks, initial_assignment, penalty_delta, prepare_blocks, sweep,
+                            update_block)
 from dr_model.scores import EMPTY, PathScores
 
 STATE_SCHEMA = pa.schema([
-    ("item_id", pa.int64()), ("scored", pa.bool_()), ("n_v", pa.float64()),
-    ("paths", pa.list_(pa.int64())), ("scores", pa.list_(pa.float64())),
-    ("assign", pa.list_(pa.int64())), ("prev", pa.list_(pa.int64())), ("cpu", pa.float64()),
+    ("part", pa.int32()), ("n_scored", pa.int64()), ("items", pa.binary()), ("assign", pa.binary()),
+    ("slots", pa.binary()), ("counts", pa.binary()), ("loglik", pa.float64()), ("skipped", pa.int64()),
+    ("moved", pa.int64()), ("cpu", pa.float64()), ("cache", pa.int32()),
 ])
-STATE_DDL = ("item_id long, scored boolean, n_v double, paths array<long>, scores array<double>, "
-             "assign array<long>, prev array<long>, cpu double")
-# Per-round statistics rows: per-path counts (path >= 0) and one row per partition (path = -1).
-STATS_SCHEMA = pa.schema([("path", pa.int64()), ("cnt", pa.int64()), ("loglik", pa.float64()),
-                          ("skipped", pa.int64()), ("moved", pa.int64()), ("cpu", pa.float64())])
-STATS_DDL = "path long, cnt long, loglik double, skipped long, moved long, cpu double"
+STATE_DDL = ("part int, n_scored long, items binary, assign binary, slots binary, counts binary, "
+             "loglik double, skipped long, moved long, cpu double, cache int")
+STATS_COLUMNS = ("counts", "loglik", "skipped", "moved", "cpu", "cache")
+# what a pass reads of the previous state (the statistics columns stay behind)
+INPUT_COLUMNS = ("part", "n_scored", "items", "assign", "slots")
+# where a pass found the partition's candidates (`cache` column; -1: the build pass)
+REBUILT, FROM_FILES, FROM_WORKER = 0, 1, 2
 ITEM_PATHS_SCHEMA = pa.schema([("item_id", pa.int64()), ("slot", pa.int32()), ("path", pa.int64()),
                                ("score", pa.float64())])
 ITEM_PATHS_DDL = "item_id long, slot int, path long, score double"
 
 
-# --------------------------------------------------------------------------- arrow <-> numpy
+@dataclass(frozen=True)
+class MStepContext:
+    """What every task of one M-step run needs (pickled into the closures; small).
+
+    job: unique id of the run (cache key); sources: file URIs of the path_scores version
+    (the cache-miss fallback); partitions: number of item partitions (the block-layout
+    guess at build time); cache False: always rebuild from `sources` (tests, debugging).
+    """
+
+    job: str
+    S: int
+    J: int
+    num_paths: int
+    alpha: float
+    power: float
+    block_size: int
+    extrapolate: bool
+    partitions: int
+    sources: tuple[str, ...]
+    cache: bool = True
+    improving_only: bool = True
+
+    @staticmethod
+    def new_job() -> str:
+        return uuid.uuid4().hex[:16]
+
+    @property
+    def assign_dtype(self) -> type:
+        """Blob dtype of paths in the state (int32 whenever path ids fit: half the bytes per round)."""
+        return np.int32 if self.num_paths <= np.iinfo(np.int32).max else np.int64
+
+    @property
+    def slot_dtype(self) -> type:
+        """Blob dtype of candidate slots in the state (-1 = not a candidate)."""
+        return np.int8 if self.S <= 127 else np.int16 if self.S <= 32767 else np.int32
+
+
+# --------------------------------------------------------------------------- arrow helpers
 def _table(batches: Iterator[pa.RecordBatch]) -> pa.Table | None:
     got = [b for b in batches if b.num_rows]
     return pa.Table.from_batches(got) if got else None
 
 
-def _mat(tbl: pa.Table, name: str, width: int, dtype: type) -> np.ndarray:
-    """A list column of equal-length rows -> [n, width] array (flat child, no per-row work)."""
-    col = tbl.column(name).combine_chunks()
-    return col.flatten().to_numpy().astype(dtype, copy=False).reshape(tbl.num_rows, width)
+def _blob(x: np.ndarray) -> bytes:
+    return np.ascontiguousarray(x).tobytes()
 
 
-def _lists(x: np.ndarray) -> pa.ListArray:
-    """[n, w] -> list array of n rows of w values."""
-    n, w = x.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * w + 1, w, dtype=np.int32)), pa.array(x.ravel()))
+def _arr(value: Any, dtype: type, width: int | None = None) -> np.ndarray:
+    """A binary scalar -> read-only array (reshaped to [-1, width] when width is given)."""
+    a = np.frombuffer(value.as_buffer() if hasattr(value, "as_buffer") else value, dtype=dtype)
+    return a.reshape(-1, width) if width else a
 
 
-def _state_batch(item: np.ndarray, scored: np.ndarray, n_v: np.ndarray, paths: np.ndarray, scores: np.ndarray,
-                 assign: np.ndarray, prev: np.ndarray, cpu: np.ndarray) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays(
-        [pa.array(item), pa.array(scored), pa.array(n_v), _lists(paths), _lists(scores), _lists(assign),
-         _lists(prev), pa.array(cpu)], schema=STATE_SCHEMA)
+def _state_row(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int, assign: np.ndarray, slots: np.ndarray,
+               counts: np.ndarray, loglik: float, skipped: int, moved: int, cpu: float,
+               cache: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([
+        pa.array([part], pa.int32()), pa.array([n_scored], pa.int64()),
+        pa.array([_blob(items.astype(np.int64, copy=False))], pa.binary()),
+        pa.array([_blob(assign.astype(ctx.assign_dtype, copy=False))], pa.binary()),
+        pa.array([_blob(slots.astype(ctx.slot_dtype, copy=False))], pa.binary()),
+        pa.array([_blob(counts.astype(np.int32))], pa.binary()), pa.array([loglik], pa.float64()),
+        pa.array([skipped], pa.int64()), pa.array([moved], pa.int64()), pa.array([cpu], pa.float64()),
+        pa.array([cache], pa.int32()),
+    ], schema=STATE_SCHEMA)
 
 
-def _unpack(tbl: pa.Table, S: int, J: int) -> tuple[np.ndarray, ...]:
-    return (tbl.column("item_id").to_numpy(), tbl.column("scored").to_numpy(zero_copy_only=False),
-            tbl.column("n_v").to_numpy(), _mat(tbl, "paths", S, np.int64), _mat(tbl, "scores", S, np.float64),
-            _mat(tbl, "assign", J, np.int64), _mat(tbl, "prev", J, np.int64))
+def _rows(tbl: pa.Table, ctx: MStepContext) -> Iterator[tuple[int, np.ndarray, int, np.ndarray, np.ndarray]]:
+    """State rows -> (part, items [n], n_scored, assign [n, J] int64, slots [n_scored, J] int64) per row."""
+    J = ctx.J
+    cols = {c: tbl.column(c) for c in INPUT_COLUMNS}
+    for i in range(tbl.num_rows):
+        yield (int(cols["part"][i].as_py()), _arr(cols["items"][i], np.int64), int(cols["n_scored"][i].as_py()),
+               _arr(cols["assign"][i], ctx.assign_dtype, J).astype(np.int64),
+               _arr(cols["slots"][i], ctx.slot_dtype, J).astype(np.int64))
+
+
+# --------------------------------------------------------------------------- the worker-side cache
+@dataclass
+class _Entry:
+    """A partition's candidates: items [n] (scored first), row-major paths/scores [m, S] (float64), n_v [m]."""
+
+    dir: str | None
+    items: np.ndarray
+    paths: np.ndarray
+    scores: np.ndarray
+    n_v: np.ndarray
+    blocks: dict
+    source: int = REBUILT
+
+    @property
+    def n_scored(self) -> int:
+        return self.paths.shape[0]
+
+
+_CACHE: dict[tuple[str, int], _Entry] = {}     # one per Python worker; only the current job's entries
+
+
+def _cache_root() -> str:
+    try:
+        from pyspark import SparkFiles
+
+        root = SparkFiles.getRootDirectory()
+    except Exception:  # noqa: BLE001 - not inside Spark (direct calls): a temp folder
+        import tempfile
+
+        root = tempfile.gettempdir()
+    return os.path.join(root, "dr-mstep")
+
+
+def job_dir(job: str) -> str:
+    """This run's cache folder on this machine (the executor's SparkFiles folder)."""
+    return os.path.join(_cache_root(), job)
+
+
+def _save_dir(final: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays as .npy into `final` atomically (a temp folder renamed; a concurrent writer may win)."""
+    if os.path.isdir(final):
+        return
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        for name, a in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), a)
+        os.rename(tmp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_dir(path: str, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    try:
+        return {n: np.asarray(np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r")) for n in names}
+    except (OSError, ValueError):
+        return None
+
+
+def _evict_other_jobs(job: str) -> None:
+    for key in [k for k in _CACHE if k[0] != job]:
+        del _CACHE[key]
+
+
+def _store(ctx: MStepContext, part: int, items: np.ndarray, ps: PathScores) -> _Entry:
+    """Put a partition's candidates into this machine's cache (files) and this worker's dict."""
+    entry = _Entry(None, items, ps.paths, ps.scores, ps.n_v, {})
+    if ctx.cache:
+        _evict_other_jobs(ctx.job)
+        d = os.path.join(job_dir(ctx.job), f"p{part:05d}")
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        _save_dir(d, {"items": items, "paths": ps.paths, "scores": ps.scores, "n_v": ps.n_v})
+        entry.dir = d
+        _CACHE[(ctx.job, part)] = entry
+    return entry
+
+
+def _rebuild(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> _Entry:
+    """Cache miss: this partition's candidates straight from the path_scores files (its items only)."""
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    S = ctx.S
+    scored = items[:n_scored]
+    if n_scored and ctx.sources:
+        fs, _ = pafs.FileSystem.from_uri(ctx.sources[0])
+        paths = [pafs.FileSystem.from_uri(u)[1] for u in ctx.sources]
+        tbl = ds.dataset(paths, filesystem=fs, format="parquet").to_table(
+            columns=["item_id", "path", "score", "n_v"], filter=ds.field("item_id").isin(pa.array(scored)))
+        ps = PathScores.from_long(*(tbl.column(c).to_numpy().astype(dt, copy=False) for c, dt in
+                                    (("item_id", np.int64), ("path", np.int64), ("score", np.float64),
+                                     ("n_v", np.float64))), S)
+    else:
+        ps = PathScores(np.zeros(0, np.int64), np.zeros((0, S), np.int64), np.zeros((0, S)), np.zeros(0))
+    if not np.array_equal(ps.items, scored):
+        raise RuntimeError(f"M-step partition {part}: the path_scores files do not hold this partition's items")
+    return _store(ctx, part, items, ps)
+
+
+def _entry(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> _Entry:
+    """The partition's cache entry: this worker's dict, else this machine's files, else rebuilt."""
+    if ctx.cache:
+        e = _CACHE.get((ctx.job, part))
+        if e is not None and e.n_scored == n_scored and np.array_equal(e.items, items):
+            e.source = FROM_WORKER
+            return e
+        d = os.path.join(job_dir(ctx.job), f"p{part:05d}")
+        got = _load_dir(d, ("items", "paths", "scores", "n_v"))
+        if got is not None and got["paths"].shape[0] == n_scored and np.array_equal(got["items"], items):
+            _evict_other_jobs(ctx.job)
+            e = _Entry(d, got["items"], got["paths"], got["scores"], got["n_v"], {}, FROM_FILES)
+            _CACHE[(ctx.job, part)] = e
+            return e
+    e = _rebuild(ctx, part, items, n_scored)
+    e.source = REBUILT
+    return e
+
+
+def _blocks(e: _Entry, block_size: int, dtype: type) -> CandidateBlocks:
+    """The entry's candidates in the kernel's block layout (prepared once per machine, then mapped)."""
+    key = (block_size, np.dtype(dtype).name)
+    hit = e.blocks.get(key)
+    if hit is not None:
+        return hit
+    names = ("paths", "scores", "n_v")
+    sub = os.path.join(e.dir, f"blocks-{block_size}-{key[1]}") if e.dir else None
+    got = _load_dir(sub, names) if sub else None
+    if got is not None:
+        cb = CandidateBlocks(got["paths"], got["scores"], got["n_v"], e.n_scored)
+    else:
+        cb = prepare_blocks(np.asarray(e.paths), np.asarray(e.scores), np.asarray(e.n_v), block_size, dtype)
+        if sub:
+            _save_dir(sub, {"paths": cb.paths, "scores": cb.scores, "n_v": cb.n_v})
+    e.blocks[key] = cb
+    return cb
+
+
+def drop_partition(job: str, part: int) -> None:
+    """Forget a partition's entry in this worker and remove its files on this machine."""
+    _CACHE.pop((job, part), None)
+    shutil.rmtree(os.path.join(job_dir(job), f"p{part:05d}"), ignore_errors=True)
+
+
+def drop_job(job: str) -> None:
+    """Remove a run's cache folder on this machine (driver side: the local-mode executors' folder)."""
+    _evict_other_jobs("")
+    shutil.rmtree(job_dir(job), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- statistics of a partition
+def find_slots(paths: np.ndarray, assign: np.ndarray) -> np.ndarray:
+    """Slot of each assigned path among the item's candidates: paths [m, S], assign [m, J] -> int64 [m, J] (-1: none)."""
+    out = np.full(assign.shape, -1, dtype=np.int64)
+    for j in range(assign.shape[1]):
+        eq = paths == assign[:, j:j + 1]                 # candidates distinct per row; EMPTY never matches
+        has = eq.any(1)
+        out[has, j] = eq.argmax(1)[has]
+    return out
+
+
+def _loglik(scores: np.ndarray, n_v: np.ndarray, slots: np.ndarray) -> tuple[float, int]:
+    """(sum_v N_v log(sum_j s[v, pi_j(v)]) over items with a positive total, items skipped); float64."""
+    m = scores.shape[0]
+    tot = np.zeros(m)
+    rows = np.arange(m)
+    for j in range(slots.shape[1]):
+        k = slots[:, j]
+        tot += np.where(k >= 0, scores[rows, np.maximum(k, 0)], 0.0)
+    pos = tot > 0
+    # elementwise + sum (no BLAS call: OpenBLAS threads would spin into the next sweep)
+    return float((n_v[pos] * np.log(tot[pos])).sum()), int((~pos).sum())
+
+
+def _moved(old: np.ndarray, new: np.ndarray) -> int:
+    """Items whose SET of J (distinct) paths changed: old / new [n, J]."""
+    same = np.ones(old.shape[0], dtype=bool)
+    for j in range(new.shape[1]):
+        hit = np.zeros(old.shape[0], dtype=bool)
+        for k in range(old.shape[1]):
+            hit |= new[:, j] == old[:, k]
+        same &= hit
+    return int((~same).sum())
+
+
+def _counts(assign: np.ndarray, num_paths: int) -> np.ndarray:
+    a = assign.ravel()
+    if a.size and (a.min() < 0 or a.max() >= num_paths):
+        raise ValueError(f"assignment holds a path outside [0, {num_paths})")
+    return np.bincount(a, minlength=num_paths)
 
 
 def _partition_seed(seed: int) -> int:
@@ -83,14 +345,21 @@ def _partition_seed(seed: int) -> int:
     return seed * 100_003 + (ctx.partitionId() if ctx else 0)    # same on a task retry
 
 
+def _partition_id() -> int:
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return ctx.partitionId() if ctx else 0
+
+
 # --------------------------------------------------------------------------- build the state
-def build_state(batches: Iterator[pa.RecordBatch], S: int, J: int, num_paths: int,
-                seed: int) -> Iterator[pa.RecordBatch]:
-    """A partition's rows (src 0: path_scores item_id/path/score/n_v; src 1: item_paths item_id/slot/path) -> state rows.
+def build_state(batches: Iterator[pa.RecordBatch], ctx: MStepContext, seed: int) -> Iterator[pa.RecordBatch]:
+    """A partition's rows (src 0: path_scores item_id/path/score/n_v; src 1: item_paths item_id/slot/path) -> its state row.
 
     Scored items without a starting assignment get a balanced random one (per partition:
-    path counts differ by at most 1 within the partition).
+    path counts differ by at most 1 within the partition). The candidates go to the cache.
     """
+    S, J, num_paths = ctx.S, ctx.J, ctx.num_paths
     tbl = _table(batches)
     if tbl is None:
         return
@@ -108,7 +377,7 @@ def build_state(batches: Iterator[pa.RecordBatch], S: int, J: int, num_paths: in
     if (counts != J).any():
         bad = init_items[counts != J][0]
         raise ValueError(f"starting item_paths: item {bad} has {counts[counts != J][0]} paths, expected J={J}")
-    init_assign = ip.column("path").to_numpy()[order].reshape(-1, J)
+    init_assign = ip.column("path").to_numpy()[order].reshape(-1, J).astype(np.int64)
     # scored items: starting paths from item_paths where present, else random balanced
     pos = np.minimum(np.searchsorted(init_items, ps.items), max(len(init_items) - 1, 0))
     has = (init_items[pos] == ps.items) if len(init_items) else np.zeros(len(ps), bool)
@@ -116,16 +385,20 @@ def build_state(batches: Iterator[pa.RecordBatch], S: int, J: int, num_paths: in
     assign[has] = init_assign[pos[has]]
     if (~has).any():
         assign[~has] = initial_assignment(int((~has).sum()), J, num_paths, _partition_seed(seed))
-    # items with paths but no candidate at all: carried through unchanged
+    # items with paths but no candidate at all: carried through unchanged, after the scored ones
     rest = ~np.isin(init_items, ps.items)
-    n_rest = int(rest.sum())
     item = np.concatenate([ps.items, init_items[rest]])
-    scored = np.concatenate([np.ones(len(ps), bool), np.zeros(n_rest, bool)])
-    n_v = np.concatenate([ps.n_v, np.zeros(n_rest)])
-    paths = np.concatenate([ps.paths, np.full((n_rest, S), EMPTY, np.int64)])
-    scores = np.concatenate([ps.scores, np.zeros((n_rest, S))])
     assign = np.concatenate([assign, init_assign[rest]])
-    yield _state_batch(item, scored, n_v, paths, scores, assign, assign, np.zeros(len(item)))
+    part = _partition_id()
+    m = len(ps)
+    e = _store(ctx, part, item, ps)
+    if ctx.cache and m:
+        # the block layout the sweeps will most likely use (scale = partitions when balanced)
+        scale = max(1, ctx.partitions) if ctx.extrapolate else 1
+        _blocks(e, max(1, ctx.block_size // scale), _kernel_dtype(ctx.alpha, ctx.power, m * scale))
+    slots = find_slots(ps.paths, assign[:m])
+    ll, skipped = _loglik(ps.scores, ps.n_v, slots)
+    yield _state_row(ctx, part, item, m, assign, slots, _counts(assign[:m], num_paths), ll, skipped, 0, 0.0, -1)
 
 
 # --------------------------------------------------------------------------- one round
@@ -134,27 +407,27 @@ def _kernel_dtype(alpha: float, power: float, total_items: int) -> type:
     return np.float64 if alpha * penalty_delta(float(max(total_items, 1)), power) > 1e37 else np.float32
 
 
-def partition_sweep(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, assign: np.ndarray,
-                    base_sizes: np.ndarray, scale: int, alpha: float, power: float, block_size: int,
-                    total_items: int) -> np.ndarray:
-    """One round over a partition's items: paths/scores [n, S], n_v [n], assign [n, J] -> new assign [n, J].
+def sweep_blocks(cands: CandidateBlocks, assign: np.ndarray, slots: np.ndarray, base_sizes: np.ndarray, scale: int,
+                 alpha: float, power: float, improving_only: bool = True) -> np.ndarray:
+    """One round over prepared candidates: assign [m, J] -> new assign [m, J]; slots [m, J] updated in place.
 
     base_sizes [P] (the broadcast table) is not modified. Local moves count `scale` times
-    in the partition's copy of the table (module doc).
+    in the partition's copy of the table (module doc). cands' block size is already the
+    kernel block divided by scale (the P partitions' blocks move at the same time:
+    together they must not exceed one kernel block).
     """
     view = np.array(base_sizes, dtype=np.int64, copy=True)
-    dtype = _kernel_dtype(alpha, power, total_items)
-    # the P partitions' blocks move at the same time: together they must not exceed one kernel block
-    block_size = max(1, block_size // max(scale, 1))
-    cands = prepare_blocks(paths, scores, n_v, block_size, dtype)
     if scale <= 1:
-        return sweep(cands, assign, view, alpha, power)
+        return sweep(cands, assign, view, alpha, power, slots=slots, improving_only=improving_only)
     out = np.empty_like(assign)
     extra = scale - 1
+    B, dtype = cands.block_size, cands.scores.dtype.type
     for b in range(cands.paths.shape[0]):
-        lo, hi = b * block_size, min(len(assign), (b + 1) * block_size)
+        lo, hi = b * B, min(len(assign), (b + 1) * B)
         pb, sb, nb = cands.block(b)
-        new = update_block(pb, sb, nb, assign[lo:hi], view, alpha, power, slot_major=True, dtype=dtype)
+        own = slots[lo:hi]
+        new = update_block(pb, sb, nb, assign[lo:hi], view, alpha, power, slot_major=True, own_slots=own,
+                           slots_out=own, improving_only=improving_only, dtype=dtype)
         # the other partitions' (unseen) share of the same moves
         old_f, new_f = assign[lo:hi].ravel(), new.ravel()
         np.subtract.at(view, old_f, extra)
@@ -164,62 +437,64 @@ def partition_sweep(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, assi
     return out
 
 
-def sweep_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, S: int, J: int, alpha: float,
-                  power: float, block_size: int, total_items: int, extrapolate: bool) -> Iterator[pa.RecordBatch]:
-    """State rows of a partition -> state rows after one round (prev = the round's input assignment)."""
+def partition_sweep(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, assign: np.ndarray,
+                    base_sizes: np.ndarray, scale: int, alpha: float, power: float, block_size: int,
+                    total_items: int, improving_only: bool = True) -> np.ndarray:
+    """One round over a partition's items: paths/scores [n, S], n_v [n], assign [n, J] -> new assign [n, J]."""
+    cands = prepare_blocks(paths, scores, n_v, max(1, block_size // max(scale, 1)),
+                           _kernel_dtype(alpha, power, total_items))
+    return sweep_blocks(cands, assign, find_slots(paths, assign), base_sizes, scale, alpha, power, improving_only)
+
+
+def sweep_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MStepContext,
+                  total_items: int) -> Iterator[pa.RecordBatch]:
+    """State rows of a partition -> state rows after one round, with the round's statistics of the partition."""
     tbl = _table(batches)
     if tbl is None:
         return
-    item, scored, n_v, paths, scores, assign, _ = _unpack(tbl, S, J)
-    c0 = time.process_time()
-    new = assign.copy()
-    n = int(scored.sum())
-    if n:
-        scale = max(1, round(total_items / n)) if extrapolate else 1
-        idx = np.flatnonzero(scored)
-        new[idx] = partition_sweep(paths[idx], scores[idx], n_v[idx], assign[idx], sizes_bc.value,  # type: ignore[attr-defined]
-                                   scale, alpha, power, block_size, total_items)
-    cpu = np.zeros(len(item))
-    cpu[0] = time.process_time() - c0
-    yield _state_batch(item, scored, n_v, paths, scores, new, assign, cpu)
-
-
-# --------------------------------------------------------------------------- statistics
-def stats_batches(batches: Iterator[pa.RecordBatch], S: int, J: int, num_paths: int,
-                  power: float) -> Iterator[pa.RecordBatch]:
-    """State rows -> per-path counts of scored items + one partition row (log-likelihood, skipped, moved, cpu)."""
-    tbl = _table(batches)
-    if tbl is None:
-        return
-    item, scored, n_v, paths, scores, assign, prev = _unpack(tbl, S, J)
-    idx = np.flatnonzero(scored)
-    ps = PathScores(item[idx], paths[idx], scores[idx], n_v[idx])
-    # alpha = 0: the partition's log-likelihood part; the penalty is global (driver, from the table)
-    part = objective(ps, assign[idx], num_paths, 0.0, power)
-    moved = int((np.sort(prev, 1) != np.sort(assign, 1)).any(1).sum())
-    sizes = path_sizes(assign[idx], num_paths)
-    nz = np.flatnonzero(sizes)
-    k = len(nz)
-    yield pa.RecordBatch.from_arrays([
-        pa.array(np.append(nz, -1)), pa.array(np.append(sizes[nz], 0)),
-        pa.array(np.append(np.zeros(k), part.loglik)), pa.array(np.append(np.zeros(k, np.int64), part.skipped)),
-        pa.array(np.append(np.zeros(k, np.int64), moved)), pa.array(np.append(np.zeros(k), tbl.column("cpu").to_numpy().sum())),
-    ], schema=STATS_SCHEMA)
+    for part, items, m, assign, new_slots in _rows(tbl, ctx):
+        e = _entry(ctx, part, items, m)
+        source = e.source
+        c0 = time.process_time()
+        new = assign.copy()
+        if m:
+            scale = max(1, round(total_items / m)) if ctx.extrapolate else 1
+            cands = _blocks(e, max(1, ctx.block_size // scale), _kernel_dtype(ctx.alpha, ctx.power, total_items))
+            new[:m] = sweep_blocks(cands, assign[:m], new_slots, sizes_bc.value, scale,  # type: ignore[attr-defined]
+                                   ctx.alpha, ctx.power, ctx.improving_only)
+        cpu = time.process_time() - c0
+        ll, skipped = _loglik(e.scores, e.n_v, new_slots)
+        yield _state_row(ctx, part, items, m, new, new_slots, _counts(new[:m], ctx.num_paths), ll, skipped,
+                         _moved(assign[:m], new[:m]), cpu, source)
 
 
 # --------------------------------------------------------------------------- output
-def item_paths_batches(batches: Iterator[pa.RecordBatch], S: int, J: int) -> Iterator[pa.RecordBatch]:
-    """State rows -> item_paths rows (item_id, slot, path, score = s[v, path], null when not a candidate)."""
+def item_paths_batches(batches: Iterator[pa.RecordBatch], ctx: MStepContext) -> Iterator[pa.RecordBatch]:
+    """State rows -> item_paths rows (item_id, slot, path, score = s[v, path], null when not a candidate).
+
+    The last pass of a run: it releases the partition's cache entry afterwards (a retry rebuilds it).
+    """
     tbl = _table(batches)
     if tbl is None:
         return
-    item, _, _, paths, scores, assign, _ = _unpack(tbl, S, J)
-    eq = paths[:, None, :] == assign[:, :, None]                   # [n, J, S]; candidates distinct per row
-    score = np.where(eq, scores[:, None, :], 0.0).sum(2)
-    yield pa.RecordBatch.from_arrays([
-        pa.array(np.repeat(item, J)), pa.array(np.tile(np.arange(J, dtype=np.int32), len(item))),
-        pa.array(assign.ravel()), pa.array(score.ravel(), mask=~eq.any(2).ravel())], schema=ITEM_PATHS_SCHEMA)
+    J = ctx.J
+    for part, items, m, assign, _ in _rows(tbl, ctx):
+        e = _entry(ctx, part, items, m)
+        n = len(items)
+        score = np.zeros((n, J))
+        valid = np.zeros((n, J), dtype=bool)
+        for lo in range(0, m, 1 << 16):
+            hi = min(m, lo + (1 << 16))
+            eq = e.paths[lo:hi, None, :] == assign[lo:hi, :, None]          # [n, J, S]; distinct per row
+            score[lo:hi] = np.where(eq, e.scores[lo:hi, None, :], 0.0).sum(2)
+            valid[lo:hi] = eq.any(2)
+        yield pa.RecordBatch.from_arrays([
+            pa.array(np.repeat(items, J)), pa.array(np.tile(np.arange(J, dtype=np.int32), n)),
+            pa.array(assign.ravel()), pa.array(score.ravel(), mask=~valid.ravel())], schema=ITEM_PATHS_SCHEMA)
+        del e
+        drop_partition(ctx.job, part)
 
 
-__all__ = ["STATE_DDL", "STATS_DDL", "ITEM_PATHS_DDL", "build_state", "partition_sweep", "sweep_batches",
-           "stats_batches", "item_paths_batches"]
+__all__ = ["STATE_DDL", "STATS_COLUMNS", "INPUT_COLUMNS", "REBUILT", "FROM_FILES", "FROM_WORKER", "ITEM_PATHS_DDL", "MStepContext", "build_state", "sweep_blocks",
+           "partition_sweep", "sweep_batches", "item_paths_batches", "find_slots", "job_dir", "drop_job",
+           "drop_partition", "EMPTY"]

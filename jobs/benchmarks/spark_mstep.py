@@ -3,8 +3,10 @@
 Setting of `dr bench mstep` (K=100, D=3, S=32, J=3, alpha=3e-10, 3 rounds, block 4096) on
 planted-cluster scores generated inside Spark, chunk by chunk (`chunk_scores`), so the
 driver never holds them. Each configuration runs in its own subprocess (its own JVM).
-Spark throughput = V * rounds / (wall seconds of the sweeps, checkpoint included,
-statistics excluded, like the in-process figure) / cores. The in-process figure is
+Spark throughput = V * rounds / (wall seconds of the sweeps, checkpoint included) / cores;
+the partitions compute their statistics inside the sweep pass (so that part is included),
+the driver's sum of them is not (like the in-process figure, which excludes statistics);
+`round_wall_with_stats_s` gives each round's wall time with it. The in-process figure is
 `mstep_blocked` on the same chunks (per CPU second, single thread). Peak driver memory:
 the Python driver's peak RSS; the JVM's peak RSS is reported too, but in local mode the
 executors live in that JVM, so it holds the checkpointed item state as well.
@@ -14,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+
+from jobs.benchmarks import run_module_json
 
 K, D, S, J = 100, 3, 32, 3
 ALPHA, ROUNDS = 3e-10, 3
@@ -84,8 +88,13 @@ def worker(master: str, items: int) -> dict:
         v = wh.write_spark("path_scores", gen, CommitMeta("bench", "gen")).version
         setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, stats = distributed_mstep(spark, wh, cfg, v, None, "bench", 0, MStepOptions(partitions=cores),
-                                     log=lambda m: print(m, file=sys.stderr, flush=True))
+        logs: list[str] = []
+
+        def log(m: str) -> None:
+            logs.append(m)
+            print(m, file=sys.stderr, flush=True)
+
+        _, stats = distributed_mstep(spark, wh, cfg, v, None, "bench", 0, MStepOptions(partitions=cores), log=log)
         job_s = time.perf_counter() - t0
         sweep_s = sum(s.seconds for s in stats[1:])
         out = {"master": master, "cores": cores, "items": items, "setup_s": round(setup_s, 1),
@@ -96,6 +105,9 @@ def worker(master: str, items: int) -> dict:
                "rounds": [{"round": s.round, "objective": round(s.objective, 1), "max_path_size": s.max_path_size,
                            "nonempty_paths": s.nonempty_paths, "items_moved": s.items_moved,
                            "seconds": round(s.seconds, 2)} for s in stats],
+               # per round: wall with the driver's sum of the partitions' statistics, and where the candidates came from
+               "round_wall_with_stats_s": [float(x) for x in re.findall(r"with statistics ([0-9.]+)s", "\n".join(logs))],
+               "candidates_cache": re.findall(r"candidates of the partitions: ([^\]]+)\]", "\n".join(logs)),
                "peak_driver_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "peak_jvm_rss_mb": round(_jvm_peak_mb(spark), 1)}
     spark.stop()
@@ -119,11 +131,7 @@ def in_process(items: int) -> dict:
 
 
 def _sub(args: list[str]) -> dict:
-    """Run this module in a fresh interpreter (own JVM) and parse its last stdout line as JSON."""
-    p = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True, check=False)
-    if p.returncode:
-        raise RuntimeError(f"benchmark subprocess {args} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_module_json(__name__, args)
 
 
 def run(quick: bool = False) -> dict:
@@ -147,6 +155,8 @@ def run(quick: bool = False) -> dict:
             out[f"{key}_max_path_size{sfx}"] = r["max_path_size"]
             out[f"{key}_rounds{sfx}"] = r["rounds"]
             out[f"{key}_job_wall_s{sfx}"] = r["job_wall_s"]
+            out[f"{key}_round_wall_with_stats_s{sfx}"] = r["round_wall_with_stats_s"]
+            out[f"{key}_candidates_cache{sfx}"] = r["candidates_cache"]
         out[f"scaling_local1_to_local2{sfx}"] = round(runs["local[2]"]["item_rounds_per_s_per_core"] * 2
                                                      / runs["local[1]"]["item_rounds_per_s_per_core"], 3)
         out[f"peak_driver_rss_mb_{V}"] = max(runs[m]["peak_driver_rss_mb"] for m in runs)

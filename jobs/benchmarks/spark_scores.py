@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,8 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+
+from jobs.benchmarks import run_module_json
 
 L, VOCAB, CHUNK = 20, 10_000, 50_000
 TARGET_FRACTION = 0.70
@@ -107,10 +108,7 @@ def in_process(pairs: int, items: int) -> dict:
 
 
 def _sub(args: list[str]) -> dict:
-    p = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True, check=False)
-    if p.returncode:
-        raise RuntimeError(f"benchmark subprocess {args} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_module_json(__name__, args)
 
 
 def run(quick: bool = False) -> dict:
