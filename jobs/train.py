@@ -100,7 +100,9 @@ def run_train(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
         split = run_split(spark, wh, cfg.split, cfg.model.seq_len, run_id=run_id)
         log(split.summary())
         sv, ev = split.versions["samples_train"], split.versions["eval_users"]
-        ip_v = committed_round(wh, run_id, f"{JOB}.init", 0) or init_item_paths(spark, wh, cfg, sv, run_id, log)
+        ip_v = committed_round(wh, run_id, f"{JOB}.init", 0)
+        if ip_v is None:               # version 0 is a real version: compare with None, not falsiness
+            ip_v = init_item_paths(spark, wh, cfg, sv, run_id, log)
         rounds: list[dict[str, Any]] = []
         for r in range(cfg.train.em_rounds):
             done = committed_round(wh, run_id, MSTEP_JOB, r)
