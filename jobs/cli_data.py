@@ -149,6 +149,7 @@ def register(subparsers: Any) -> None:
     ing.add_argument("--extra-columns", choices=["error", "ignore"], default="error",
                      help="unmapped input columns (schema drift): refuse the batch, or drop them (default: error)")
     _common(ing)
+    config_options(ing)   # accepted like every job (the nightly DAG passes one config to all)
     ing.set_defaults(func=cmd_ingest, app_name="dr-ingest")
 
     sp = subparsers.add_parser("split", help="the paper's train/validation/test split -> samples_train, eval_users",
