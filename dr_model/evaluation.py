@@ -16,10 +16,6 @@ from .model import DRModel
 from .vocab import Vocab
 
 
-def _to_raw(idx: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    return np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
-
-
 def path_size_summary(index: PathIndex, num_paths: int) -> dict:
     """Largest / mean / non-empty paths and a log2-bucket histogram of items per path."""
     sizes = index.sizes()
@@ -49,12 +45,12 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, hist:
 
     def dr_at(beam: int) -> tuple[np.ndarray, np.ndarray]:
         pred, _, scored = model.retrieve(seq, index, beam, k + extra)
-        return finish(_to_raw(pred, item_ids)), scored
+        return finish(vocab.raw(pred)), scored
 
     dr_pred, scored = dr_at(cfg.search.beam)
     bf_pred, _ = model.brute_force(seq, k + extra)
     methods = {"dr": prf_at_k(dr_pred, truth_offsets, truth_items, k),
-               "brute_force": prf_at_k(finish(_to_raw(bf_pred, item_ids)), truth_offsets, truth_items, k)}
+               "brute_force": prf_at_k(finish(vocab.raw(bf_pred)), truth_offsets, truth_items, k)}
     if train is not None:
         t_user, t_target = train
         methods["popularity"] = prf_at_k(popularity_topk(t_target, hist, k, excl), truth_offsets, truth_items, k)

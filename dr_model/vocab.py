@@ -23,6 +23,10 @@ class Vocab:
         pos = np.minimum(np.searchsorted(self.ids, raw), self.size - 1)
         return np.where(self.ids[pos] == raw, pos, -1)
 
+    def raw(self, idx: np.ndarray) -> np.ndarray:
+        """Model indices [...] (-1 = nothing) -> raw ids [...] (-1 kept)."""
+        return np.where(idx >= 0, self.ids[np.maximum(idx, 0)], -1)
+
     def seq(self, hist: np.ndarray) -> torch.Tensor:
         """Histories of raw ids [N, L] (-1 pad) -> model input [N, L] with unknown/pad -> V."""
         idx = self.index(hist)

@@ -94,8 +94,7 @@ def candidate_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any,
         for lo in range(0, batch.num_rows, batch_size):
             h = hist[lo:lo + batch_size]
             idx, sc, _ = model.retrieve(vocab.seq(h), index, beam, n + L)
-            raw = np.where(idx >= 0, vocab.ids[np.maximum(idx, 0)], -1)
-            items, scores = exclude_seen(raw, h, n, scores=sc)
+            items, scores = exclude_seen(vocab.raw(idx), h, n, scores=sc)
             ok = items >= 0
             u = np.repeat(users[lo:lo + batch_size], n).reshape(-1, n)
             rank = np.broadcast_to(np.arange(1, n + 1, dtype=np.int32), items.shape)

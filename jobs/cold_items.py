@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dr_model.vocab import Vocab
+
 from . import runs
 from .tables import CommitMeta, Warehouse
 
@@ -102,7 +104,7 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
     rows = pa.table({
         "item_id": np.repeat(cold_ids, J), "slot": np.tile(np.arange(J, dtype=np.int32), len(cold_ids)),
         "path": paths.ravel(), "method": np.repeat(np.where(method == 1, "neighbor", "least_loaded"), J),
-        "neighbor_item_id": np.repeat(np.where(neighbor >= 0, item_ids[np.maximum(neighbor, 0)], -1), J),
+        "neighbor_item_id": np.repeat(Vocab(item_ids).raw(neighbor), J),
         "item_paths_version": np.full(len(cold_ids) * J, ip_v, dtype=np.int64),
         "run_id": [run.run_id] * (len(cold_ids) * J),
     })

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.tables import TABLES, CommitError, CommitMeta, Staged, StagedFile, Warehouse
+from jobs.tables import TABLES, CommitError, CommitMeta, Staged, StagedFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
