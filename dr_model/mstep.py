@@ -141,6 +141,19 @@ class ObjectiveParts:
     skipped: int
 
 
+def size_table(sizes: np.ndarray) -> np.ndarray:
+    """A writable int64 copy of a size table [num_paths] for the kernel to update in place.
+
+    Built with np.empty + copy, not np.array(x, copy=True): the latter keeps x's dtype
+    object, and a dtype that came out of a pickle (a Spark broadcast) is not numpy's
+    canonical int64 instance, which sends ufunc.at (the kernel's table updates) down a
+    generic path ~30x slower (measured: 45 ms vs 1.3 ms per 1.2M updates, numpy 2.4).
+    """
+    out = np.empty(np.shape(sizes), dtype=np.int64)
+    out[...] = sizes
+    return out
+
+
 def path_sizes(assign: np.ndarray, num_paths: int) -> np.ndarray:
     """assign [V, J] int64 -> |c| for every path [num_paths] int64 (-1 entries ignored)."""
     a = np.asarray(assign, dtype=np.int64).ravel()
@@ -189,6 +202,15 @@ class RoundStats:
     skipped_items: int        # items left out of the log-likelihood sum
     seconds: float            # wall time of the sweep itself (statistics excluded)
     cpu_seconds: float        # process CPU time of the sweep (per-core figures, robust to load)
+
+    @classmethod
+    def from_sums(cls, r: int, sizes: np.ndarray, loglik: float, skipped: int, moved: int, alpha: float,
+                  power: float, seconds: float = 0.0, cpu_seconds: float = 0.0) -> "RoundStats":
+        """A round's statistics from the global size table [num_paths] and the summed log-likelihood part."""
+        pen = alpha * float(penalty(sizes[sizes > 0], power).sum())
+        return cls(round=r, objective=float(loglik) - pen, max_path_size=int(sizes.max(initial=0)),
+                   nonempty_paths=int((sizes > 0).sum()), items_moved=int(moved), skipped_items=int(skipped),
+                   seconds=seconds, cpu_seconds=float(cpu_seconds))
 
 
 @dataclass(frozen=True)
@@ -667,7 +689,7 @@ def mstep_blocked(ps: PathScores, assign0: np.ndarray, num_paths: int, cfg: MSte
 
 
 __all__ = [
-    "penalty", "penalty_delta", "gain", "path_sizes", "assigned_scores", "objective", "ObjectiveParts",
+    "penalty", "penalty_delta", "gain", "size_table", "path_sizes", "assigned_scores", "objective", "ObjectiveParts",
     "RoundStats", "MStepResult", "initial_assignment", "mstep_reference", "update_block", "CandidateBlocks",
     "prepare_blocks", "sweep", "mstep_blocked",
 ]

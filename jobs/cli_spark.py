@@ -44,7 +44,7 @@ def _mstep(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     spark, wh, run_id = _session(args, "dr-mstep")
-    opts = MStepOptions(partitions=args.partitions, extrapolate=not args.plain, seed=args.seed)
+    opts = MStepOptions(partitions=args.partitions, sync=args.sync, extrapolate=not args.plain, seed=args.seed)
     res, stats = distributed_mstep(spark, wh, cfg, args.path_scores_version, args.init_item_paths_version,
                                    run_id, args.round, opts)
     _print({"table": res.table, "version": res.version, "rows": res.rows, "run_id": run_id,
@@ -83,7 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--path-scores-version", type=int, default=None, help="path_scores version (default latest)")
     m.add_argument("--init-item-paths-version", type=int, default=None,
                    help="starting item_paths version (default: random balanced start)")
-    m.add_argument("--partitions", type=int, default=None, help="item partitions (default: Spark default parallelism)")
+    m.add_argument("--partitions", type=int, default=None,
+                   help="item partitions (default: the cluster's concurrent task slots)")
+    m.add_argument("--sync", choices=("auto", "barrier", "jobs"), default="auto",
+                   help="rounds in one barrier stage exchanging size changes (barrier; needs partitions <= task "
+                        "slots), one Spark job per round (jobs), or barrier whenever it fits (auto, default)")
     m.add_argument("--plain", action="store_true", help="plain local copies of the size table (comparison only)")
     m.add_argument("--seed", type=int, default=0, help="seed of the random start")
     m.set_defaults(func=_mstep)

@@ -1,19 +1,29 @@
 """Distributed M-step job: penalized coordinate descent over items partitioned on Spark -> an `item_paths` version.
 
-Per round (DESIGN.md §2 "Distributed form"): the path-size table |c| (the sum of the
-partitions' count vectors of the previous pass) is broadcast; every partition re-assigns
-its items with dr_model's kernel against its copy of the table (spark_udfs.mstep_udf:
-extrapolated local deltas, the convergence scheme) and, in the same pass, computes its
-part of the round's statistics. The candidates never travel after the first pass: they
-sit in a worker-side cache (mstep_udf module doc; a miss rebuilds them from the
-path_scores files), so the per-round state is one row per partition holding the items'
-assignment as binary blobs; it is checkpointed (`localCheckpoint`) so the plan does not
-grow with the rounds. The driver only holds the size table (num_paths ints), at most
-`MStepOptions.driver_merge` partition count vectors while summing them, and a few scalars
-per round. One commit at the end: a failed run leaves `item_paths` at its previous version.
+Per round (DESIGN.md §2 "Distributed form"): every partition re-assigns its items with
+dr_model's kernel against the round's global path-size table |c| (spark_udfs.mstep_udf:
+extrapolated local deltas, the convergence scheme) and computes its part of the round's
+statistics in the same pass. Two ways to run the rounds, same math, same result:
+
+* **barrier** (default whenever the partitions fit the cluster's task slots): ONE barrier
+  stage runs all rounds; after each round the tasks exchange their count changes
+  (`BarrierTaskContext.allGather`, sparse and compressed), so each starts the next round
+  from the exact global table. No job, scheduling or state write per round: the per-round
+  cost is the kernel plus one exchange. The driver relays the messages (at most
+  partitions x num_paths counts per round; nothing per item).
+* **jobs** (more partitions than slots, or `sync="jobs"`): one Spark job per round; the
+  driver sums the partitions' count vectors and broadcasts the table (a tree reduction
+  above `MStepOptions.driver_merge` partitions).
+
+The candidates never travel after the first pass: they sit in a worker-side cache
+(mstep_udf module doc; a miss rebuilds them from the path_scores files). The Spark state
+is one row per partition holding the items' assignment as binary blobs, checkpointed
+(`localCheckpoint`) so plans stay short. One commit at the end: a failed run leaves
+`item_paths` at its previous version.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,10 +35,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from dr_model.config import DRConfig
-from dr_model.mstep import RoundStats, penalty
+from dr_model.mstep import RoundStats
 from jobs.tables import CommitMeta, CommitResult, Warehouse
-from spark_udfs.mstep_udf import (INPUT_COLUMNS, ITEM_PATHS_DDL, STATE_DDL, STATS_COLUMNS, MStepContext, build_state,
-                                  drop_job, item_paths_batches, sweep_batches)
+from spark_udfs.mstep_udf import (INPUT_COLUMNS, ITEM_PATHS_DDL, STATE_DDL, STATS_COLUMNS, MStepContext,
+                                  barrier_batches, build_state, drop_job, item_paths_batches, sweep_batches)
 
 JOB = "mstep"
 
@@ -39,14 +49,18 @@ def _log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class MStepOptions:
-    """Plan knobs: item partitions (None: defaultParallelism), the scheme switch, start seed, state storage.
+    """Plan knobs: item partitions, how rounds synchronise, the scheme switch, start seed, state storage.
 
-    worker_cache False: every task rebuilds its candidates from the path_scores files (the
-    cache-miss path; slow, for tests). driver_merge: partitions' count vectors summed on
-    the driver directly; more partitions are summed by a Spark tree reduction first.
+    partitions None: the cluster's concurrent task slots (barrier), else defaultParallelism.
+    sync: "auto" (barrier when partitions <= task slots, else jobs), "barrier" (an error if
+    the partitions do not fit), "jobs" (module doc). worker_cache False: every task
+    rebuilds its candidates from the path_scores files (the cache-miss path; slow, for
+    tests). driver_merge (jobs mode): partitions' count vectors summed on the driver
+    directly; more partitions are summed by a Spark tree reduction first.
     """
 
     partitions: int | None = None
+    sync: str = "auto"
     extrapolate: bool = True          # False: plain copies (cross-partition Jacobi; kept for comparison)
     seed: int = 0                     # random balanced start of items without starting paths
     storage: str = "MEMORY_AND_DISK"  # StorageLevel name of each round's checkpointed state
@@ -61,7 +75,35 @@ class MStepState:
     df: DataFrame
     ctx: MStepContext
     partitions: int
+    barrier: bool = False             # run the rounds in one barrier stage (plan_partitions)
     extra: dict = field(default_factory=dict)
+
+
+SYNC_MODES = ("auto", "barrier", "jobs")
+
+
+def task_slots(spark: SparkSession) -> int:
+    """Tasks the cluster can run at once now (a barrier stage needs one slot per partition); 0 if unknown."""
+    sc = spark.sparkContext._jsc.sc()  # type: ignore[union-attr]
+    try:
+        return int(sc.maxNumConcurrentTasks(sc.resourceProfileManager().defaultResourceProfile()))
+    except Exception:  # noqa: BLE001 - a Spark without this (private) method: plan per-round jobs
+        return 0
+
+
+def plan_partitions(spark: SparkSession, opts: MStepOptions) -> tuple[int, bool]:
+    """(item partitions, run the rounds in one barrier stage?) for these options on this cluster."""
+    if opts.sync not in SYNC_MODES:
+        raise ValueError(f"MStepOptions.sync must be one of {SYNC_MODES}, got {opts.sync!r}")
+    if opts.partitions is not None and opts.partitions < 1:
+        raise ValueError(f"MStepOptions.partitions must be >= 1, got {opts.partitions}")
+    slots = task_slots(spark) if opts.sync != "jobs" else 0
+    n = opts.partitions or slots or spark.sparkContext.defaultParallelism
+    barrier = opts.sync != "jobs" and 0 < n <= slots
+    if opts.sync == "barrier" and not barrier:
+        raise ValueError(f"MStepOptions.sync='barrier' needs partitions ({n}) <= the cluster's concurrent task "
+                         f"slots ({slots}): lower the partitions or use sync='auto'/'jobs'")
+    return n, barrier
 
 
 def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
@@ -72,7 +114,8 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
                   init_item_paths_version: int | None, opts: MStepOptions = MStepOptions()) -> MStepState:
     """The checkpointed starting state: items hash-partitioned by item_id, one state row per partition."""
     S, J, P, mc = cfg.search.score_paths, cfg.model.J, cfg.model.num_paths, cfg.mstep
-    n = opts.partitions or spark.sparkContext.defaultParallelism
+    n, barrier = plan_partitions(spark, opts)
+    barrier = barrier and P < 2 ** 31                    # the exchange encodes path ids as int32 gaps
     ctx = MStepContext(job=MStepContext.new_job(), S=S, J=J, num_paths=P, alpha=mc.alpha, power=mc.penalty_power,
                        block_size=mc.block_size, extrapolate=opts.extrapolate, partitions=n,
                        sources=tuple(warehouse.files("path_scores", path_scores_version)), cache=opts.worker_cache,
@@ -86,7 +129,7 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
     seed = opts.seed
     state = rows.repartition(n, "item_id").mapInArrow(lambda it: build_state(it, ctx, seed), STATE_DDL)
     try:
-        return MStepState(_checkpoint(state, opts.storage), ctx, n)
+        return MStepState(_checkpoint(state, opts.storage), ctx, n, barrier)
     except Exception:
         drop_job(ctx.job)
         raise
@@ -131,10 +174,8 @@ def round_stats(state: MStepState, cfg: DRConfig, r: int, seconds: float,
 def _round_stats(sums: tuple, state: MStepState, cfg: DRConfig, r: int, seconds: float) -> tuple[RoundStats, np.ndarray]:
     sizes, loglik, skipped, moved, cpu, cache = sums
     state.extra["cache"] = cache.tolist()
-    pen = cfg.mstep.alpha * float(penalty(sizes[sizes > 0], cfg.mstep.penalty_power).sum())
-    st = RoundStats(round=r, objective=float(loglik) - pen, max_path_size=int(sizes.max(initial=0)),
-                    nonempty_paths=int((sizes > 0).sum()), items_moved=int(moved), skipped_items=int(skipped),
-                    seconds=seconds, cpu_seconds=float(cpu))
+    st = RoundStats.from_sums(r, sizes, loglik, skipped, moved, cfg.mstep.alpha, cfg.mstep.penalty_power, seconds,
+                              cpu)
     return st, sizes
 
 
@@ -142,25 +183,31 @@ def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MSte
                log: Callable[[str], None] = _log) -> tuple[MStepState, list[RoundStats]]:
     """cfg.mstep.rounds sweeps from a state -> (final state, stats with round 0 = the start).
 
-    One Spark job per round: the pass (sweep + the partitions' statistics) is marked for a
-    local checkpoint, and collecting its statistics columns computes, stores and checkpoints
-    it. RoundStats.seconds: wall time of that job (the driver's sum of the statistics, a
-    few ms, excluded; logged with it).
+    RoundStats.seconds: wall time of a round, the exchange included (barrier), or of the
+    round's job (jobs; the driver's sum of the statistics, a few ms, excluded and logged).
     """
-    J, mc = cfg.model.J, cfg.mstep
     st, sizes = round_stats(state, cfg, 0, 0.0, opts.driver_merge)
-    stats = [st]
-    V = int(sizes.sum()) // J                                # scored items (each holds J paths)
+    V = int(sizes.sum()) // cfg.model.J                       # scored items (each holds J paths)
     log(f"round 0: objective {st.objective:.4f}, largest path {st.max_path_size}, non-empty paths "
-        f"{st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths)")
-    ctx = state.ctx
-    for r in range(1, mc.rounds + 1):
+        f"{st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths); "
+        f"{state.partitions} partitions, rounds {'in one barrier stage' if state.barrier else 'one job each'}")
+    rounds = _barrier_rounds if state.barrier else _job_rounds
+    state, more = rounds(spark, state, cfg, opts, sizes, V, log)
+    return state, [st] + more
+
+
+def _job_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions, sizes: np.ndarray,
+                V: int, log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
+    """One Spark job per round: the pass (sweep + the partitions' statistics) is marked for a
+    local checkpoint, and collecting its statistics columns computes, stores and checkpoints it."""
+    ctx, stats = state.ctx, []
+    for r in range(1, cfg.mstep.rounds + 1):
         t0 = time.perf_counter()
         bc = spark.sparkContext.broadcast(sizes)              # the round's size table, once per executor
         new = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it, bc=bc: sweep_batches(it, bc, ctx, V), STATE_DDL)
         # cuts the lineage (plans stay one round long); materialised by the statistics job below
         new = new.localCheckpoint(eager=False, storageLevel=getattr(StorageLevel, opts.storage))
-        old, state = state, MStepState(new, ctx, state.partitions)
+        old, state = state, MStepState(new, ctx, state.partitions, state.barrier)
         sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)
         secs = time.perf_counter() - t0
         st, sizes = _round_stats(sums, state, cfg, r, secs)
@@ -171,6 +218,39 @@ def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MSte
             f"{st.nonempty_paths}, items moved {st.items_moved} [{secs:.2f}s, with statistics "
             f"{time.perf_counter() - t0:.2f}s, task cpu {st.cpu_seconds:.2f}s; candidates of the partitions: "
             f"{_cache_msg(state.extra['cache'])}]")
+    return state, stats
+
+
+def _barrier_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions, sizes: np.ndarray,
+                    V: int, log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
+    """All rounds in one barrier stage (mstep_udf.barrier_batches); its statistics come back in `history`."""
+    ctx, rounds = state.ctx, cfg.mstep.rounds
+    if rounds == 0:
+        return state, []
+    t0 = time.perf_counter()
+    bc = spark.sparkContext.broadcast(sizes)                  # the starting table; the tasks keep it up to date
+    new = state.df.select(*INPUT_COLUMNS).mapInArrow(
+        lambda it: barrier_batches(it, bc, ctx, V, rounds), STATE_DDL, barrier=True)
+    new = _checkpoint(new, opts.storage)
+    got = new.select("history", "cache").toArrow()            # <= task slots rows
+    secs = time.perf_counter() - t0
+    bc.destroy()
+    state.df.unpersist()
+    state = MStepState(new, ctx, state.partitions, True)
+    hist = [h for h in got.column("history").to_pylist() if h]
+    if not hist:                                              # no partition holds an item: nothing moves
+        st0 = RoundStats.from_sums(0, sizes, 0.0, 0, 0, cfg.mstep.alpha, cfg.mstep.penalty_power)
+        stats = [RoundStats(**{**st0.__dict__, "round": r}) for r in range(1, rounds + 1)]
+    else:
+        stats = [RoundStats(**d) for d in json.loads(hist[0])]
+    state.extra["cache"] = np.bincount([c for c in got.column("cache").to_pylist() if c >= 0],
+                                       minlength=3)[:3].tolist()
+    for st in stats:
+        log(f"round {st.round}: objective {st.objective:.4f}, largest path {st.max_path_size}, non-empty paths "
+            f"{st.nonempty_paths}, items moved {st.items_moved} [{st.seconds:.2f}s with the exchange, task cpu "
+            f"{st.cpu_seconds:.2f}s]")
+    log(f"{rounds} rounds in one barrier stage over {state.partitions} partitions: {secs:.2f}s with stage start and "
+        f"checkpoint; candidates of the partitions: {_cache_msg(state.extra['cache'])}")
     return state, stats
 
 
@@ -201,7 +281,9 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
         out = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it: item_paths_batches(it, ctx), ITEM_PATHS_DDL)
         meta = CommitMeta(JOB, run_id, round, cfg.hash(), extra={
             "path_scores_version": path_scores_version, "init_item_paths_version": init_item_paths_version,
-            "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain", "objective": stats[-1].objective,
+            "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain",
+            "sync": "barrier" if state.barrier else "jobs", "partitions": state.partitions,
+            "objective": stats[-1].objective,
             "max_path_size": stats[-1].max_path_size})
         res = warehouse.write_spark("item_paths", out, meta, mode="overwrite")
     finally:
@@ -211,5 +293,5 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
     return res, stats
 
 
-__all__ = ["MStepOptions", "MStepState", "initial_state", "collect_stats", "round_stats", "run_rounds",
+__all__ = ["MStepOptions", "MStepState", "SYNC_MODES", "task_slots", "plan_partitions", "initial_state", "collect_stats", "round_stats", "run_rounds",
            "distributed_mstep", "JOB"]

@@ -105,8 +105,8 @@ def test_random_start_path_index_and_failed_run(spark, warehouse):
     assert warehouse.version("item_paths") == bad.version
 
 
-def test_worker_cache_fallback_and_tree_merge_give_the_same_run(spark, warehouse):
-    """The candidates cache only changes speed: cache hits, rebuilds from path_scores and the tree merge agree."""
+def test_worker_cache_fallback_tree_merge_and_barrier_give_the_same_run(spark, warehouse):
+    """Only speed changes: cache hits, rebuilds from path_scores, the tree merge; barrier stage = a job per round."""
     import re
 
     cfg = replace(SYN_CFG, mstep=replace(SYN_CFG.mstep, rounds=2))
@@ -139,6 +139,23 @@ def test_worker_cache_fallback_and_tree_merge_give_the_same_run(spark, warehouse
         np.testing.assert_array_equal(runs[name][0], runs["cache"][0])
         assert runs[name][1] == runs["cache"][1]
         pd.testing.assert_frame_equal(runs[name][2].reset_index(drop=True), runs["cache"][2].reset_index(drop=True))
+    # all rounds in one barrier stage (2 partitions fit local[2]'s 2 task slots) = one job per round, exactly
+    pair = {}
+    for sync in ("barrier", "jobs"):
+        logs = []
+        res, stats = distributed_mstep(spark, warehouse, cfg, v_ps, v_init, f"run-{sync}", 0,
+                                       MStepOptions(partitions=2, sync=sync), log=logs.append)
+        assert warehouse.versions("item_paths")[-1].metadata["dr.sync"] == sync
+        assert any(f"rounds {'in one barrier stage' if sync == 'barrier' else 'one job each'}" in m for m in logs)
+        pair[sync] = (read_assign(warehouse, res.version, items, J),
+                      [(s.max_path_size, s.nonempty_paths, s.items_moved, s.skipped_items) for s in stats],
+                      [s.objective for s in stats])
+    np.testing.assert_array_equal(pair["barrier"][0], pair["jobs"][0])
+    assert pair["barrier"][1] == pair["jobs"][1]
+    assert pair["barrier"][2] == pytest.approx(pair["jobs"][2], rel=1e-12)
+    with pytest.raises(ValueError, match="concurrent task slots"):
+        distributed_mstep(spark, warehouse, cfg, v_ps, v_init, "run-too-wide", 0, MStepOptions(partitions=3,
+                                                                                              sync="barrier"))
     # carried-through items keep their paths and get no score
     got, _, tbl = runs["cache"]
     np.testing.assert_array_equal(got[len(ps):], assign0[len(ps):])
