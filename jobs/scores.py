@@ -46,15 +46,16 @@ def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPaylo
                       previous: DataFrame | None = None, opts: ScoresOptions = ScoresOptions()) -> DataFrame:
     """The s[v,c] rows (item_id, path, score, n_v), top-S per item; merged into `previous` when given.
 
-    One scan of the samples, one shuffle: the beam rows (with each pair's n_v share) go
-    straight to their item's partition, where dr_model sums them per (item, path) exactly
-    and keeps the top S (beam_udf module doc).
+    One scan of the samples, one shuffle: one row per pair (its beam outputs as lists,
+    n_v = 1) goes straight to its item's partition, where dr_model sums them per (item,
+    path) exactly and keeps the top S (beam_udf module doc).
     """
     bc = spark.sparkContext.broadcast(model.data)     # shipped once per executor, not per task
     key, S, bs = model.key, cfg.search.score_paths, cfg.search.batch_size
     rows = samples.select("hist", "target").mapInArrow(lambda it: pair_batches(it, key, bc, S, bs), PAIR_DDL)
     if previous is not None:
-        rows = rows.unionByName(previous.select("item_id", "path", "score", "n_v").withColumn("src", F.lit(1)))
+        rows = rows.unionByName(previous.select("item_id", F.array("path").alias("paths"), F.array("score").alias("scores"),
+                                                "n_v", F.lit(1).alias("src")))
     n = opts.partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
     decay = cfg.mstep.decay if previous is not None else None
     # every row of an item lands in one partition: dr_model keeps its top S (and merges) there

@@ -22,6 +22,8 @@ DEFAULT_CONF: dict[str, str] = {
     # every file a successful task reports, so keep one successful attempt per task.
     "spark.speculation": "false",
     "spark.python.worker.reuse": "true",
+    # workers fork from a daemon that has imported torch and numpy once (spark_udfs/daemon.py)
+    "spark.python.daemon.module": "spark_udfs.daemon",
 }
 
 

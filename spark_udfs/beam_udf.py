@@ -7,12 +7,12 @@ threads as the task has CPUs, and inference runs in batches of `search.batch_siz
 
 The math is dr_model's: `DRModel.beam` + `exp(logp)` per pair (what `trainer.pair_scores`
 does), and per item `PathScores.from_long` (sums the (item, path) duplicates exactly, then
-keeps the top S) and `streaming_merge`. Spark only moves rows: the beam UDF emits one row
-per (pair, beam output) carrying n_v = 1 on the pair's first output (0 on the others), so
-n_v needs no second scan of the samples and no join; one shuffle brings every row of an
-item to one partition, where dr_model sums and keeps the top S. (A per-batch partial sum
-in the UDF would only pay off when an item repeats within an Arrow batch; with catalog-
-scale targets it rarely does, and the per-item step sums exactly anyway.)
+keeps the top S) and `streaming_merge`. Spark only moves rows: the beam UDF emits ONE row
+per training pair (its kept outputs and p(c|x) as two lists, n_v = 1), so n_v needs no
+second scan of the samples and no join; one shuffle brings every row of an item to one
+partition, where dr_model sums and keeps the top S. (A per-batch partial sum in the UDF
+would only pay off when an item repeats within an Arrow batch; with catalog-scale
+targets it rarely does, and the per-item step sums exactly anyway.)
 """
 from __future__ import annotations
 
@@ -30,12 +30,11 @@ from dr_model.scores import EMPTY, PathScores, streaming_merge
 # Output of the beam UDF: one row per (training pair, beam output).
 BEAM_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()), ("prob", pa.float64())])
 BEAM_DDL = "item_id long, path long, prob double"
-# The same rows as input of the per-item step: score = p(c|x), n_v = 1 on a pair's first output, src 0.
-PAIR_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()), ("score", pa.float64()),
+# Input of the per-item step: ONE row per training pair (its kept beam outputs as lists,
+# n_v = 1, src 0), or one row per stored (item, path) of the previous version (src 1).
+PAIR_SCHEMA = pa.schema([("item_id", pa.int64()), ("paths", pa.list_(pa.int64())), ("scores", pa.list_(pa.float64())),
                          ("n_v", pa.float64()), ("src", pa.int32())])
-PAIR_DDL = "item_id long, path long, score double, n_v double, src int"
-# Rows meeting in the per-item step: source 0 = this run's sums, 1 = the previous version.
-MERGE_DDL = "item_id long, path long, score double, n_v double"
+PAIR_DDL = "item_id long, paths array<long>, scores array<double>, n_v double, src int"
 PATH_SCORES_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()),
                                 ("score", pa.float64()), ("n_v", pa.float64())])
 
@@ -142,15 +141,21 @@ def beam_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: i
 
 def pair_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
                  batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Samples -> PAIR_SCHEMA rows: beam outputs with n_v = 1 on each pair's first kept output (one batch per input batch)."""
+    """Samples -> PAIR_SCHEMA rows: one per pair with a kept beam output (its paths and p(c|x) as lists, n_v = 1).
+
+    One row per pair, not per (pair, output): the shuffle to the items' partitions then
+    moves S' times fewer rows (Spark's cost there is per row more than per value).
+    """
     for target, p, prob, kept in _beam_arrays(batches, key, payload, S, batch_size):
-        first = np.zeros(p.shape)
-        first[np.arange(p.shape[0]), kept.argmax(1)] = kept.any(1)
-        keep = kept.ravel()
-        n = int(keep.sum())
+        lens = kept.sum(1)
+        has = lens > 0
+        offsets = np.zeros(int(has.sum()) + 1, dtype=np.int32)
+        np.cumsum(lens[has], out=offsets[1:])
+        n = len(offsets) - 1
         yield pa.RecordBatch.from_arrays(
-            [pa.array(np.repeat(target, p.shape[1])[keep]), pa.array(p.ravel()[keep]), pa.array(prob.ravel()[keep]),
-             pa.array(first.ravel()[keep]), pa.array(np.zeros(n, np.int32))], schema=PAIR_SCHEMA)
+            [pa.array(target[has]), pa.ListArray.from_arrays(pa.array(offsets), pa.array(p[kept])),
+             pa.ListArray.from_arrays(pa.array(offsets), pa.array(prob[kept])), pa.array(np.ones(n)),
+             pa.array(np.zeros(n, np.int32))], schema=PAIR_SCHEMA)
 
 
 def _path_scores(tbl: pa.Table, S: int) -> PathScores:
@@ -162,13 +167,22 @@ def _path_scores(tbl: pa.Table, S: int) -> PathScores:
                                 col("n_v", np.float64), S)
 
 
-def top_s_batches(batches: Iterator[pa.RecordBatch], S: int, decay: float | None) -> Iterator[pa.RecordBatch]:
-    """All rows of a partition's items -> path_scores rows.
+def _flat(tbl: pa.Table, n_v_row: np.ndarray) -> pa.Table:
+    """PAIR_SCHEMA rows -> long rows (item_id, path, score, n_v): each row's lists flattened, its n_v repeated."""
+    paths, scores = tbl.column("paths").combine_chunks(), tbl.column("scores").combine_chunks()
+    lens = paths.value_lengths().to_numpy(zero_copy_only=False)
+    return pa.table({"item_id": np.repeat(tbl.column("item_id").to_numpy(), lens),
+                     "path": paths.flatten().to_numpy(), "score": scores.flatten().to_numpy(),
+                     "n_v": np.repeat(n_v_row, lens)})
 
-    src 0: this run's pair rows (n_v = each row's share of the item's pair count, see
-    `pair_batches`); src 1: the previous version (n_v per item on every row). decay None:
-    batch mode (new only). Otherwise dr_model's streaming merge of the previous top-S lists
-    with the new ones (decay eta, min_score seeding).
+
+def top_s_batches(batches: Iterator[pa.RecordBatch], S: int, decay: float | None) -> Iterator[pa.RecordBatch]:
+    """All rows of a partition's items (PAIR_SCHEMA) -> path_scores rows.
+
+    src 0: this run's pair rows (n_v = 1 each: the item's pair count is their sum); src 1:
+    the previous version (n_v per item on every row). decay None: batch mode (new only).
+    Otherwise dr_model's streaming merge of the previous top-S lists with the new ones
+    (decay eta, min_score seeding).
     """
     got = [b for b in batches if b.num_rows]
     if not got:
@@ -176,17 +190,20 @@ def top_s_batches(batches: Iterator[pa.RecordBatch], S: int, decay: float | None
     tbl = pa.Table.from_batches(got)
     src = tbl.column("src").to_numpy()
     fresh = tbl if (src == 0).all() else tbl.filter(pa.array(src == 0))
+    nv = np.zeros(0)
     if fresh.num_rows:
-        # n_v per item = the sum of its rows' shares, on every row of the item (from_long's layout)
+        # n_v per item = the sum of its pairs' n_v, on every row of the item (from_long's layout)
         _, inv = np.unique(fresh.column("item_id").to_numpy(), return_inverse=True)
         nv = np.bincount(inv, weights=fresh.column("n_v").to_numpy())[inv]
-        fresh = fresh.set_column(fresh.schema.get_field_index("n_v"), "n_v", pa.array(nv))
-    new = _path_scores(fresh, S)
-    out = new if decay is None else streaming_merge(_path_scores(tbl.filter(pa.array(src == 1)), S), new, decay)
+    new = _path_scores(_flat(fresh, nv), S)
+    if decay is None:
+        out = new
+    else:
+        old = tbl.filter(pa.array(src == 1))
+        out = streaming_merge(_path_scores(_flat(old, old.column("n_v").to_numpy()), S), new, decay)
     item, path, score, n_v = out.to_long()
     yield pa.RecordBatch.from_arrays([pa.array(item), pa.array(path), pa.array(score), pa.array(n_v)],
                                      schema=PATH_SCORES_SCHEMA)
 
 
-__all__ = ["ModelPayload", "load_model", "beam_batches", "pair_batches", "top_s_batches", "BEAM_DDL", "PAIR_DDL",
-           "MERGE_DDL"]
+__all__ = ["ModelPayload", "load_model", "beam_batches", "pair_batches", "top_s_batches", "BEAM_DDL", "PAIR_DDL"]
