@@ -13,7 +13,7 @@ not per round. The in-process figure is
 `mstep_blocked` on the same chunks (per CPU second, single thread). Peak driver memory:
 the Python driver's peak RSS; the JVM's peak RSS is reported too, but in local mode the
 executors live in that JVM, so it holds the checkpointed item state as well.
-10^7 items: set DR_BENCH_10M=1 (slow on 2 cores).
+10^7 items: set DR_BENCH_10M=1 (slow on 2 cores; S=8 there, see S_LARGE).
 """
 from __future__ import annotations
 
@@ -32,9 +32,17 @@ import pyarrow as pa
 from jobs.benchmarks import run_module_json
 
 K, D, S, J = 100, 3, 32, 3
+# 10^7 items x S=32 candidates is 3.2*10^8 rows: the partitions' state build would need
+# ~13 GB of Arrow tables on this 24 GB machine, so the 10^7 run uses S=8.
+S_LARGE = 8
 ALPHA, ROUNDS = 3e-10, 3
 CHUNK = 100_000
 TARGET_FRACTION, TARGET_SCALING = 0.70, 1.6
+
+
+def s_for(items: int) -> int:
+    """Candidates per item at this catalog size (S_LARGE above 10^6 items)."""
+    return S if items <= 10 ** 6 else S_LARGE
 
 
 def chunk_scores(chunk: int, items: int, num_paths: int) -> tuple[np.ndarray, ...]:
@@ -43,7 +51,7 @@ def chunk_scores(chunk: int, items: int, num_paths: int) -> tuple[np.ndarray, ..
 
     lo = chunk * CHUNK
     n = min(CHUNK, items - lo)
-    ps = synthetic_scores(n, S, num_paths, seed=chunk)
+    ps = synthetic_scores(n, s_for(items), num_paths, seed=chunk)
     return ps.items + lo, ps.paths, ps.scores, ps.n_v
 
 
@@ -58,10 +66,10 @@ def _gen(batches: Iterator[pa.RecordBatch], items: int, num_paths: int) -> Itera
                                              names=["item_id", "path", "score", "n_v"])
 
 
-def _cfg():  # noqa: ANN202
+def _cfg(items: int = 10 ** 6):  # noqa: ANN202
     from dr_model.config import DRConfig
 
-    return DRConfig.from_dict({"model": {"K": K, "D": D, "J": J}, "search": {"score_paths": S},
+    return DRConfig.from_dict({"model": {"K": K, "D": D, "J": J}, "search": {"score_paths": s_for(items)},
                                "mstep": {"alpha": ALPHA, "rounds": ROUNDS}})
 
 
@@ -78,7 +86,7 @@ def worker(master: str, items: int) -> dict:
     from jobs.tables import CommitMeta, Warehouse
 
     cores = int(master[len("local["):-1])
-    cfg = _cfg()
+    cfg = _cfg(items)
     P = cfg.model.num_paths
     spark = get_spark(master, app="bench-spark-mstep", conf={"spark.sql.shuffle.partitions": str(cores),
                                                               "spark.driver.memory": "6g"})
@@ -133,7 +141,7 @@ def in_process(items: int) -> dict:
     from dr_model.mstep import initial_assignment, mstep_blocked
     from dr_model.scores import PathScores
 
-    cfg = _cfg()
+    cfg = _cfg(items)
     P = cfg.model.num_paths
     parts = [chunk_scores(c, items, P) for c in range(-(-items // CHUNK))]
     ps = PathScores(*(np.concatenate(x) for x in zip(*parts)))
@@ -159,6 +167,11 @@ def run(quick: bool = False) -> dict:
     for V in sizes:
         runs = {m: _sub(["--worker", m, str(V)]) for m in ("local[1]", "local[2]")}
         sfx = "" if V == sizes[0] else f"_{V}"
+        if sfx:
+            ref = _sub(["--in-process", str(V)])
+            out[f"S{sfx}"] = s_for(V)
+            out[f"in_process_item_rounds_per_s_per_core{sfx}"] = ref["item_rounds_per_s_per_core"]
+            out[f"in_process_objective{sfx}"] = ref["objective"]
         for m, key in (("local[1]", "local1"), ("local[2]", "local2")):
             r = runs[m]
             out[f"{key}_item_rounds_per_s_per_core{sfx}"] = r["item_rounds_per_s_per_core"]
@@ -175,6 +188,9 @@ def run(quick: bool = False) -> dict:
             out[f"{key}_candidates_cache{sfx}"] = r["candidates_cache"]
         out[f"scaling_local1_to_local2{sfx}"] = round(runs["local[2]"]["item_rounds_per_s_per_core"] * 2
                                                      / runs["local[1]"]["item_rounds_per_s_per_core"], 3)
+        if sfx:
+            out[f"fraction_of_in_process{sfx}"] = round(runs["local[1]"]["item_rounds_per_s_per_core"]
+                                                        / out[f"in_process_item_rounds_per_s_per_core{sfx}"], 3)
         out[f"peak_driver_rss_mb_{V}"] = max(runs[m]["peak_driver_rss_mb"] for m in runs)
     out["fraction_of_in_process"] = round(out["local1_item_rounds_per_s_per_core"]
                                           / out["in_process_item_rounds_per_s_per_core"], 3)
