@@ -12,9 +12,10 @@ the optimizer step, so N workers follow the global batch of the single-process l
 Why not torch's DistributedDataParallel wrapper: DDP only synchronises through the wrapped
 module's forward(), while DRModel's losses are separate methods (structure_loss, rerank_loss)
 and the frozen-reranker phase changes which parameters get gradients. Averaging the trainable
-parameters' gradients explicitly (one flattened all-reduce per step, rebuilt per phase)
-is what DDP would do, without either problem. The same all-reduce carries a "had a batch"
+parameters' gradients explicitly (one flattened exchange per step, rebuilt per phase)
+is what DDP would do, without either problem. The same exchange carries a "had a batch"
 flag, so workers whose shard ran out keep stepping with the others' average (DDP's Join).
+Workers on one host exchange through shared memory (shm_exchange.py), others through gloo.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from jobs.tables import Warehouse
 from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial,
                          load_checkpoint, previous_final, read_meta, check_pairing, run_dir, save_checkpoint)
 from .config import RayConfig, ensure_ray
+from .shm_exchange import ShmExchange, open_exchange
 
 Log = Callable[[str], None]
 
@@ -154,34 +156,51 @@ def shuffled_batches(seq: torch.Tensor, target: torch.Tensor, bs: int, seed: int
 
 
 class GradSync:
-    """Averages trainable gradients over the workers that had a batch: one flattened all-reduce per step."""
+    """Averages trainable gradients over the workers that had a batch, once per step, between
+    backward and the optimizer step.
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    All gradients travel as one flat float32 vector [sum of numel + 1] whose last slot flags
+    "had a batch". Transport: shared memory (ShmExchange) when every rank is on this host, else
+    one gloo all_reduce. Both give every rank the same sum; on one host the gloo collective's
+    syscalls and thread hand-offs cost more than the whole forward/backward of a 128-sample
+    batch here (see jobs/benchmarks/estep.py). Built per phase (collective); close() when done.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], shared_memory: bool = True) -> None:
         self.params = params
-        # One persistent buffer [sum of numel + 1]; the last slot counts the workers that had a batch.
+        # The averaged gradients [sum of numel + 1]; the parameters' .grad become views of it.
         self.flat = torch.zeros(sum(p.numel() for p in params) + 1)
-        self.views, off = [], 0
-        for p in params:
-            self.views.append(self.flat[off: off + p.numel()].view_as(p))
-            off += p.numel()
+        self.views = list(zip(params, _split(self.flat, params)))
+        self.shm: ShmExchange | None = open_exchange(len(self.flat)) if shared_memory else None
+        self.transport = "shm" if self.shm is not None else "gloo"
 
     def __call__(self, has_batch: bool = True) -> int:
         import torch.distributed as dist
 
-        for p, v in zip(self.params, self.views):
+        if self.shm is not None:
+            mine = self.shm.slot()              # [n] this rank's slot of this step
+            self._pack(mine, has_batch)
+            # [world, n] every rank's gradients; summed over dim 0 in rank order on every rank.
+            torch.sum(self.shm.publish(), dim=0, out=self.flat)
+        else:
+            self._pack(self.flat, has_batch)
+            dist.all_reduce(self.flat)
+        n = int(round(float(self.flat[-1])))
+        if n:
+            self.flat[:-1] /= n
+        for p, v in self.views:
+            # A view of the buffer: train_step's zero_grad(set_to_none) drops it before the next backward.
+            p.grad = v
+        return n
+
+    def _pack(self, out: torch.Tensor, has_batch: bool) -> None:
+        """This rank's gradients (zeros where a parameter has none) and flag -> out [sum of numel + 1]."""
+        for p, v in zip(self.params, _split(out, self.params)):
             if p.grad is None:
                 v.zero_()
             else:
                 v.copy_(p.grad)
-        self.flat[-1] = 1.0 if has_batch else 0.0
-        dist.all_reduce(self.flat)
-        n = int(round(float(self.flat[-1])))
-        if n:
-            self.flat[:-1] /= n
-        for p, v in zip(self.params, self.views):
-            # A view of the buffer: train_step's zero_grad(set_to_none) drops it before the next backward.
-            p.grad = v
-        return n
+        out[-1] = 1.0 if has_batch else 0.0
 
     def join(self, opt: torch.optim.Optimizer) -> bool:
         """This worker has no batch left: step with the others' average; False once nobody has one."""
@@ -191,6 +210,21 @@ class GradSync:
         if n:
             opt.step()
         return n > 0
+
+    def close(self) -> None:
+        """Release the shared-memory segment (the next phase builds its own GradSync)."""
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+
+
+def _split(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Consecutive views of flat [>= sum of numel] shaped like each parameter, in order."""
+    views, off = [], 0
+    for p in params:
+        views.append(flat[off: off + p.numel()].view_as(p))
+        off += p.numel()
+    return views
 
 
 def _seed(*parts: int) -> int:
@@ -279,7 +313,11 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             if opt_state is not None and ep > 0:
                 opt.load_state_dict(opt_state)  # resuming inside this phase
             cur_phase = i
+            if sync is not None:
+                sync.close()
             sync = GradSync([p for p in model.parameters() if p.requires_grad]) if distributed else None
+            if rank == 0 and sync is not None:
+                _stderr(f"[estep] {ph.name} phase: gradient sync over {sync.transport} ({world} workers)")
         gen = torch.Generator().manual_seed(_seed(ph.seed, ep, rank))
         sums = torch.zeros(3, dtype=torch.float64)   # structure loss * n, rerank loss * n, n
         t0 = time.perf_counter()
@@ -309,7 +347,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
                "structure_loss": float(sums[0] / max(sums[2], 1)),
                "rerank_loss": float(sums[1] / max(sums[2], 1)) if ph.train_reranker else None,
                "samples": int(sums[2]), "seconds": secs, "samples_per_s": float(sums[2]) / secs,
-               "workers": world}
+               "workers": world, "grad_sync": None if sync is None else sync.transport}
         history.append(row)
         if rank == 0:
             _stderr(f"[estep] round {em_round} {ph.name} epoch {ep + 1}/{ph.epochs}: structure loss "
@@ -319,6 +357,8 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             if c["checkpoint_every_epoch"] or epochs_done == total:
                 _save(c, cfg, model, opt, item_ids, epochs_done, total, history)
         ray.train.report({"epochs_done": epochs_done, "structure_loss": row["structure_loss"]})
+    if sync is not None:
+        sync.close()
     if rank == 0 and plan and not c["checkpoint_every_epoch"] and epochs_done < total:
         _save(c, cfg, model, opt, item_ids, epochs_done, total, history)   # stopped early: keep the progress
     return {"epochs_done": epochs_done}

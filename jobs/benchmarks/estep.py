@@ -9,7 +9,11 @@ planning, the proposal count pass and checkpoint writes (they sit outside the ti
 Equal cores: plain 1 thread vs 1 worker x 1 thread; plain 2 threads vs 2 workers x 1 thread.
 The plain loop runs right before and right after each Ray run and the faster of the two counts.
 A plain 2-process torch.distributed loop (same GradSync, no Ray) separates Ray Train's own
-overhead from the cost of data parallelism on 2 cores (`meets_target_ray_only`).
+overhead from the cost of data parallelism on 2 cores (`meets_target_ray_only`); it runs once
+more with gloo's all_reduce instead of the shared-memory exchange the co-located workers use.
+On these 2-core VMs even a 1-float gloo all_reduce per step cost ~2 ms (TCP syscalls and thread
+hand-offs in a loop thread competing with the 2 workers for the cores), more than the 128-sample
+forward/backward; the shared-memory exchange costs ~1 ms for all 1.8 MB of gradients.
 """
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ def _plain(warehouse: Warehouse, sv: int, pv: int, cfg: DRConfig, epochs: int, t
 
 
 def _ddp_worker(rank: int, world: int, port: int, seq: torch.Tensor, target: torch.Tensor, assign: np.ndarray,
-                cfg: DRConfig, epochs: int, out: "torch.multiprocessing.Queue") -> None:
+                cfg: DRConfig, epochs: int, shared_memory: bool, out: "torch.multiprocessing.Queue") -> None:
     """One process of the plain data-parallel loop: same update and gradient sync as the Ray workers."""
     import torch.distributed as dist
 
@@ -104,7 +108,7 @@ def _ddp_worker(rank: int, world: int, port: int, seq: torch.Tensor, target: tor
     tc = cfg.train
     q, log_q = sampling_log_q(torch.bincount(target, minlength=len(assign)), tc.negatives)
     opt = phase_optimizer(model, cfg, True)
-    sync = GradSync([p for p in model.parameters() if p.requires_grad])
+    sync = GradSync([p for p in model.parameters() if p.requires_grad], shared_memory=shared_memory)
     mine = torch.arange(rank, len(target), world)            # an equal shard per process
     s_seq, s_tgt, assign_t = seq[mine], target[mine], torch.from_numpy(assign)
     gen = torch.Generator().manual_seed(rank)
@@ -117,12 +121,15 @@ def _ddp_worker(rank: int, world: int, port: int, seq: torch.Tensor, target: tor
             pass
         rows.append({"samples": len(target), "seconds": time.perf_counter() - t0})
     if rank == 0:
-        out.put(_steady(rows))
+        out.put((_steady(rows), sync.transport))
+    sync.close()
     dist.destroy_process_group()
 
 
-def _plain_ddp(warehouse: Warehouse, sv: int, pv: int, cfg: DRConfig, epochs: int, world: int) -> float:
-    """Plain torch.distributed (gloo) data-parallel loop in `world` spawned processes, no Ray."""
+def _plain_ddp(warehouse: Warehouse, sv: int, pv: int, cfg: DRConfig, epochs: int, world: int,
+               shared_memory: bool = True) -> tuple[float, str]:
+    """Plain torch.distributed data-parallel loop in `world` spawned processes, no Ray -> (samples/s,
+    gradient transport: "shm" or "gloo")."""
     import socket
 
     import torch.multiprocessing as mp
@@ -140,9 +147,10 @@ def _plain_ddp(warehouse: Warehouse, sv: int, pv: int, cfg: DRConfig, epochs: in
         port = sk.getsockname()[1]
     ctx = mp.get_context("spawn")       # never fork a process that has used deltalake (DESIGN §7)
     queue = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(world, port, seq, target, assign, cfg, epochs, queue), nprocs=world,
-                       start_method="spawn")
-    return float(queue.get(timeout=60))
+    mp.start_processes(_ddp_worker, args=(world, port, seq, target, assign, cfg, epochs, shared_memory, queue),
+                       nprocs=world, start_method="spawn")
+    rate, transport = queue.get(timeout=60)
+    return float(rate), transport
 
 
 def run(quick: bool = False) -> dict:
@@ -173,12 +181,14 @@ def run(quick: bool = False) -> dict:
             rc = RayConfig(num_workers=workers, cpus_per_worker=1.0, torch_threads=1, checkpoint_every_epoch=False)
             t0 = time.perf_counter()
             res = run_estep(wh, f"bench-{workers}w", 0, cfg, rc, sv, pv, phases=phases, log=lambda m: print(m, file=sys.stderr))
-            rates[workers] = (_steady(res.losses), time.perf_counter() - t0)
+            rates[workers] = (_steady(res.losses), time.perf_counter() - t0, res.losses[-1].get("grad_sync"))
             after = _plain(wh, sv, pv, cfg, epochs, workers)
             plain[workers] = (max(before, after), before, after)
-        # Data parallelism itself (2 processes + gloo all-reduce per step) without Ray: separates
-        # Ray Train's overhead from the cost of data-parallel training on 2 cores.
-        ddp2 = _plain_ddp(wh, sv, pv, cfg, epochs, 2)
+        # Data parallelism itself (2 processes + a gradient exchange per step) without Ray:
+        # separates Ray Train's overhead from the cost of data-parallel training on 2 cores,
+        # with the shared-memory exchange the Ray workers use and with gloo's all_reduce.
+        ddp2, ddp2_transport = _plain_ddp(wh, sv, pv, cfg, epochs, 2)
+        ddp2_gloo, _ = _plain_ddp(wh, sv, pv, cfg, epochs, 2, shared_memory=False)
         if started_here:
             ray.shutdown()
     plain1, plain2 = plain[1][0], plain[2][0]
@@ -202,6 +212,9 @@ def run(quick: bool = False) -> dict:
         "ray_overhead_1worker": round(over1, 4),
         "ray_overhead_2worker_vs_plain_2threads": round(over2, 4),
         "plain_ddp_2proc_samples_per_s": round(ddp2, 1),
+        "plain_ddp_2proc_grad_sync": ddp2_transport,
+        "plain_ddp_2proc_gloo_allreduce_samples_per_s": round(ddp2_gloo, 1),
+        "ray_2worker_grad_sync": rates[2][2],
         "ray_overhead_2worker_vs_plain_ddp_2proc": round((ddp2 - r2) / ddp2, 4),
         "ray_2worker_speedup_vs_1worker": round(r2 / r1, 3),
         "target_overhead": TARGET_OVERHEAD,
