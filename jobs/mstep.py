@@ -97,7 +97,9 @@ def plan_partitions(spark: SparkSession, opts: MStepOptions) -> tuple[int, bool]
         raise ValueError(f"MStepOptions.sync must be one of {SYNC_MODES}, got {opts.sync!r}")
     if opts.partitions is not None and opts.partitions < 1:
         raise ValueError(f"MStepOptions.partitions must be >= 1, got {opts.partitions}")
-    slots = task_slots(spark) if opts.sync != "jobs" else 0
+    # Spark refuses barrier stages under dynamic allocation: plan per-round jobs there
+    dynamic = spark.conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true"
+    slots = task_slots(spark) if opts.sync != "jobs" and not dynamic else 0
     n = opts.partitions or slots or spark.sparkContext.defaultParallelism
     barrier = opts.sync != "jobs" and 0 < n <= slots
     if opts.sync == "barrier" and not barrier:
