@@ -6,12 +6,12 @@ extrapolated local deltas, the convergence scheme) and computes its part of the 
 statistics in the same pass. Two ways to run the rounds, same math, same result:
 
 * **barrier** (default whenever the partitions fit the cluster's task slots): ONE barrier
-  stage runs all rounds; after each round the tasks exchange their count changes
-  (`BarrierTaskContext.allGather`, sparse and compressed), so each starts the next round
+  stage runs all rounds; after each round the tasks sum their count changes and
+  statistics with a gloo all-reduce (spark_udfs.exchange), so each starts the next round
   from the exact global table. No job, scheduling or state write per round: the per-round
-  cost is the kernel plus one exchange. The driver relays the messages (at most
-  partitions x num_paths counts per round; nothing per item).
-* **jobs** (more partitions than slots, or `sync="jobs"`): one Spark job per round; the
+  cost is the kernel plus one exchange, peer to peer (nothing passes through the driver).
+* **jobs** (more partitions than slots, dynamic allocation, or `sync="jobs"`): one Spark
+  job per round; the
   driver sums the partitions' count vectors and broadcasts the table (a tree reduction
   above `MStepOptions.driver_merge` partitions).
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -242,7 +242,7 @@ def _barrier_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts:
     hist = [h for h in got.column("history").to_pylist() if h]
     if not hist:                                              # no partition holds an item: nothing moves
         st0 = RoundStats.from_sums(0, sizes, 0.0, 0, 0, cfg.mstep.alpha, cfg.mstep.penalty_power)
-        stats = [RoundStats(**{**st0.__dict__, "round": r}) for r in range(1, rounds + 1)]
+        stats = [replace(st0, round=r) for r in range(1, rounds + 1)]
     else:
         stats = [RoundStats(**d) for d in json.loads(hist[0])]
     state.extra["cache"] = np.bincount([c for c in got.column("cache").to_pylist() if c >= 0],

@@ -39,7 +39,9 @@ Data layout (what makes a round cheap):
   [n_scored, J] as binary blobs (no per-item rows, no list columns), plus the round's
   statistics of that partition: its path counts (dense int32 [num_paths]), the
   log-likelihood part, skipped / moved items and the sweep's task CPU seconds. So the
-  statistics come out of the same pass as the sweep; the driver sums P count vectors.
+  statistics come out of the same pass as the sweep; the driver sums P count vectors
+  (per-round jobs), or a barrier stage has summed them already and adds the rounds'
+  global statistics as `history` (JSON).
 
 Items carried through from the starting item_paths without any candidate (`scored` =
 False in the previous layout) sit after the n_scored scored items of the row: they keep
