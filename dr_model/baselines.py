@@ -1,67 +1,124 @@
-"""Baselines for the paper's protocol: popularity and item-based collaborative filtering.
+"""The peers DR is judged against: popularity, item-based CF and EASE (Steck 2019).
 
-Both score items from the training samples only (the evaluation users are disjoint from
-training users); both take the same histories as Deep Retrieval and return top-k raw ids.
+All score items from the training users' events only (evaluation users are disjoint from
+training users) and read each evaluation user's WHOLE input half (CSR), not the last L
+items the neural models see. Items of the input half are never recommended. Every method
+returns top-k model indices [U, k] (-1 pad) over the catalog `ids` it is given.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import sparse
 
-from .metrics import exclude_seen, pad_to
-
-
-def exclude_mask_rows(hist: np.ndarray, vocab_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Histories [U, L] raw ids (-1 pad) -> (row [M], item index [M]) of known history items."""
-    pos = np.minimum(np.searchsorted(vocab_ids, hist), len(vocab_ids) - 1)
-    known = (hist >= 0) & (vocab_ids[pos] == hist)
-    row = np.nonzero(known)[0]
-    return row, pos[known]
+from .metrics import prf_at_k
 
 
-def popularity_topk(train_target: np.ndarray, hist: np.ndarray, k: int, exclude_history: bool = True) -> np.ndarray:
-    """Most frequent training targets, per user minus their history: -> [U, k] raw ids (-1 pad)."""
-    ids, counts = np.unique(train_target, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    # Enough candidates that k survive any user's history (at most L of them are removed).
-    top = ids[order[: k + (hist.shape[1] if exclude_history else 0)]]
-    cand = np.broadcast_to(top, (hist.shape[0], len(top)))
-    return exclude_seen(cand, hist, k) if exclude_history else pad_to(cand[:, :k], k)
+def user_item_matrix(rows: np.ndarray, items: np.ndarray, n_rows: int, n_items: int) -> sparse.csr_matrix:
+    """Binary [n_rows, n_items] CSR from (row [M], item index [M]) pairs (-1 items ignored, duplicates once)."""
+    ok = items >= 0
+    m = sparse.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], items[ok])), shape=(n_rows, n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
 
 
-def item_cf_topk(train_user: np.ndarray, train_target: np.ndarray, hist: np.ndarray, k: int,
-                 exclude_history: bool = True, max_items: int = 50_000, chunk: int = 512) -> np.ndarray:
-    """Item-based CF (cosine over users who interacted with both items) -> [U, k] raw ids (-1 pad).
-
-    Score of item j for a user = sum over the user's history items i of cos(i, j). Dense
-    co-occurrence: an evaluation baseline for catalogs up to `max_items`, not a serving path.
-    """
-    ids = np.unique(train_target)
-    V = len(ids)
-    if V > max_items:
-        raise ValueError(f"item-CF baseline builds a dense {V}x{V} matrix; catalog above max_items={max_items}")
-    users, u_idx = np.unique(train_user, return_inverse=True)
-    i_idx = np.searchsorted(ids, train_target)
-    X = np.zeros((len(users), V), dtype=np.float32)
-    X[u_idx, i_idx] = 1.0
-    C = X.T @ X                                          # co-occurrence [V, V]
-    n = np.sqrt(np.diag(C)).clip(min=1e-12)
-    sim = C / n[:, None] / n[None, :]
-    np.fill_diagonal(sim, 0.0)
-    row, item = exclude_mask_rows(hist, ids)
-    U = hist.shape[0]
-    out = np.full((U, k), -1, dtype=np.int64)
-    for lo in range(0, U, chunk):
-        hi = min(lo + chunk, U)
-        H = np.zeros((hi - lo, V), dtype=np.float32)
-        sel = (row >= lo) & (row < hi)
-        H[row[sel] - lo, item[sel]] = 1.0
-        score = H @ sim
-        if exclude_history:
-            score[H > 0] = -np.inf
-        kk = min(k, V)
-        top = np.argpartition(-score, kk - 1, axis=1)[:, :kk]
-        top_s = np.take_along_axis(score, top, 1)
-        order = np.argsort(-top_s, axis=1, kind="stable")
-        top = np.take_along_axis(top, order, 1)
-        out[lo:hi, :kk] = np.where(np.isfinite(np.take_along_axis(top_s, order, 1)), ids[top], -1)
+def topk_excluding(score: np.ndarray, seen: sparse.csr_matrix | None, k: int) -> np.ndarray:
+    """score [U, V] (modified in place), seen [U, V] binary -> top-k indices [U, k] (-1 where nothing is left)."""
+    if seen is not None:
+        r, c = seen.nonzero()
+        score[r, c] = -np.inf
+    kk = min(k, score.shape[1])
+    top = np.argpartition(-score, kk - 1, axis=1)[:, :kk]
+    top_s = np.take_along_axis(score, top, 1)
+    order = np.argsort(-top_s, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, 1)
+    out = np.full((score.shape[0], k), -1, dtype=np.int64)
+    out[:, :kk] = np.where(np.isfinite(np.take_along_axis(top_s, order, 1)), top, -1)
     return out
+
+
+def popularity_topk(train: sparse.csr_matrix, seen: sparse.csr_matrix, k: int) -> np.ndarray:
+    """Most frequent items among training users, minus each user's input half -> [U, k]."""
+    pop = np.asarray(train.sum(0)).ravel()
+    # enough candidates that k survive any user's exclusions
+    m = min(pop.shape[0], k + int(np.diff(seen.indptr).max(initial=0)))
+    top = np.argsort(-pop, kind="stable")[:m]
+    score = np.broadcast_to(pop[top].astype(np.float64), (seen.shape[0], m)).copy()
+    local = seen[:, top]
+    got = topk_excluding(score, local, k)
+    return np.where(got >= 0, top[np.maximum(got, 0)], -1)
+
+
+def item_cf_topk(train: sparse.csr_matrix, inputs: sparse.csr_matrix, k: int, chunk: int = 256) -> np.ndarray:
+    """Item-based CF, cosine over training users: score(u, j) = sum_{i in input(u)} cos(i, j) -> [U, k].
+
+    Computed as ((H / n) X^T) X / n per chunk of evaluation users (H their inputs [U, V], X the
+    training users [T, V], n_i = sqrt(count_i)), so the V x V similarity is never built: memory
+    is O(chunk x (T + V)) and the work O(nnz), which is what lets it run at 10^6+ items.
+    """
+    n = np.sqrt(np.asarray(train.sum(0)).ravel()).clip(min=1e-12).astype(np.float32)
+    inv_n = sparse.diags(1.0 / n)
+    Xt = train.T.tocsr()
+    out = np.empty((inputs.shape[0], k), dtype=np.int64)
+    for lo in range(0, inputs.shape[0], chunk):
+        H = inputs[lo: lo + chunk]
+        score = np.asarray(((H @ inv_n) @ Xt @ train).todense(), dtype=np.float64) / n[None, :]
+        out[lo: lo + chunk] = topk_excluding(score, H, k)
+    return out
+
+
+@dataclass(frozen=True)
+class EASE:
+    """EASE's closed form for every lambda from one eigendecomposition of the Gram matrix G = X^T X.
+
+    P = (G + lambda I)^-1 = Q diag(1 / (w + lambda)) Q^T, B = I - P / diag(P) (zero diagonal), and
+    scores H B = H - (H P) / diag(P): O(V^3) once, then O(U V^2) per lambda. Dense V x V: only
+    for catalogs up to eval.ease_max_items.
+    """
+
+    Q: np.ndarray          # [V, V] eigenvectors of G
+    w: np.ndarray          # [V] eigenvalues
+
+    @classmethod
+    def fit(cls, train: sparse.csr_matrix) -> "EASE":
+        G = (train.T @ train).toarray().astype(np.float64)
+        w, Q = np.linalg.eigh(G)
+        return cls(Q, w)
+
+    def scores(self, inputs: sparse.csr_matrix, lam: float) -> np.ndarray:
+        """inputs [U, V] binary -> scores [U, V] of EASE with regularisation lam."""
+        inv = 1.0 / (self.w + lam)
+        diag_p = (self.Q ** 2) @ inv                                     # [V]
+        HQ = np.asarray(inputs @ self.Q)                                 # [U, V]
+        HP = (HQ * inv[None, :]) @ self.Q.T
+        return np.asarray(inputs.todense(), dtype=np.float64) - HP / diag_p[None, :]
+
+    def topk(self, inputs: sparse.csr_matrix, lam: float, k: int) -> np.ndarray:
+        return topk_excluding(self.scores(inputs, lam), inputs, k)
+
+
+def ease_lambda_grid(train: sparse.csr_matrix) -> list[float]:
+    """Lambdas to try: a log grid (factor sqrt(10)) around the mean item count, 1/30x to 300x of it."""
+    mean_count = max(float(train.sum()) / max(train.shape[1], 1), 1.0)
+    return [float(mean_count * 10 ** (e / 2)) for e in range(-3, 6)]
+
+
+def to_raw(ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Model indices [...] (-1 = nothing) -> raw ids [...] (-1 kept)."""
+    return np.where(idx >= 0, ids[np.maximum(idx, 0)], -1)
+
+
+def choose_ease_lambda(ease: EASE, ids: np.ndarray, valid_inputs: sparse.csr_matrix,
+                       valid_truth: tuple[np.ndarray, np.ndarray], k: int,
+                       grid: list[float]) -> tuple[float, dict[str, float]]:
+    """The lambda of `grid` with the best F@k on the validation users (truth CSR of raw ids) -> (lambda, {lambda: F@k})."""
+    offs, items = valid_truth
+    f1 = {lam: prf_at_k(to_raw(ids, ease.topk(valid_inputs, lam, k)), offs, items, k).f1 for lam in grid}
+    best = max(grid, key=lambda lam: (f1[lam], -lam))
+    return best, {f"{lam:.6g}": v for lam, v in f1.items()}
+
+
+__all__ = ["user_item_matrix", "topk_excluding", "popularity_topk", "item_cf_topk", "EASE", "ease_lambda_grid",
+           "choose_ease_lambda", "to_raw"]

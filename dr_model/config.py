@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -55,25 +56,54 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Beam search for retrieval (B) and for item->path scores (S)."""
+    """Beam search for retrieval (B) and for item->path scores (S), and the retrieval budget.
 
-    beam: int = 25              # B: paths kept per user at retrieval
+    `items_per_user` is the cost a user pays: how many items DR reranks per user. The M-step
+    sizes the paths for it (alpha is calibrated so a beam of `beam` paths holds about that
+    many items) and training ends by choosing the retrieval beam whose mean number of items
+    scored on the validation users fits it. 0 = auto: min(V / 22, 9 * sqrt(V)), never below
+    5 * eval.k: 4.5% of a small catalog (22x cheaper than brute force), growing like sqrt(V)
+    past 40,000 items (an IVF index with sqrt(V) lists probing nine of them scores as many);
+    the paper sizes the beam to return 5-10x the final top-N, hence the floor.
+    """
+
+    beam: int = 10              # B: paths per user that the path sizes are planned for
     score_paths: int = 10       # S: paths kept per training pair and per item in s[v,c]
     batch_size: int = 1024      # users per beam-search call
+    items_per_user: int = 0     # retrieval budget (items reranked per user); 0 = auto (see above)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beam, int) and self.beam >= 1, "search.beam", "an integer >= 1", self.beam)
         _check(isinstance(self.score_paths, int) and self.score_paths >= 1, "search.score_paths", "an integer >= 1", self.score_paths)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "search.batch_size", "an integer >= 1", self.batch_size)
+        _check(isinstance(self.items_per_user, int) and self.items_per_user >= 0, "search.items_per_user",
+               "an integer >= 0 (0 = auto)", self.items_per_user)
+
+    def budget(self, num_items: int, k: int) -> int:
+        """Items DR may score per user for a catalog of num_items (the configured or the auto budget)."""
+        if self.items_per_user:
+            return self.items_per_user
+        return max(int(min(num_items / 22, 9 * math.sqrt(max(num_items, 1)))), 5 * k)
+
+    def target_path_size(self, num_items: int, k: int) -> float:
+        """Traffic-weighted path size the M-step calibrates alpha for: budget / beam (at least 1)."""
+        return max(self.budget(num_items, k) / self.beam, 1.0)
 
 
 @dataclass(frozen=True)
 class MStepConfig:
-    """Penalized coordinate descent: f(n) = n**power / power, weight alpha."""
+    """Penalized coordinate descent: f(n) = n**power / power, weight alpha.
 
-    alpha: float = 3e-5
+    alpha "auto" (default): calibrated every round so the traffic-weighted path size meets
+    search.target_path_size (dr_model.calibrate); a number fixes it (the paper's way).
+    explore: per item, that many extra candidate paths next to its best one in code space
+    (same first D-1 codes), scored explore_score x its best score, so the penalty can move
+    items off a crowded path onto light ones the beam never emitted (0 = off, the paper).
+    """
+
+    alpha: float | str = "auto"
     penalty_power: float = 4.0
-    rounds: int = 3             # coordinate-descent sweeps per M-step
+    rounds: int = 5             # coordinate-descent sweeps per M-step
     block_size: int = 4096      # items updated together by the fast kernel
     decay: float = 0.999        # eta, streaming merge of s[v,c] across nights
     damping: bool = True        # undo in-block moves that earlier block moves made losing (see mstep.py)
@@ -81,37 +111,65 @@ class MStepConfig:
     # The paper's J greedy picks can pick a worse set than the item already has (J >= 2,
     # strong penalty); with this test every coordinate step is non-decreasing. False = the paper.
     improving_only: bool = True
+    explore: int = 2
+    explore_score: float = 0.5
 
     def __post_init__(self) -> None:
-        _check(self.alpha >= 0, "mstep.alpha", ">= 0", self.alpha)
+        _check(self.alpha == "auto" or (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+                                        and self.alpha >= 0), "mstep.alpha", "\"auto\" or a number >= 0", self.alpha)
         _check(self.penalty_power > 1, "mstep.penalty_power", "> 1 (f must be strictly convex)", self.penalty_power)
         _check(isinstance(self.rounds, int) and self.rounds >= 1, "mstep.rounds", "an integer >= 1", self.rounds)
         _check(isinstance(self.block_size, int) and self.block_size >= 1, "mstep.block_size", "an integer >= 1", self.block_size)
         _check(0 < self.decay <= 1, "mstep.decay", "in (0, 1]", self.decay)
+        _check(isinstance(self.explore, int) and self.explore >= 0, "mstep.explore", "an integer >= 0", self.explore)
+        _check(0 < self.explore_score < 1, "mstep.explore_score", "in (0, 1)", self.explore_score)
+
+    @property
+    def auto_alpha(self) -> bool:
+        return self.alpha == "auto"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """E-step optimisation and the EM schedule."""
+    """E-step optimisation and the EM schedule.
 
-    em_rounds: int = 3          # R: E-step -> scores -> M-step repetitions
-    joint_epochs: int = 2       # structure model + reranker together (paper: 2)
-    structure_epochs: int = 2   # then reranker frozen, structure model only (paper: 2)
+    Schedule (the paper's shape, lengths picked by the data): EM round 0 trains the reranker
+    (and, with init_paths "random", the structure model) for at most joint_epochs; the initial
+    paths are then built ("embeddings": balanced hierarchical k-means of the reranker's item
+    embeddings, dr_model.init_paths; "random": balanced random paths); each of the em_rounds
+    rounds trains the structure model alone (reranker frozen) for at most structure_epochs,
+    then scores s[v,c] and runs the M-step. Every phase stops early once the validation
+    users' recall@k has not improved for `patience` epochs (0: always the maximum).
+    """
+
+    em_rounds: int = 3          # R: E-step -> scores -> M-step repetitions after round 0
+    joint_epochs: int = 30      # at most, round 0 (reranker and, with random init, structure)
+    structure_epochs: int = 10  # at most, per round (reranker frozen, structure model only)
+    patience: int = 3           # early stopping on the validation users (0 = off)
+    min_delta: float = 0.002    # relative recall gain that counts as an improvement
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     negatives: int = 256        # sampled-softmax negatives per batch (shared)
+    full_softmax_max_items: int = 10_000    # exact softmax over the catalog up to this size
+    init_paths: str = "embeddings"          # "embeddings" | "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("em_rounds", "batch_size", "negatives"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"train.{name}", "an integer >= 1", v)
-        for name in ("joint_epochs", "structure_epochs", "seed"):
+        for name in ("joint_epochs", "structure_epochs", "patience", "full_softmax_max_items", "seed"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, f"train.{name}", "an integer >= 0", v)
+        _check(self.structure_epochs >= 1, "train.structure_epochs", ">= 1", self.structure_epochs)
         _check(self.lr > 0, "train.lr", "> 0", self.lr)
+        _check(self.min_delta >= 0, "train.min_delta", ">= 0", self.min_delta)
         _check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        _check(self.init_paths in ("embeddings", "random"), "train.init_paths", "'embeddings' or 'random'",
+               self.init_paths)
+        _check(self.init_paths == "random" or self.joint_epochs >= 1, "train.joint_epochs",
+               ">= 1 with init_paths 'embeddings' (the reranker's embeddings place the items)", self.joint_epochs)
 
 
 @dataclass(frozen=True)
@@ -121,9 +179,12 @@ class EvalConfig:
     k: int = 10                 # metrics @k
     exclude_history: bool = True    # never recommend an item from the user's input half (all methods)
     beam_sweep: tuple[int, ...] = (5, 10, 25, 50)   # DR recall against beam size
+    ease_max_items: int = 10_000    # EASE inverts a dense V x V matrix: skipped above this catalog size
 
     def __post_init__(self) -> None:
         _check(isinstance(self.k, int) and self.k >= 1, "eval.k", "an integer >= 1", self.k)
+        _check(isinstance(self.ease_max_items, int) and self.ease_max_items >= 0, "eval.ease_max_items",
+               "an integer >= 0", self.ease_max_items)
         _check(isinstance(self.exclude_history, bool), "eval.exclude_history", "true or false", self.exclude_history)
         object.__setattr__(self, "beam_sweep", tuple(self.beam_sweep))
         _check(all(isinstance(b, int) and b >= 1 for b in self.beam_sweep), "eval.beam_sweep", "a list of integers >= 1", self.beam_sweep)
@@ -137,10 +198,14 @@ class SplitConfig:
     min_events: int = 10            # keep users with at least this many kept events
     test_users: int = 1000
     valid_users: int = 1000
+    # Small datasets: never hold out more than this share of the eligible users (test and
+    # validation are scaled down together, and the split logs the sizes it used).
+    max_heldout_fraction: float = 0.4
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.min_events, int) and self.min_events >= 2, "split.min_events", "an integer >= 2", self.min_events)
+        _check(0 < self.max_heldout_fraction < 1, "split.max_heldout_fraction", "in (0, 1)", self.max_heldout_fraction)
         for name in ("test_users", "valid_users", "seed"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, f"split.{name}", "an integer >= 0", v)

@@ -1,18 +1,24 @@
 """The paper's evaluation protocol over held-out users, for every method, in one report.
 
 DR (beam -> paths -> rerank), brute force (the same reranker over all items), and, when
-the training samples are given, popularity and item-CF. All methods see the same input
-halves and, with `eval.exclude_history`, never get credit for an item of the input half.
+the training samples are given, popularity, item-CF and EASE (its lambda chosen on the
+validation users). The neural models read the last L items of each user's input half;
+the baselines read the whole input half; with `eval.exclude_history` no method ever
+recommends an item of the input half.
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from .baselines import item_cf_topk, popularity_topk
+import numpy as np
+from scipy import sparse
+
+from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popularity_topk, to_raw, user_item_matrix
 from .config import DRConfig
 from .index import PathIndex
-from .metrics import exclude_seen, pad_to, prf_at_k
+from .metrics import PRF, prf_at_k
 from .model import DRModel
+from .split import Split
 from .vocab import Vocab
 
 
@@ -27,45 +33,133 @@ def path_size_summary(index: PathIndex, num_paths: int) -> dict:
             "mean": float(sizes.mean()), "histogram": {f"<={int(x)}": int(n) for x, n in zip(b, c)}}
 
 
-def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, hist: np.ndarray,
-                   truth_offsets: np.ndarray, truth_items: np.ndarray, cfg: DRConfig,
-                   train: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+@dataclass(frozen=True)
+class EvalUsers:
+    """Held-out users: hist [U, L] raw ids (last L input items: what the models read), the whole
+    input half as CSR (input_offsets [U+1], input_items [I]) and the truth half (truth_offsets [U+1],
+    truth_items [T]), all raw ids."""
+
+    hist: np.ndarray
+    input_offsets: np.ndarray
+    input_items: np.ndarray
+    truth_offsets: np.ndarray
+    truth_items: np.ndarray
+
+    @classmethod
+    def of(cls, split: Split, role: int) -> "EvalUsers":
+        """The users of `split` with this role (1 validation, 2 test)."""
+        s = split.eval_subset(role)
+        return cls(s.eval_hist, s.input_offsets, s.input_items, s.truth_offsets, s.truth_items)
+
+    def __len__(self) -> int:
+        return self.hist.shape[0]
+
+    def input_pairs(self, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+        """(row [M], item index [M]) of every known input item (the pairs never recommended)."""
+        row = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.input_offsets))
+        idx = vocab.index(self.input_items)
+        return row[idx >= 0], idx[idx >= 0]
+
+    def input_matrix(self, vocab: Vocab) -> sparse.csr_matrix:
+        return user_item_matrix(*self.input_pairs(vocab), len(self), vocab.size)
+
+
+def validation_recall(model: DRModel, vocab: Vocab, users: EvalUsers, k: int, index: PathIndex | None = None,
+                      beam: int = 0) -> float:
+    """Recall@k on held-out users: brute force over the reranker (index None), else DR at `beam`."""
+    model.eval()
+    seq = vocab.seq(users.hist)
+    seen = users.input_pairs(vocab)
+    if index is None:
+        pred, _ = model.brute_force(seq, k, exclude=seen)
+    else:
+        pred, _, _ = model.retrieve(seq, index, beam, k, exclude=seen)
+    model.train()
+    return prf_at_k(to_raw(vocab.ids, pred), users.truth_offsets, users.truth_items, k).recall
+
+
+def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, budget: float,
+                max_beam: int = 4096) -> tuple[int, float]:
+    """The largest beam whose mean items scored per held-out user fits `budget` -> (beam, items scored).
+
+    Items scored grow with the beam, so a doubling search then a bisection finds it in
+    O(log beam) beam searches over the users. At least beam 1.
+    """
+    seq = vocab.seq(users.hist)
+    max_beam = min(max_beam, model.cfg.num_paths)
+    cache: dict[int, float] = {}
+
+    def cost(b: int) -> float:
+        if b not in cache:
+            paths, _ = model.beam(seq, b)
+            row, _ = index.lookup(paths.numpy())
+            cache[b] = len(row) / max(len(users), 1)
+        return cache[b]
+
+    lo, hi = 1, 1
+    while hi < max_beam and cost(hi) <= budget:
+        lo, hi = hi, min(2 * hi, max_beam)
+    if cost(hi) <= budget:
+        return hi, cost(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+    return lo, cost(lo)
+
+
+def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users: EvalUsers, cfg: DRConfig,
+                   train: tuple[np.ndarray, np.ndarray] | None = None, valid: EvalUsers | None = None,
+                   beam: int | None = None) -> dict:
     """One report for all methods.
 
-    item_ids [V] raw ids of the model's items, hist [U, L] raw ids (-1 pad), truth CSR
-    ([U+1], [T]); train = (train_user [N], train_target [N]) adds popularity and item-CF.
+    item_ids [V] raw ids of the model's items; train = (train_user [N], train_target [N]) adds
+    popularity, item-CF and (catalog up to eval.ease_max_items, `valid` users given to choose its
+    lambda) EASE. `beam` is the retrieval beam (default search.beam).
     """
     k, excl = cfg.eval.k, cfg.eval.exclude_history
-    extra = hist.shape[1] if excl else 0
+    beam = beam or cfg.search.beam
     vocab = Vocab(item_ids)
-    seq = vocab.seq(hist)
+    seq = vocab.seq(users.hist)
+    seen = users.input_pairs(vocab) if excl else None
+    truth = (users.truth_offsets, users.truth_items)
 
-    def finish(pred_raw: np.ndarray) -> np.ndarray:
-        return exclude_seen(pred_raw, hist, k) if excl else pad_to(pred_raw, k)
+    def prf(pred_idx: np.ndarray) -> PRF:
+        return prf_at_k(to_raw(item_ids, pred_idx), *truth, k)
 
-    def dr_at(beam: int) -> tuple[np.ndarray, np.ndarray]:
-        pred, _, scored = model.retrieve(seq, index, beam, k + extra)
-        return finish(vocab.raw(pred)), scored
+    def dr_at(b: int) -> tuple[np.ndarray, np.ndarray]:
+        pred, _, scored = model.retrieve(seq, index, b, k, exclude=seen)
+        return pred, scored
 
-    dr_pred, scored = dr_at(cfg.search.beam)
-    bf_pred, _ = model.brute_force(seq, k + extra)
-    methods = {"dr": prf_at_k(dr_pred, truth_offsets, truth_items, k),
-               "brute_force": prf_at_k(finish(vocab.raw(bf_pred)), truth_offsets, truth_items, k)}
+    dr_pred, scored = dr_at(beam)
+    bf_pred, _ = model.brute_force(seq, k, exclude=seen)
+    methods = {"dr": prf(dr_pred), "brute_force": prf(bf_pred)}
+    extra: dict = {}
     if train is not None:
         t_user, t_target = train
-        methods["popularity"] = prf_at_k(popularity_topk(t_target, hist, k, excl), truth_offsets, truth_items, k)
-        methods["item_cf"] = prf_at_k(item_cf_topk(t_user, t_target, hist, k, excl), truth_offsets, truth_items, k)
+        u_idx = np.unique(t_user, return_inverse=True)[1].ravel()
+        X = user_item_matrix(u_idx, vocab.index(t_target), int(u_idx.max(initial=-1)) + 1, vocab.size)
+        H = users.input_matrix(vocab)
+        methods["popularity"] = prf(popularity_topk(X, H, k))
+        methods["item_cf"] = prf(item_cf_topk(X, H, k))
+        if valid is not None and vocab.size <= cfg.eval.ease_max_items:
+            ease = EASE.fit(X)
+            lam, by_lam = choose_ease_lambda(ease, item_ids, valid.input_matrix(vocab),
+                                             (valid.truth_offsets, valid.truth_items), k, ease_lambda_grid(X))
+            methods["ease"] = prf(ease.topk(H, lam, k))
+            extra["ease"] = {"lambda": lam, "validation_f1_by_lambda": by_lam}
+        elif valid is not None:
+            extra["ease"] = {"skipped": f"catalog of {vocab.size} items > eval.ease_max_items={cfg.eval.ease_max_items}"}
     by_beam = {}
     for b in cfg.eval.beam_sweep:
         pred_b, scored_b = dr_at(b)
-        by_beam[str(b)] = {"recall": prf_at_k(pred_b, truth_offsets, truth_items, k).recall,
+        by_beam[str(b)] = {"recall": prf(pred_b).recall,
                            "items_scored_per_user": float(scored_b.mean()) if len(scored_b) else 0.0}
     bf_recall = methods["brute_force"].recall
     return {
         "k": k,
         "users": methods["dr"].users,
         "catalog_size": int(len(item_ids)),
-        "beam": cfg.search.beam,
+        "beam": int(beam),
         "items_scored_per_user": float(scored.mean()) if len(scored) else 0.0,
         "fraction_of_catalog_scored": float(scored.mean() / max(len(item_ids), 1)) if len(scored) else 0.0,
         "methods": {name: m.as_dict() for name, m in methods.items()},
@@ -73,6 +167,7 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, hist:
         "dr_recall_by_beam": by_beam,
         "path_sizes": path_size_summary(index, cfg.model.num_paths),
         "exclude_history": excl,
+        **extra,
     }
 
 

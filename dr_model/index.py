@@ -64,11 +64,28 @@ def top_k_per_row(row: np.ndarray, item: np.ndarray, score: np.ndarray, n_rows: 
     return out_i, out_s
 
 
-def rerank(w: torch.Tensor, item_emb: torch.Tensor, item_bias: torch.Tensor, row: np.ndarray, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def pair_keys(row: np.ndarray, item: np.ndarray, num_items: int) -> np.ndarray:
+    """(row, item index) pairs -> one int64 key each (row-major), for set tests between pair lists."""
+    return np.asarray(row, dtype=np.int64) * (num_items + 1) + np.asarray(item, dtype=np.int64)
+
+
+def drop_pairs(row: np.ndarray, item: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None,
+               num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (row [M], item [M]) minus the pairs in `exclude` (rows [X], items [X])."""
+    if exclude is None or len(exclude[0]) == 0 or len(row) == 0:
+        return row, item
+    keep = ~np.isin(pair_keys(row, item, num_items), pair_keys(*exclude, num_items))
+    return row[keep], item[keep]
+
+
+def rerank(w: torch.Tensor, item_emb: torch.Tensor, item_bias: torch.Tensor, row: np.ndarray, item: np.ndarray, k: int,
+           exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Score candidate (row, item) pairs with the reranker and keep the top k per row.
 
-    w [N, dim] user vectors, item_emb [V, dim], item_bias [V] -> (items [N, k], scores [N, k]).
+    w [N, dim] user vectors, item_emb [V, dim], item_bias [V] -> (items [N, k], scores [N, k]);
+    pairs in `exclude` (row [X], item [X]: e.g. the users' own history) are never returned.
     """
+    row, item = drop_pairs(row, item, exclude, item_emb.shape[0])
     r = torch.from_numpy(row)
     i = torch.from_numpy(item)
     with torch.inference_mode():

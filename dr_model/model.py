@@ -11,6 +11,7 @@ from .config import ModelConfig
 from .encoders import make_encoder
 from .index import PathIndex, rerank
 from .reranker import Reranker
+from .scores import EMPTY
 from .structure import StructureModel
 
 
@@ -29,6 +30,19 @@ class DRModel(nn.Module):
         self.rerank_encoder = make_encoder(cfg.encoder, num_items, cfg.item_dim, cfg.rerank_dim)
         self.reranker = Reranker(num_items, cfg.rerank_dim)
 
+    def seed_structure_encoder(self) -> bool:
+        """Start the structure tower's encoder from the trained reranker's (same shapes only) -> copied?
+
+        The initial paths are clusters of the reranker's item embeddings, so the reranker's user
+        vector already points at a user's paths: the structure model starts from it instead of
+        learning user representations again from scratch (measured in BENCHMARKS.md).
+        """
+        src, dst = self.rerank_encoder.state_dict(), self.encoder.state_dict()
+        if any(k not in src or src[k].shape != v.shape for k, v in dst.items()):
+            return False
+        self.encoder.load_state_dict(src)
+        return True
+
     def reranker_parameters(self) -> list[nn.Parameter]:
         return list(self.rerank_encoder.parameters()) + list(self.reranker.parameters())
 
@@ -40,9 +54,14 @@ class DRModel(nn.Module):
         codes = decode(item_paths, self.cfg.K, self.cfg.D)
         return self.structure.multi_path_loss(self.encoder(seq), codes)
 
-    def rerank_loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-        """seq [N, L], pos [N], shared negatives neg [M], log_q [V] -> sampled-softmax loss."""
-        return self.reranker.sampled_softmax_loss(self.rerank_encoder(seq), pos, neg, log_q)
+    def rerank_loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
+                    log_q: torch.Tensor | None) -> torch.Tensor:
+        """seq [N, L], pos [N], shared negatives neg [M] with log_q [V] -> sampled-softmax loss;
+        neg None -> the exact softmax over all items."""
+        w = self.rerank_encoder(seq)
+        if neg is None:
+            return self.reranker.full_softmax_loss(w, pos)
+        return self.reranker.sampled_softmax_loss(w, pos, neg, log_q)
 
     @torch.inference_mode()
     def beam(self, seq: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,15 +69,40 @@ class DRModel(nn.Module):
         return beam_search(self.structure, self.encoder(seq), beam)
 
     @torch.inference_mode()
-    def retrieve(self, seq: torch.Tensor, index: PathIndex, beam: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """seq [N, L] -> (items [N, k] (-1 pad), scores [N, k], candidates scored per user [N])."""
+    def beam_and_own(self, seq: torch.Tensor, beam: int, own: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair's beam outputs plus its target's own paths: seq [N, L], own [N, J] (-1: none)
+        -> (paths [N, B' + J], log p [N, B' + J]); an own path already in the beam is EMPTY (-inf).
+
+        s[v,c] from the beam alone only holds paths the beam emits for v's pairs, so an item whose
+        own paths the beam misses would look unscored on them and be pulled onto popular paths;
+        its own paths' exact probabilities keep its current placement comparable.
+        """
+        u = self.encoder(seq)
+        paths, lp = beam_search(self.structure, u, beam)
+        if own is None:
+            return paths, lp
+        bad = own < 0
+        own_lp = self.structure.path_log_prob(u, decode(own.clamp_min(0), self.cfg.K, self.cfg.D))
+        drop = bad | (own.unsqueeze(-1) == paths.unsqueeze(1)).any(-1)
+        return (torch.cat([paths, own.masked_fill(drop, EMPTY)], 1),
+                torch.cat([lp, own_lp.masked_fill(drop, float("-inf"))], 1))
+
+    @torch.inference_mode()
+    def retrieve(self, seq: torch.Tensor, index: PathIndex, beam: int, k: int,
+                 exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """seq [N, L] -> (items [N, k] (-1 pad), scores [N, k], candidates scored per user [N]).
+
+        exclude = (row [X], item index [X]) pairs never returned (e.g. the users' input items).
+        """
         paths, _ = self.beam(seq, beam)
         row, item = index.lookup(paths.numpy())
-        items, scores = rerank(self.rerank_encoder(seq), self.reranker.item_emb.weight, self.reranker.item_bias, row, item, k)
+        items, scores = rerank(self.rerank_encoder(seq), self.reranker.item_emb.weight, self.reranker.item_bias, row,
+                               item, k, exclude)
         return items, scores, np.bincount(row, minlength=seq.shape[0])
 
     @torch.inference_mode()
-    def brute_force(self, seq: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """seq [N, L] -> exact reranker top-k over all items (items [N, k], scores [N, k])."""
-        s, i = self.reranker.brute_force_topk(self.rerank_encoder(seq), k)
+    def brute_force(self, seq: torch.Tensor, k: int,
+                    exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """seq [N, L] -> exact reranker top-k over all items (items [N, k], scores [N, k]), `exclude` pairs left out."""
+        s, i = self.reranker.brute_force_topk(self.rerank_encoder(seq), k, exclude=exclude)
         return i.numpy(), s.double().numpy()

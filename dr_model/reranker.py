@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -37,9 +39,17 @@ class Reranker(nn.Module):
         logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(pos))
 
+    def full_softmax_loss(self, w: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Exact softmax over all V items: w [N, dim], pos [N] int64 -> scalar (small catalogs)."""
+        return F.cross_entropy(torch.addmm(self.item_bias, w, self.item_emb.weight.T), pos)
+
     @torch.inference_mode()
-    def brute_force_topk(self, w: torch.Tensor, k: int, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k over ALL items: w [N, dim] -> (scores [N, k], items [N, k]) descending."""
+    def brute_force_topk(self, w: torch.Tensor, k: int, chunk: int = 65536,
+                         exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k over ALL items: w [N, dim] -> (scores [N, k], items [N, k]) descending.
+
+        exclude = (row [X], item [X]) pairs scored -inf (never returned unless fewer than k remain).
+        """
         V = self.num_items
         k = min(k, V)
         best_s = torch.full((w.shape[0], 0), float("-inf"), dtype=w.dtype)
@@ -48,6 +58,9 @@ class Reranker(nn.Module):
         for lo in range(0, V, chunk):
             hi = min(lo + chunk, V)
             s = torch.addmm(b[lo:hi], w, E[lo:hi].T)
+            if exclude is not None:
+                sel = (exclude[1] >= lo) & (exclude[1] < hi)
+                s[torch.from_numpy(exclude[0][sel]), torch.from_numpy(exclude[1][sel] - lo)] = float("-inf")
             cs, ci = torch.topk(s, min(k, hi - lo), dim=1)
             best_s = torch.cat([best_s, cs], 1)
             best_i = torch.cat([best_i, ci + lo], 1)

@@ -5,6 +5,12 @@ hold out test and validation users (disjoint from training users) chosen by a se
 integer hash of user_id, so every engine picks the same users; order each user's events
 by (ts, item_id); training users give (previous <= L items, next item) samples;
 evaluation users give their first half (by time) as input and second half as truth.
+The input half is kept whole (`input_*`, for the baselines and for excluding seen items)
+besides its last L items (`eval_hist`, the sequence the models read).
+
+Held-out sizes adapt to small datasets: at most `max_heldout_fraction` of the eligible
+users are held out, test and validation scaled down together (`heldout_sizes`), so the
+default sizes never ask for more users than a dataset has.
 """
 from __future__ import annotations
 
@@ -34,13 +40,28 @@ def user_hash(user_id: np.ndarray, seed: int) -> np.ndarray:
     return x
 
 
+def heldout_sizes(eligible: int, cfg: SplitConfig) -> tuple[int, int]:
+    """(test, validation) users for `eligible` users: the configured sizes, scaled down together
+    (floor, proportionally) when they exceed max_heldout_fraction of the eligible users."""
+    want = cfg.test_users + cfg.valid_users
+    cap = int(eligible * cfg.max_heldout_fraction)
+    if want <= cap:
+        return cfg.test_users, cfg.valid_users
+    test = cfg.test_users * cap // want
+    return test, min(cfg.valid_users * cap // want, cap - test)
+
+
 def roles(user_ids: np.ndarray, cfg: SplitConfig) -> np.ndarray:
     """Eligible users [U] -> role [U] int8: 0 train, 1 validation, 2 test (by hash rank)."""
+    n_test, n_valid = heldout_sizes(len(user_ids), cfg)
+    if len(user_ids) and cfg.test_users + cfg.valid_users and n_test + n_valid == 0:
+        raise ValueError(f"split: {len(user_ids)} eligible users (>= split.min_events={cfg.min_events} kept events) "
+                         "leave no held-out user: the dataset is too small to evaluate")
     h = user_hash(user_ids, cfg.seed)
     order = np.lexsort((user_ids, h))
     role = np.zeros(len(user_ids), dtype=np.int8)
-    role[order[: cfg.test_users]] = 2
-    role[order[cfg.test_users: cfg.test_users + cfg.valid_users]] = 1
+    role[order[:n_test]] = 2
+    role[order[n_test: n_test + n_valid]] = 1
     return role
 
 
@@ -58,7 +79,8 @@ class Split:
     """Training samples and evaluation users.
 
     train_hist [N, L], train_target [N], train_user [N]; eval_user [U], eval_role [U]
-    (1 validation, 2 test), eval_hist [U, L], truth_offsets [U+1], truth_items [T].
+    (1 validation, 2 test), eval_hist [U, L] (last L input items), truth_offsets [U+1],
+    truth_items [T], the whole input half as CSR: input_offsets [U+1], input_items [I].
     """
 
     train_hist: np.ndarray
@@ -69,15 +91,28 @@ class Split:
     eval_hist: np.ndarray
     truth_offsets: np.ndarray
     truth_items: np.ndarray
+    input_offsets: np.ndarray
+    input_items: np.ndarray
 
     def eval_subset(self, role: int) -> "Split":
         """Only the evaluation users with this role (1 validation, 2 test)."""
         keep = self.eval_role == role
-        lens = np.diff(self.truth_offsets)
-        rows = np.repeat(keep, lens)
-        offs = np.concatenate([[0], np.cumsum(lens[keep])])
+        t_off, t_items = csr_rows(self.truth_offsets, self.truth_items, keep)
+        i_off, i_items = csr_rows(self.input_offsets, self.input_items, keep)
         return Split(self.train_hist, self.train_target, self.train_user, self.eval_user[keep],
-                     self.eval_role[keep], self.eval_hist[keep], offs, self.truth_items[rows])
+                     self.eval_role[keep], self.eval_hist[keep], t_off, t_items, i_off, i_items)
+
+
+def csr_rows(offsets: np.ndarray, values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `keep` [U] bool of a CSR (offsets [U+1], values [T]) -> (offsets [U'+1], values [T'])."""
+    lens = np.diff(offsets)
+    offs = np.concatenate([[0], np.cumsum(lens[keep])]).astype(np.int64)
+    return offs, values[np.repeat(keep, lens)]
+
+
+def csr_segments(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Global row indices of consecutive segments (start [U], length [U]) -> [sum(lens)] int64."""
+    return np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
 
 
 def paper_split(interactions: pd.DataFrame, cfg: SplitConfig, seq_len: int) -> Split:
@@ -105,10 +140,11 @@ def paper_split(interactions: pd.DataFrame, cfg: SplitConfig, seq_len: int) -> S
     n_in = counts[ev] // 2
     eval_hist = windows(item, starts[ev], starts[ev] + n_in, seq_len)
     truth_len = counts[ev] - n_in
-    truth_rows = np.repeat(starts[ev] + n_in, truth_len) + (np.arange(truth_len.sum()) - np.repeat(np.cumsum(truth_len) - truth_len, truth_len))
     return Split(
         train_hist=train_hist, train_target=item[t], train_user=user[t],
         eval_user=users[ev], eval_role=role_of_user[ev], eval_hist=eval_hist,
         truth_offsets=np.concatenate([[0], np.cumsum(truth_len)]).astype(np.int64),
-        truth_items=item[truth_rows],
+        truth_items=item[csr_segments(starts[ev] + n_in, truth_len)],
+        input_offsets=np.concatenate([[0], np.cumsum(n_in)]).astype(np.int64),
+        input_items=item[csr_segments(starts[ev], n_in)],
     )

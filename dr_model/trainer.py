@@ -1,28 +1,34 @@
-"""Single-process EM trainer: E-step epochs -> s[v,c] by beam search -> penalized M-step.
+"""Single-process EM trainer: E-step phases -> s[v,c] by beam search -> calibrated penalized M-step.
 
-The E-step's one-batch update (`train_step`) and the scoring pass (`pair_scores`) are the
-pieces the distributed jobs reuse; this module strings them together for tests and the demo.
+The E-step's one-batch update (`train_step`), a phase's epochs (`run_phase`) and the scoring
+pass (`pair_scores`) are the pieces the distributed jobs reuse; `train_em` strings them
+together for tests, `dr local-train` and the benchmarks, in the order `dr train` runs them:
 
-Schedule (paper: joint 2 epochs, then reranker frozen, structure model 2 more): EM round 0
-trains jointly for `joint_epochs` then the structure model alone for `structure_epochs`;
-later rounds retrain the structure model alone against the new paths (the reranker does not
-depend on paths, so it stays frozen, which also keeps it from over-fitting).
+  round 0   the reranker (dr_model.schedule), early-stopped on the validation users
+  paths     from the reranker's item embeddings (dr_model.init_paths), or balanced random
+  round r   structure model against the paths -> s[v,c] (+ exploration paths) -> M-step with
+            alpha calibrated to the retrieval budget (dr_model.calibrate), r = 1..em_rounds
+  final     structure model against the final paths (the model and paths always pair)
+  beam      the retrieval beam that fits the budget on the validation users
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .calibrate import with_exploration
 from .config import DRConfig
+from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_recall
 from .index import PathIndex
-from .evaluation import evaluate_users
+from .init_paths import paths_from_embeddings
 from .model import DRModel
-from .mstep import MStepResult, initial_assignment, mstep_blocked
+from .mstep import MStepResult, effective_block, initial_assignment, mstep_blocked
 from .reranker import sampling_log_q
+from .schedule import Phase, schedule, should_stop
 from .scores import PathScores, aggregate_pairs
 from .vocab import Vocab
 
@@ -31,59 +37,59 @@ Log = Callable[[str], None]
 
 @dataclass
 class EMResult:
-    """A trained model, its vocabulary and the item_paths it was trained against."""
+    """A trained model, its vocabulary, the item_paths it was trained against and its retrieval beam."""
 
     model: DRModel
     vocab: Vocab
     assign: np.ndarray                      # [V, J] paths of model indices
     history: list[dict] = field(default_factory=list)
+    beam: int = 0                           # retrieval beam chosen for the budget (0: search.beam)
+    alpha: float | None = None              # the last M-step's alpha
 
     def index(self) -> PathIndex:
         return PathIndex.build(self.assign)
 
 
-@dataclass(frozen=True)
-class Phase:
-    """One stretch of the E-step schedule: `epochs` epochs, reranker trained or frozen, its own seed."""
-
-    name: str
-    epochs: int
-    train_reranker: bool
-    seed: int
-
-
-def schedule(cfg: DRConfig, em_round: int) -> list[Phase]:
-    """The paper's E-step schedule for one EM round (joint phase in round 0 only, then structure only)."""
-    tc = cfg.train
-    phases = []
-    if em_round == 0 and tc.joint_epochs:
-        phases.append(Phase("joint", tc.joint_epochs, True, tc.seed * 1000 + em_round))
-    phases.append(Phase("structure", tc.structure_epochs, False, tc.seed * 1000 + em_round + 500))
-    return phases
-
-
-def phase_optimizer(model: DRModel, cfg: DRConfig, train_reranker: bool) -> torch.optim.Optimizer:
-    """Freeze/unfreeze the reranker side, then Adam over the trainable parameters only."""
+def phase_optimizer(model: DRModel, cfg: DRConfig, phase: Phase) -> torch.optim.Optimizer:
+    """Freeze/unfreeze each tower for the phase, then Adam over the trainable parameters only."""
     for p in model.reranker_parameters():
-        p.requires_grad_(train_reranker)
+        p.requires_grad_(phase.train_reranker)
+    for p in model.structure_parameters():
+        p.requires_grad_(phase.train_structure)
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, target: torch.Tensor,
-               assign_t: torch.Tensor, q: torch.Tensor, log_q: torch.Tensor, negatives: int,
-               train_reranker: bool, gen: torch.Generator,
-               sync: Callable[[], None] | None = None) -> tuple[float, float]:
-    """One E-step batch: seq [N, L], target [N] -> (structure loss, rerank loss or nan).
+def unfreeze(model: DRModel) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
 
-    `sync` runs between backward and the optimizer step (data-parallel gradient averaging).
+
+def proposal(counts: torch.Tensor, cfg: DRConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Negative-sampling proposal (q [V], log_q [V]); (None, None) where the exact softmax is used."""
+    if counts.shape[0] <= cfg.train.full_softmax_max_items:
+        return None, None
+    return sampling_log_q(counts, cfg.train.negatives)
+
+
+def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, target: torch.Tensor,
+               assign_t: torch.Tensor, q: torch.Tensor | None, log_q: torch.Tensor | None, negatives: int,
+               phase: Phase, gen: torch.Generator,
+               sync: Callable[[], None] | None = None) -> tuple[float, float]:
+    """One E-step batch: seq [N, L], target [N] -> (structure loss or nan, rerank loss or nan).
+
+    q None: the reranker trains with the exact softmax. `sync` runs between backward and the
+    optimizer step (data-parallel gradient averaging).
     """
     opt.zero_grad(set_to_none=True)
-    loss_s = model.structure_loss(seq, assign_t[target])
-    loss = loss_s
-    loss_r = torch.tensor(float("nan"))
-    if train_reranker:
-        neg = torch.multinomial(q, negatives, replacement=True, generator=gen)
+    nan = torch.tensor(float("nan"))
+    loss_s, loss_r = nan, nan
+    loss = torch.zeros(())
+    if phase.train_structure:
+        loss_s = model.structure_loss(seq, assign_t[target])
+        loss = loss + loss_s
+    if phase.train_reranker:
+        neg = torch.multinomial(q, negatives, replacement=True, generator=gen) if q is not None else None
         loss_r = model.rerank_loss(seq, target, neg, log_q)
         loss = loss + loss_r
     loss.backward()
@@ -93,83 +99,173 @@ def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, ta
     return float(loss_s.detach()), float(loss_r.detach())
 
 
-def estep(model: DRModel, seq: torch.Tensor, target: torch.Tensor, assign: np.ndarray, cfg: DRConfig,
-          epochs: int, train_reranker: bool, seed: int, log: Log) -> list[dict]:
-    """Train for `epochs` over all samples; seq [N, L], target [N] -> per-epoch mean losses."""
+@dataclass(frozen=True)
+class Validation:
+    """Held-out users that end a phase: recall@k of brute force (reranker phases) or of DR at `beam`."""
+
+    users: EvalUsers
+    vocab: Vocab
+    k: int
+    beam: int
+
+    def __call__(self, model: DRModel, phase: Phase, assign: np.ndarray) -> float:
+        index = None if phase.train_reranker else PathIndex.build(assign)
+        return validation_recall(model, self.vocab, self.users, self.k, index, self.beam)
+
+
+def epoch_line(row: dict) -> str:
+    """One progress line of an epoch's history row."""
+    parts = []
+    if row.get("structure_loss") is not None:
+        parts.append(f"structure loss {row['structure_loss']:.4f}")
+    if row.get("rerank_loss") is not None:
+        parts.append(f"rerank loss {row['rerank_loss']:.4f}")
+    if row.get("valid_recall") is not None:
+        parts.append(f"validation recall {row['valid_recall']:.4f}")
+    return f"{row['phase']} epoch {row['epoch'] + 1}: " + ", ".join(parts) + f" [{row['seconds']:.1f}s]"
+
+
+def run_phase(model: DRModel, seq: torch.Tensor, target: torch.Tensor, assign: np.ndarray, cfg: DRConfig,
+              phase: Phase, valid: Validation | None, log: Log) -> list[dict]:
+    """Train one phase over all samples (seq [N, L], target [N]) until it ends -> per-epoch history rows."""
     tc = cfg.train
-    gen = torch.Generator().manual_seed(seed)
-    opt = phase_optimizer(model, cfg, train_reranker)
-    counts = torch.bincount(target, minlength=model.num_items)
-    q, log_q = sampling_log_q(counts, tc.negatives)
+    gen = torch.Generator().manual_seed(phase.seed)
+    opt = phase_optimizer(model, cfg, phase)
+    q, log_q = proposal(torch.bincount(target, minlength=model.num_items), cfg)
     assign_t = torch.from_numpy(assign)
-    out = []
-    for ep in range(epochs):
+    rows: list[dict] = []
+    for ep in range(phase.epochs):
         t0 = time.perf_counter()
+        model.train()
         perm = torch.randperm(len(target), generator=gen)
         ls, lr = [], []
         for lo in range(0, len(perm), tc.batch_size):
             b = perm[lo: lo + tc.batch_size]
-            s, r = train_step(model, opt, seq[b], target[b], assign_t, q, log_q, tc.negatives, train_reranker, gen)
+            s, r = train_step(model, opt, seq[b], target[b], assign_t, q, log_q, tc.negatives, phase, gen)
             ls.append(s)
             lr.append(r)
-        row = {"epoch": ep, "structure_loss": float(np.mean(ls)),
-               "rerank_loss": float(np.nanmean(lr)) if train_reranker else None,
+        row = {"phase": phase.name, "epoch": ep,
+               "structure_loss": float(np.mean(ls)) if phase.train_structure else None,
+               "rerank_loss": float(np.mean(lr)) if phase.train_reranker else None,
+               "valid_recall": valid(model, phase, assign) if valid is not None else None,
                "seconds": time.perf_counter() - t0}
-        log(f"  e-step epoch {ep + 1}/{epochs}: structure loss {row['structure_loss']:.4f}"
-            + (f", rerank loss {row['rerank_loss']:.4f}" if train_reranker else " (reranker frozen)")
-            + f" [{row['seconds']:.1f}s]")
-        out.append(row)
-    for p in model.reranker_parameters():
-        p.requires_grad_(True)
-    return out
+        rows.append(row)
+        log("  " + epoch_line(row))
+        if should_stop([r["valid_recall"] for r in rows], tc.patience, tc.min_delta):
+            log(f"  {phase.name}: validation recall stopped improving, stopping after {ep + 1} epochs")
+            break
+    unfreeze(model)
+    model.eval()
+    return rows
 
 
-def pair_scores(model: DRModel, seq: torch.Tensor, target: np.ndarray, S: int, batch_size: int) -> PathScores:
-    """Beam search (beam S) on every training pair, p(c|x) summed per item -> s[v,c] top-S per item."""
+def pair_scores(model: DRModel, seq: torch.Tensor, target: np.ndarray, S: int, batch_size: int,
+                assign: np.ndarray | None = None) -> PathScores:
+    """Beam search (beam S) on every training pair, p(c|x) summed per item -> s[v,c], top S (+ J) per item.
+
+    With the current assignment [V, J], every pair also scores its target's own J paths
+    (DRModel.beam_and_own) and the lists keep S + J paths per item.
+    """
     paths, probs = [], []
+    own_all = torch.from_numpy(assign[target]) if assign is not None else None
     for lo in range(0, seq.shape[0], batch_size):
-        p, lp = model.beam(seq[lo: lo + batch_size], S)
+        own = own_all[lo: lo + batch_size] if own_all is not None else None
+        p, lp = model.beam_and_own(seq[lo: lo + batch_size], S, own)
         paths.append(p.numpy())
         probs.append(lp.double().exp().numpy())
-    return aggregate_pairs(target, np.concatenate(paths), np.concatenate(probs), S)
+    width = S + (assign.shape[1] if assign is not None else 0)
+    return aggregate_pairs(target, np.concatenate(paths), np.concatenate(probs), width)
 
 
-def evaluate(res: EMResult, hist: np.ndarray, truth_offsets: np.ndarray, truth_items: np.ndarray,
-             cfg: DRConfig, train: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """The evaluation report (dr_model.evaluation) of a trained EMResult."""
-    return evaluate_users(res.model, res.vocab.ids, res.index(), hist, truth_offsets, truth_items, cfg, train)
+def initial_paths(model: DRModel, cfg: DRConfig, num_items: int) -> np.ndarray:
+    """Round 1's paths [V, J]: balanced k-means of the reranker's item embeddings, or balanced random."""
+    mc = cfg.model
+    if cfg.train.init_paths == "embeddings":
+        emb = model.reranker.item_emb.weight.detach().numpy()
+        return paths_from_embeddings(emb, mc.K, mc.D, mc.J, cfg.search.target_path_size(num_items, cfg.eval.k),
+                                     cfg.train.seed)
+    return initial_assignment(num_items, mc.J, mc.num_paths, cfg.train.seed)
 
 
-def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig,
-             log: Log = print, on_round: Callable[[int, EMResult], None] | None = None) -> EMResult:
-    """train_hist [N, L] raw ids (-1 pad), train_target [N] raw ids -> trained EMResult."""
+def mstep(ps: PathScores, assign: np.ndarray, cfg: DRConfig, num_items: int, alpha0: float | None) -> MStepResult:
+    """The M-step of one EM round on s[v,c] (exploration paths added), alpha calibrated to the budget."""
+    mc = cfg.model
+    ps_x = with_exploration(ps, mc.K, mc.D, cfg.mstep.explore, cfg.mstep.explore_score, cfg.train.seed)
+    ms_cfg = replace(cfg.mstep, block_size=effective_block(cfg.mstep.block_size, len(ps)))
+    return mstep_blocked(ps_x, assign[ps.items], mc.num_paths, ms_cfg, damping=cfg.mstep.damping,
+                         target_size=cfg.search.target_path_size(num_items, cfg.eval.k), alpha0=alpha0)
+
+
+def evaluate(res: EMResult, users: EvalUsers, cfg: DRConfig, train: tuple[np.ndarray, np.ndarray] | None = None,
+             valid: EvalUsers | None = None) -> dict:
+    """The evaluation report (dr_model.evaluation) of a trained EMResult at its retrieval beam."""
+    return evaluate_users(res.model, res.vocab.ids, res.index(), users, cfg, train, valid, beam=res.beam or None)
+
+
+def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, log: Log = print,
+             on_round: Callable[[int, EMResult], None] | None = None, valid: EvalUsers | None = None,
+             start: np.ndarray | None = None) -> EMResult:
+    """train_hist [N, L] raw ids (-1 pad), train_target [N] raw ids -> trained EMResult.
+
+    valid: held-out users that end each phase and choose the retrieval beam (without them
+    every phase runs its maximum epochs and the beam is search.beam). start [V, J]: round 1's
+    paths (model indices, vocabulary = sorted unique targets) instead of initial_paths.
+    """
     torch.manual_seed(cfg.train.seed)
     vocab = Vocab(np.unique(train_target))
     seq = vocab.seq(train_hist)
     target_np = vocab.index(train_target)
     target = torch.from_numpy(target_np)
-    mc = cfg.model
-    model = DRModel(mc, vocab.size)
-    assign = initial_assignment(vocab.size, mc.J, mc.num_paths, cfg.train.seed)
-    res = EMResult(model, vocab, assign)
-    log(f"[em] {len(target)} training pairs, {vocab.size} items, K={mc.K} D={mc.D} J={mc.J}, "
-        f"{cfg.train.em_rounds} EM rounds")
-    for r in range(cfg.train.em_rounds):
-        t0 = time.perf_counter()
-        log(f"[em] round {r + 1}/{cfg.train.em_rounds}: E-step")
-        hist = []
+    mc, V = cfg.model, vocab.size
+    model = DRModel(mc, V)
+    res = EMResult(model, vocab, initial_assignment(V, mc.J, mc.num_paths, cfg.train.seed))
+    check = Validation(valid, vocab, cfg.eval.k, cfg.search.beam) if valid is not None and len(valid) else None
+    budget = cfg.search.budget(V, cfg.eval.k)
+    log(f"[em] {len(target)} training pairs, {V} items, K={mc.K} D={mc.D} J={mc.J}, {cfg.train.em_rounds} EM rounds; "
+        f"budget {budget} items per user (target path size {cfg.search.target_path_size(V, cfg.eval.k):.1f} "
+        f"at beam {cfg.search.beam})")
+
+    def phases(r: int) -> list[dict]:
+        rows = []
         for ph in schedule(cfg, r):
-            hist += estep(model, seq, target, res.assign, cfg, ph.epochs, ph.train_reranker, ph.seed, log)
-        log(f"[em] round {r + 1}: scoring {len(target)} pairs with beam S={cfg.search.score_paths}")
-        ps = pair_scores(model, seq, target_np, cfg.search.score_paths, cfg.search.batch_size)
-        ms: MStepResult = mstep_blocked(ps, res.assign[ps.items], mc.num_paths, cfg.mstep, damping=cfg.mstep.damping)
+            rows += run_phase(model, seq, target, res.assign, cfg, ph, check, log)
+        return rows
+
+    t0 = time.perf_counter()
+    log("[em] round 0: reranker" + (" and structure model" if cfg.train.init_paths == "random" else ""))
+    hist0 = phases(0)
+    res.assign = initial_paths(model, cfg, V) if start is None else np.asarray(start, dtype=np.int64)
+    if model.seed_structure_encoder():
+        log("[em] structure encoder starts from the reranker's")
+    log(f"[em] initial paths ({cfg.train.init_paths if start is None else 'given'}): {len(np.unique(res.assign))} non-empty paths, largest "
+        f"{np.bincount(res.assign.ravel()).max()}")
+    res.history.append({"round": 0, "estep": hist0, "seconds": time.perf_counter() - t0})
+    for r in range(1, cfg.train.em_rounds + 1):
+        t0 = time.perf_counter()
+        log(f"[em] round {r}/{cfg.train.em_rounds}: E-step")
+        hist = phases(r)
+        log(f"[em] round {r}: scoring {len(target)} pairs with beam S={cfg.search.score_paths}")
+        ps = pair_scores(model, seq, target_np, cfg.search.score_paths, cfg.search.batch_size, res.assign)
+        ms = mstep(ps, res.assign, cfg, V, res.alpha)
         res.assign = res.assign.copy()
         res.assign[ps.items] = ms.assign
+        res.alpha = ms.alpha
         for st in ms.rounds:
-            log(f"  m-step sweep {st.round}: objective {st.objective:.2f}, largest path {st.max_path_size}, "
-                f"non-empty paths {st.nonempty_paths}, items moved {st.items_moved}")
-        res.history.append({"round": r, "estep": hist, "mstep": [vars(s) if not hasattr(s, "_asdict") else s._asdict() for s in ms.rounds],
+            log(f"  m-step sweep {st.round}: objective {st.objective:.2f}, alpha {st.alpha:.3g}, path size "
+                f"{st.path_size:.1f}, largest path {st.max_path_size}, non-empty paths {st.nonempty_paths}, "
+                f"items moved {st.items_moved}")
+        res.history.append({"round": r, "estep": hist, "mstep": [vars(s) for s in ms.rounds],
                             "seconds": time.perf_counter() - t0})
         if on_round is not None:
             on_round(r, res)
+    log("[em] final E-step against the final paths")
+    final = run_phase(model, seq, target, res.assign, cfg, schedule(cfg, cfg.train.em_rounds + 1)[0], check, log)
+    res.history.append({"round": cfg.train.em_rounds + 1, "estep": final})
+    if check is not None:
+        res.beam, cost = choose_beam(model, vocab, valid, res.index(), budget)
+        log(f"[em] retrieval beam {res.beam}: {cost:.1f} items scored per validation user (budget {budget})")
     return res
+
+
+__all__ = ["EMResult", "Phase", "Validation", "phase_optimizer", "proposal", "train_step", "run_phase", "pair_scores",
+           "initial_paths", "mstep", "evaluate", "train_em", "epoch_line", "unfreeze"]

@@ -17,7 +17,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from dr_model.metrics import exclude_seen
 from dr_model.vocab import Vocab
 
 from . import runs
@@ -93,8 +92,12 @@ def candidate_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any,
         hist = hc.flatten().to_numpy().reshape(batch.num_rows, L)
         for lo in range(0, batch.num_rows, batch_size):
             h = hist[lo:lo + batch_size]
-            idx, sc, _ = model.retrieve(vocab.seq(h), index, beam, n + L)
-            items, scores = exclude_seen(vocab.raw(idx), h, n, scores=sc)
+            seq = vocab.seq(h)
+            s_np = seq.numpy()
+            rows, cols = np.nonzero(s_np < vocab.size)              # known history items
+            seen = (rows, s_np[rows, cols])                         # (row, item index): never recommended
+            idx, sc, _ = model.retrieve(seq, index, beam, n, exclude=seen)
+            items, scores = vocab.raw(idx), sc
             ok = items >= 0
             u = np.repeat(users[lo:lo + batch_size], n).reshape(-1, n)
             rank = np.broadcast_to(np.arange(1, n + 1, dtype=np.int32), items.shape)
@@ -106,8 +109,11 @@ def candidate_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any,
 
 def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, run_id: str | None = None,
                    run_date: date | None = None, active_on: date | None = None, top_n: int = 100,
-                   log=_log) -> CandidatesResult:
-    """Generate and commit candidates for the users of one train run's model (latest succeeded by default)."""
+                   beam: int | None = None, log=_log) -> CandidatesResult:
+    """Generate and commit candidates for the users of one train run's model (latest succeeded by default).
+
+    beam None: the beam the train run chose for its retrieval budget.
+    """
     from spark_udfs.beam_udf import ModelPayload
 
     from .evaluate import load_run_model
@@ -131,9 +137,10 @@ def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, r
     pb, ib = sc.broadcast(payload.data), sc.broadcast(blob)
     ikey = f"{run.run_id}:{run.table_versions['item_paths']}"
     users = user_histories(spark, wh, run.table_versions.get("interactions"), cfg.model.seq_len, active_on)
-    args = (payload.key, pb, ib, ikey, cfg.search.beam, top_n, run_id, run_date, cfg.search.batch_size)
+    beam = beam or int(run.metrics.get("retrieval_beam") or cfg.search.beam)
+    args = (payload.key, pb, ib, ikey, beam, top_n, run_id, run_date, cfg.search.batch_size)
     out = users.mapInArrow(lambda it: candidate_batches(it, *args), OUT_DDL)
-    log(f"train run {run.run_id} (item_paths v{run.table_versions['item_paths']}), beam {cfg.search.beam}, "
+    log(f"train run {run.run_id} (item_paths v{run.table_versions['item_paths']}), beam {beam}, "
         f"top {top_n}, {'users active on ' + str(active_on) if active_on else 'all users'}")
     res: CommitResult = wh.write_spark("candidates", out, meta, mode="append")
     n_users = res.rows // top_n if top_n else 0

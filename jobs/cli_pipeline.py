@@ -5,12 +5,8 @@ import argparse
 import json
 import sys
 from datetime import date
-from pathlib import Path
 
 from jobs.cli_common import config_options
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -30,12 +26,10 @@ def _cluster_options(p: argparse.ArgumentParser, ray: bool = True) -> None:
 
 
 def _config(args: argparse.Namespace, dataset: str | None = None):
+    """The run's config: the built-in defaults (configs/default.toml spells them out), --config, --set."""
     from dr_model.config import DRConfig
 
-    path = args.config
-    if path is None and dataset is not None and (CONFIG_DIR / f"{dataset}.toml").exists():
-        path = CONFIG_DIR / f"{dataset}.toml"
-    return DRConfig.load(path, args.set)
+    return DRConfig.load(args.config, args.set)
 
 
 def _spark_wh(args: argparse.Namespace):
@@ -80,7 +74,7 @@ def cmd_candidates(args: argparse.Namespace) -> int:
     if train_run is None and args.run_id and runs.latest(wh, "train", args.run_id, status="succeeded"):
         train_run = args.run_id        # the nightly DAG: candidates of the night's own train run
     res = run_candidates(spark, wh, train_run_id=train_run, run_id=args.run_id,
-                         run_date=args.run_date, active_on=args.date, top_n=args.top_n)
+                         run_date=args.run_date, active_on=args.date, top_n=args.top_n, beam=args.beam)
     _emit(args, vars(res), f"candidates {res.run_id} (model of train run {res.train_run_id}): {res.rows} rows, "
           f"candidates v{res.version}{' (already done)' if res.skipped else ''}")
     return 0
@@ -145,16 +139,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="the nightly job: split -> EM rounds (Ray E-step, Spark scores + M-step) -> path index",
         description="Run the nightly training job: the paper's split of the latest interactions, initial "
-                    "paths (hash-random on the first run, the last committed assignment later), R EM rounds "
-                    "[E-step on Ray Train -> s[v,c] on Spark -> penalized M-step on Spark -> item_paths + "
-                    "checkpoint], a final E-step against the final paths, the path index, and a row in `runs`. "
+                    "round 0 (the reranker on Ray Train, early-stopped on the validation users), initial paths "
+                    "from its item embeddings, R EM rounds [E-step on Ray Train -> s[v,c] on Spark -> "
+                    "penalized M-step on Spark, alpha calibrated to the retrieval budget -> item_paths + "
+                    "checkpoint], a final E-step against the final paths, the retrieval beam that fits the "
+                    "budget, the path index, and a row in `runs`. "
                     "Idempotent per --run-id: a finished run changes nothing; a failed run resumes at its "
                     "last committed round.")
     config_options(p)
     p.add_argument("--run-id", required=True, help="idempotency key of this night's run, e.g. nightly-20261124")
     p.add_argument("--dataset", choices=["ml-1m", "ml-100k"], default=None,
-                   help="load this MovieLens set first when the warehouse has no interactions; also picks "
-                        "configs/DATASET.toml when no --config is given")
+                   help="load this MovieLens set first when the warehouse has no interactions")
     _cluster_options(p)
     p.set_defaults(func=cmd_train, cmd_name="train")
 
@@ -169,6 +164,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--date", type=_date, default=None, help="only users active on this date (YYYY-MM-DD)")
     p.add_argument("--run-date", type=_date, default=None, help="partition date to write (default today)")
     p.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")
+    p.add_argument("--beam", type=int, default=None,
+                   help="paths per user (default: the beam the train run chose for its retrieval budget)")
     _cluster_options(p)
     p.set_defaults(func=cmd_candidates, cmd_name="candidates")
 

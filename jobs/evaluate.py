@@ -1,8 +1,9 @@
 """`dr evaluate`: the paper's protocol on a train run's test users, with a report in the run's folder.
 
 It reads exactly what the run recorded in `runs` (samples_train / eval_users / item_paths
-versions and the checkpoint trained against that item_paths version) and reports P/R/F@k for
-DR, brute force, popularity and item-CF, items scored per user, DR recall against beam size,
+versions, the checkpoint trained against that item_paths version, the retrieval beam chosen
+for the budget) and reports P/R/F@k for DR, brute force, popularity, item-CF and EASE (its
+lambda chosen on the validation users), items scored per user, DR recall against beam size,
 the path-size histogram and the M-step objective per EM round.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dr_model.config import DRConfig
-from dr_model.evaluation import evaluate_users
+from dr_model.evaluation import EvalUsers, evaluate_users
 from dr_model.index import PathIndex
 from dr_model.model import DRModel
 
@@ -45,6 +46,13 @@ def load_run_model(wh: Warehouse, run: runs.RunRecord) -> tuple[DRModel, np.ndar
     return model, item_ids, assign, cfg
 
 
+def retrieval_beam(run: runs.RunRecord, cfg: DRConfig, overrides: list[str] | None = None) -> int:
+    """The beam a train run chose for its budget, unless `--set search.beam=...` asks for another."""
+    if any(o.strip().startswith("search.beam=") for o in overrides or []):
+        return cfg.search.beam
+    return int(run.metrics.get("retrieval_beam") or cfg.search.beam)
+
+
 def run_dir(wh: Warehouse, run_id: str) -> Path:
     return Path(wh.root) / "runs" / run_id
 
@@ -64,17 +72,20 @@ def run_evaluate(wh: Warehouse, run_id: str | None = None, overrides: list[str] 
         cfg = cfg.with_overrides(overrides)
     tv = run.table_versions
     split = load_split(wh, tv["samples_train"], tv["eval_users"])
-    users = split.eval_subset(role)
-    log(f"run {run.run_id}: {len(users.eval_user)} {'test' if role == 2 else 'validation'} users, "
-        f"{len(item_ids)} items, beam {cfg.search.beam}")
-    report = evaluate_users(model, item_ids, index, users.eval_hist, users.truth_offsets, users.truth_items, cfg,
-                            train=(split.train_user, split.train_target))
+    users, valid = EvalUsers.of(split, role), EvalUsers.of(split, 1)
+    beam = retrieval_beam(run, cfg, overrides)
+    log(f"run {run.run_id}: {len(users)} {'test' if role == 2 else 'validation'} users, "
+        f"{len(item_ids)} items, beam {beam}")
+    report = evaluate_users(model, item_ids, index, users, cfg, train=(split.train_user, split.train_target),
+                            valid=valid, beam=beam)
+    report["budget"] = run.metrics.get("budget")
+    report["alpha_used"] = run.metrics.get("alpha")
     report["run_id"] = run.run_id
     report["table_versions"] = tv
     report["objective_per_round"] = [
-        {"round": r["round"], "objective": r["mstep"][-1]["objective"] if r.get("mstep") else None,
-         "max_path_size": r["mstep"][-1]["max_path_size"] if r.get("mstep") else None}
-        for r in run.metrics.get("rounds", [])]
+        {"round": r["round"], "objective": r["mstep"][-1]["objective"], "alpha": r["mstep"][-1].get("alpha"),
+         "path_size": r["mstep"][-1].get("path_size"), "max_path_size": r["mstep"][-1]["max_path_size"]}
+        for r in run.metrics.get("rounds", []) if r.get("mstep")]
     out = run_dir(wh, run.run_id)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2, sort_keys=True))

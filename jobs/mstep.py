@@ -34,8 +34,9 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from dr_model.calibrate import AlphaSearch, initial_alpha, traffic_size
 from dr_model.config import DRConfig
-from dr_model.mstep import RoundStats
+from dr_model.mstep import RoundStats, fixed_alpha
 from jobs.tables import CommitMeta, CommitResult, Warehouse
 from spark_udfs.mstep_udf import (INPUT_COLUMNS, ITEM_PATHS_DDL, STATE_DDL, STATS_COLUMNS, MStepContext,
                                   barrier_batches, build_state, drop_job, item_paths_batches, sweep_batches)
@@ -62,6 +63,7 @@ class MStepOptions:
     partitions: int | None = None
     sync: str = "auto"
     extrapolate: bool = True          # False: plain copies (cross-partition Jacobi; kept for comparison)
+    alpha0: float | None = None       # where the alpha search starts (the previous EM round's alpha)
     seed: int = 0                     # random balanced start of items without starting paths
     storage: str = "MEMORY_AND_DISK"  # StorageLevel name of each round's checkpointed state
     worker_cache: bool = True
@@ -115,13 +117,15 @@ def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
 def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
                   init_item_paths_version: int | None, opts: MStepOptions = MStepOptions()) -> MStepState:
     """The checkpointed starting state: items hash-partitioned by item_id, one state row per partition."""
-    S, J, P, mc = cfg.search.score_paths, cfg.model.J, cfg.model.num_paths, cfg.mstep
+    # path_scores lists: the beam's S paths plus the J own paths the scores job adds
+    S, J, P, mc = cfg.search.score_paths + cfg.model.J, cfg.model.J, cfg.model.num_paths, cfg.mstep
     n, barrier = plan_partitions(spark, opts)
     barrier = barrier and P < 2 ** 31                    # the exchange encodes path ids as int32 gaps
-    ctx = MStepContext(job=MStepContext.new_job(), S=S, J=J, num_paths=P, alpha=mc.alpha, power=mc.penalty_power,
+    ctx = MStepContext(job=MStepContext.new_job(), S=S, J=J, num_paths=P, alpha=0.0, power=mc.penalty_power,
                        block_size=mc.block_size, extrapolate=opts.extrapolate, partitions=n,
                        sources=tuple(warehouse.files("path_scores", path_scores_version)), cache=opts.worker_cache,
-                       improving_only=mc.improving_only)
+                       improving_only=mc.improving_only, K=cfg.model.K, D=cfg.model.D, explore=mc.explore,
+                       explore_score=mc.explore_score, seed=cfg.train.seed)
     rows = (warehouse.read_spark(spark, "path_scores", path_scores_version)
             .select("item_id", "path", "score", "n_v", F.lit(-1).alias("slot"), F.lit(0).alias("src")))
     if init_item_paths_version is not None:
@@ -141,29 +145,33 @@ def _add(a: tuple, b: tuple) -> tuple:
     return tuple(x + y for x, y in zip(a, b))
 
 
-def _stats_of(counts: bytes, loglik: float, skipped: int, moved: int, cpu: float, cache: int) -> tuple:
+def _stats_of(counts: bytes, loglik: float, skipped: int, moved: int, cpu: float, cache: int, traffic: bytes) -> tuple:
     return (np.frombuffer(counts, dtype=np.int32).astype(np.int64), loglik, skipped, moved, cpu,
-            np.bincount([cache], minlength=3)[:3] if cache >= 0 else np.zeros(3, np.int64))
+            np.bincount([cache], minlength=3)[:3] if cache >= 0 else np.zeros(3, np.int64),
+            np.frombuffer(traffic, dtype=np.float64) if traffic else 0.0)
 
 
-def collect_stats(state: MStepState, num_paths: int,
-                  driver_merge: int = 32) -> tuple[np.ndarray, float, int, int, float, np.ndarray]:
-    """Sum the partitions' statistics of a state.
+def collect_stats(state: MStepState | DataFrame, num_paths: int,
+                  driver_merge: int = 32) -> tuple[np.ndarray, float, int, int, float, np.ndarray, np.ndarray]:
+    """Sum the partitions' statistics of a state (or of any frame of state rows).
 
     -> (sizes [num_paths] int64, loglik, skipped, moved, task cpu, cache [3]: partitions whose
-    candidates were rebuilt from path_scores / mapped from the machine's files / in the worker).
+    candidates were rebuilt from path_scores / mapped from the machine's files / in the worker,
+    path traffic [num_paths] float64).
     """
-    zero = (np.zeros(num_paths, dtype=np.int64), 0.0, 0, 0, 0.0, np.zeros(3, np.int64))
-    df = state.df.select(*STATS_COLUMNS)
-    if state.partitions <= driver_merge:
+    zero = (np.zeros(num_paths, dtype=np.int64), 0.0, 0, 0, 0.0, np.zeros(3, np.int64), np.zeros(num_paths))
+    frame = state.df if isinstance(state, MStepState) else state
+    parts = state.partitions if isinstance(state, MStepState) else frame.rdd.getNumPartitions()
+    df = frame.select(*STATS_COLUMNS)
+    if parts <= driver_merge:
         t = df.toArrow()                                    # <= driver_merge rows
         tot = zero
         cols = [t.column(c).to_pylist() for c in STATS_COLUMNS]
         for row in zip(*cols):
             tot = _add(tot, _stats_of(*row))
         return tot
-    depth = max(2, int(np.ceil(np.log(state.partitions) / np.log(max(driver_merge, 2)))))
-    got = df.rdd.map(lambda r: _stats_of(*r)).treeReduce(_add, depth=depth) if state.partitions else zero
+    depth = max(2, int(np.ceil(np.log(parts) / np.log(max(driver_merge, 2)))))
+    got = df.rdd.map(lambda r: _stats_of(*r)).treeReduce(_add, depth=depth) if parts else zero
     return got
 
 
@@ -173,11 +181,13 @@ def round_stats(state: MStepState, cfg: DRConfig, r: int, seconds: float,
     return _round_stats(collect_stats(state, cfg.model.num_paths, driver_merge), state, cfg, r, seconds)
 
 
-def _round_stats(sums: tuple, state: MStepState, cfg: DRConfig, r: int, seconds: float) -> tuple[RoundStats, np.ndarray]:
-    sizes, loglik, skipped, moved, cpu, cache = sums
+def _round_stats(sums: tuple, state: MStepState, cfg: DRConfig, r: int, seconds: float,
+                 alpha: float = 0.0) -> tuple[RoundStats, np.ndarray]:
+    sizes, loglik, skipped, moved, cpu, cache, traffic = sums
     state.extra["cache"] = cache.tolist()
-    st = RoundStats.from_sums(r, sizes, loglik, skipped, moved, cfg.mstep.alpha, cfg.mstep.penalty_power, seconds,
-                              cpu)
+    state.extra["traffic_total"] = float(np.sum(traffic))
+    st = RoundStats.from_sums(r, sizes, loglik, skipped, moved, alpha, cfg.mstep.penalty_power, seconds,
+                              cpu, traffic=traffic if np.ndim(traffic) else None)
     return st, sizes
 
 
@@ -185,54 +195,84 @@ def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MSte
                log: Callable[[str], None] = _log) -> tuple[MStepState, list[RoundStats]]:
     """cfg.mstep.rounds sweeps from a state -> (final state, stats with round 0 = the start).
 
+    With mstep.alpha "auto", alpha is searched first (dr_model.calibrate.AlphaSearch, from
+    opts.alpha0 or calibrate.initial_alpha) for the traffic-weighted path size
+    search.target_path_size of the scored items; state.extra["alpha_trials"] lists the trials.
     RoundStats.seconds: wall time of a round, the exchange included (barrier), or of the
     round's job (jobs; the driver's sum of the statistics, a few ms, excluded and logged).
     """
-    st, sizes = round_stats(state, cfg, 0, 0.0, opts.driver_merge)
+    sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)
+    sizes = sums[0]
     V = int(sizes.sum()) // cfg.model.J                       # scored items (each holds J paths)
-    log(f"round 0: objective {st.objective:.4f}, largest path {st.max_path_size}, non-empty paths "
-        f"{st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths); "
-        f"{state.partitions} partitions, rounds {'in one barrier stage' if state.barrier else 'one job each'}")
+    mc = cfg.mstep
+    target = cfg.search.target_path_size(V, cfg.eval.k) if mc.auto_alpha else None
+    if target is None:
+        alpha0 = fixed_alpha(mc)
+    else:
+        alpha0 = opts.alpha0 or initial_alpha(float(np.sum(sums[6])) / max(V, 1), target, mc.penalty_power)
+    st, sizes = _round_stats(sums, state, cfg, 0, 0.0, alpha0)
+    log(f"round 0: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path {st.max_path_size}, "
+        f"non-empty paths {st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths); "
+        f"{state.partitions} partitions, rounds {'in one barrier stage' if state.barrier else 'one job each'}; "
+        + (f"alpha {alpha0:.4g}" if target is None else f"alpha searched from {alpha0:.4g} for path size {target:.1f}"))
     rounds = _barrier_rounds if state.barrier else _job_rounds
-    state, more = rounds(spark, state, cfg, opts, sizes, V, log)
+    state, more = rounds(spark, state, cfg, opts, sizes, V, alpha0, target, log)
     return state, [st] + more
 
 
 def _job_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions, sizes: np.ndarray,
-                V: int, log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
+                V: int, alpha: float, target: float | None,
+                log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
     """One Spark job per round: the pass (sweep + the partitions' statistics) is marked for a
-    local checkpoint, and collecting its statistics columns computes, stores and checkpoints it."""
+    local checkpoint, and collecting its statistics columns computes, stores and checkpoints it.
+    An alpha search runs one job per trial, reading only the trial's statistics."""
     ctx, stats = state.ctx, []
+    if target is not None:
+        search = AlphaSearch(alpha, target)
+        bc = spark.sparkContext.broadcast(sizes)
+        while (a := search.propose()) is not None:
+            trial = state.df.select(*INPUT_COLUMNS).mapInArrow(
+                lambda it, a=a: sweep_batches(it, bc, ctx, V, a), STATE_DDL)
+            t_sizes, *_, t_traffic = collect_stats(trial, cfg.model.num_paths, opts.driver_merge)
+            search.observe(a, traffic_size(t_traffic, t_sizes))
+        bc.destroy()
+        alpha = search.result
+        state.extra["alpha_trials"] = search.trials
+        log(f"alpha {alpha:.4g} after {len(search.trials)} trials: "
+            + ", ".join(f"{t:.3g} -> size {z:.1f}" for t, z in search.trials))
     for r in range(1, cfg.mstep.rounds + 1):
         t0 = time.perf_counter()
         bc = spark.sparkContext.broadcast(sizes)              # the round's size table, once per executor
-        new = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it, bc=bc: sweep_batches(it, bc, ctx, V), STATE_DDL)
+        new = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it, bc=bc: sweep_batches(it, bc, ctx, V, alpha),
+                                                         STATE_DDL)
         # cuts the lineage (plans stay one round long); materialised by the statistics job below
         new = new.localCheckpoint(eager=False, storageLevel=getattr(StorageLevel, opts.storage))
         old, state = state, MStepState(new, ctx, state.partitions, state.barrier)
         sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)
         secs = time.perf_counter() - t0
-        st, sizes = _round_stats(sums, state, cfg, r, secs)
+        st, sizes = _round_stats(sums, state, cfg, r, secs, alpha)
         old.df.unpersist()
         bc.destroy()
         stats.append(st)
-        log(f"round {r}: objective {st.objective:.4f}, largest path {st.max_path_size}, non-empty paths "
-            f"{st.nonempty_paths}, items moved {st.items_moved} [{secs:.2f}s, with statistics "
+        log(f"round {r}: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path "
+            f"{st.max_path_size}, non-empty paths {st.nonempty_paths}, items moved {st.items_moved} [{secs:.2f}s, with statistics "
             f"{time.perf_counter() - t0:.2f}s, task cpu {st.cpu_seconds:.2f}s; candidates of the partitions: "
             f"{_cache_msg(state.extra['cache'])}]")
     return state, stats
 
 
 def _barrier_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions, sizes: np.ndarray,
-                    V: int, log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
-    """All rounds in one barrier stage (mstep_udf.barrier_batches); its statistics come back in `history`."""
+                    V: int, alpha: float, target: float | None,
+                    log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
+    """All rounds (and the alpha search) in one barrier stage (mstep_udf.barrier_batches); its
+    statistics come back in `history`."""
     ctx, rounds = state.ctx, cfg.mstep.rounds
     if rounds == 0:
         return state, []
     t0 = time.perf_counter()
     bc = spark.sparkContext.broadcast(sizes)                  # the starting table; the tasks keep it up to date
     new = state.df.select(*INPUT_COLUMNS).mapInArrow(
-        lambda it: barrier_batches(it, bc, ctx, V, rounds), STATE_DDL, barrier=True)
+        lambda it: barrier_batches(it, bc, ctx, V, rounds, alpha, target), STATE_DDL, barrier=True)
     new = _checkpoint(new, opts.storage)
     got = new.select("history", "cache").toArrow()            # <= task slots rows
     secs = time.perf_counter() - t0
@@ -241,15 +281,21 @@ def _barrier_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts:
     state = MStepState(new, ctx, state.partitions, True)
     hist = [h for h in got.column("history").to_pylist() if h]
     if not hist:                                              # no partition holds an item: nothing moves
-        st0 = RoundStats.from_sums(0, sizes, 0.0, 0, 0, cfg.mstep.alpha, cfg.mstep.penalty_power)
+        st0 = RoundStats.from_sums(0, sizes, 0.0, 0, 0, alpha, cfg.mstep.penalty_power)
         stats = [replace(st0, round=r) for r in range(1, rounds + 1)]
     else:
-        stats = [RoundStats(**d) for d in json.loads(hist[0])]
+        h = json.loads(hist[0])
+        stats = [RoundStats(**d) for d in h["rounds"]]
+        state.extra["alpha_trials"] = [tuple(t) for t in h["trials"]]
+        if h["trials"]:
+            log(f"alpha {stats[-1].alpha:.4g} after {len(h['trials'])} trials: "
+                + ", ".join(f"{t:.3g} -> size {z:.1f}" for t, z in h["trials"]))
     state.extra["cache"] = np.bincount([c for c in got.column("cache").to_pylist() if c >= 0],
                                        minlength=3)[:3].tolist()
     for st in stats:
-        log(f"round {st.round}: objective {st.objective:.4f}, largest path {st.max_path_size}, non-empty paths "
-            f"{st.nonempty_paths}, items moved {st.items_moved} [{st.seconds:.2f}s with the exchange, task cpu "
+        log(f"round {st.round}: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path "
+            f"{st.max_path_size}, non-empty paths {st.nonempty_paths}, items moved {st.items_moved} "
+            f"[{st.seconds:.2f}s with the exchange, task cpu "
             f"{st.cpu_seconds:.2f}s]")
     log(f"{rounds} rounds in one barrier stage over {state.partitions} partitions: {secs:.2f}s with stage start and "
         f"checkpoint; candidates of the partitions: {_cache_msg(state.extra['cache'])}")
@@ -274,7 +320,8 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
     t0 = time.perf_counter()
     J = cfg.model.J
     log(f"path_scores@{path_scores_version}, start item_paths@{init_item_paths_version}, K={cfg.model.K} "
-        f"D={cfg.model.D} J={J} S={cfg.search.score_paths}, alpha={cfg.mstep.alpha}, {cfg.mstep.rounds} rounds, "
+        f"D={cfg.model.D} J={J} S={cfg.search.score_paths}+{J} own+{cfg.mstep.explore} exploration, "
+        f"alpha={cfg.mstep.alpha}, {cfg.mstep.rounds} rounds, "
         f"{'extrapolated local deltas' if opts.extrapolate else 'plain local copies'}")
     state = initial_state(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts)
     ctx = state.ctx
@@ -285,7 +332,7 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
             "path_scores_version": path_scores_version, "init_item_paths_version": init_item_paths_version,
             "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain",
             "sync": "barrier" if state.barrier else "jobs", "partitions": state.partitions,
-            "objective": stats[-1].objective,
+            "objective": stats[-1].objective, "alpha": stats[-1].alpha, "path_size": stats[-1].path_size,
             "max_path_size": stats[-1].max_path_size})
         res = warehouse.write_spark("item_paths", out, meta, mode="overwrite")
     finally:

@@ -5,7 +5,9 @@ rating >= threshold (events without a rating, i.e. implicit feedback, are kept),
 >= min_events events, held-out users by the seeded hash rank, each user's events ordered by
 (ts, item_id). Histories are stored as array<bigint> of exactly L items, left-padded with -1:
   samples_train(user_id, pos, hist[L], target): pos = 0-based index of the target event, pos >= 1
-  eval_users(user_id, role 1|2, hist[L], n_input = n // 2, truth[n - n_input] in time order)
+  eval_users(user_id, role 1|2, hist[L], n_input = n // 2, input[n_input], truth[n - n_input],
+             both in time order; `input` is the whole input half the baselines read)
+Held-out sizes follow dr_model.split.heldout_sizes of the eligible users (one count).
 Both tables are overwritten, each in one commit tagged with the run id, the config hash and the
 `interactions` version read; re-running the same split of the same version is a no-op.
 """
@@ -22,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from dr_model.config import SplitConfig
-from dr_model.split import HASH_MOD, HASH_MULT, PAD, Split
+from dr_model.evaluation import EvalUsers
+from dr_model.split import HASH_MOD, HASH_MULT, PAD, Split, heldout_sizes
 
 from .tables import CommitMeta, Warehouse
 
@@ -63,8 +66,12 @@ def _pad_left(arr: Any, L: int) -> Any:
     return F.concat(F.array_repeat(F.lit(PAD).cast("bigint"), F.lit(L) - F.size(arr)), arr)
 
 
-def split_frames(events: Any, cfg: SplitConfig, seq_len: int) -> tuple[Any, Any]:
-    """interactions DataFrame -> (samples_train, eval_users) DataFrames."""
+def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | None = None) -> tuple[Any, Any]:
+    """interactions DataFrame -> (samples_train, eval_users) DataFrames.
+
+    eligible: the number of users with >= min_events kept events (counted when not given),
+    which caps the held-out users (dr_model.split.heldout_sizes).
+    """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -76,11 +83,21 @@ def split_frames(events: Any, cfg: SplitConfig, seq_len: int) -> tuple[Any, Any]
             .select("user_id", F.col("ev.item_id").alias("items"), F.size("ev").alias("n"))
             .filter(F.col("n") >= cfg.min_events)
             .withColumn("h", user_hash_col(F.col("user_id"), cfg.seed)))
-    n_out = cfg.test_users + cfg.valid_users
+    if eligible is None:
+        eligible = seqs.count()
+    n_test, n_valid = heldout_sizes(eligible, cfg)
+    if eligible and cfg.test_users + cfg.valid_users and n_test + n_valid == 0:
+        raise ValueError(f"split: {eligible} eligible users (>= split.min_events={cfg.min_events} kept events) "
+                         "leave no held-out user: the dataset is too small to evaluate")
+    if (n_test, n_valid) != (cfg.test_users, cfg.valid_users):
+        print(f"[split] {eligible} eligible users: holding out {n_test} test and {n_valid} validation users "
+              f"(asked {cfg.test_users} + {cfg.valid_users}; at most split.max_heldout_fraction="
+              f"{cfg.max_heldout_fraction} of the eligible users)", file=sys.stderr, flush=True)
+    n_out = n_test + n_valid
     # Held-out users: the n_out smallest (hash, user_id); a top-k, then ranks on <= n_out rows.
     held = (seqs.select("user_id", "h").orderBy("h", "user_id").limit(n_out)
             .withColumn("rank", F.row_number().over(Window.orderBy("h", "user_id")))
-            .select("user_id", F.when(F.col("rank") <= cfg.test_users, 2).otherwise(1).cast("tinyint").alias("role")))
+            .select("user_id", F.when(F.col("rank") <= n_test, 2).otherwise(1).cast("tinyint").alias("role")))
     seqs = seqs.join(F.broadcast(held), "user_id", "left").fillna(0, subset=["role"])
 
     p = F.col("pos")
@@ -96,6 +113,7 @@ def split_frames(events: Any, cfg: SplitConfig, seq_len: int) -> tuple[Any, Any]
              .select("user_id", "role",
                      _pad_left(F.slice("items", lo_e + 1, n_in - lo_e), L).alias("hist"),
                      n_in.alias("n_input"),
+                     F.slice("items", F.lit(1), n_in).alias("input"),
                      F.slice("items", n_in + 1, F.col("n") - n_in).alias("truth")))
     return train, evals
 
@@ -129,6 +147,30 @@ def _rows(wh: Warehouse, table: str, version: int) -> int:
     return wh.read_arrow(table, version, columns=["user_id"]).num_rows
 
 
+def load_eval_users(wh: Warehouse, version: int | None, role: int) -> EvalUsers:
+    """The held-out users of one role (1 validation, 2 test) of an eval_users version, as dr_model's EvalUsers.
+
+    O(held-out users) rows: what the driver may hold (DESIGN.md §8, evaluate).
+    """
+    import pyarrow.compute as pc
+
+    ev = wh.read_arrow("eval_users", version)
+    ev = ev.filter(pc.equal(ev.column("role"), role)).sort_by("user_id")
+    L = len(ev.column("hist")[0]) if ev.num_rows else 0
+    flat = ev.column("hist").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    t_off, t_items = _csr(ev.column("truth"))
+    i_off, i_items = _csr(ev.column("input"))
+    return EvalUsers(flat.reshape(ev.num_rows, L), i_off, i_items, t_off, t_items)
+
+
+def _csr(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> CSR (offsets [n+1] int64, values int64)."""
+    arr = col.combine_chunks()
+    lens = np.asarray(arr.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
+    return (np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64))
+
+
 def load_split(wh: Warehouse, train_version: int | None = None, eval_version: int | None = None) -> Split:
     """The stored split as dr_model's in-process Split (rows ordered by user, then position)."""
     tr = wh.read_arrow("samples_train", train_version).sort_by([("user_id", "ascending"), ("pos", "ascending")])
@@ -139,12 +181,11 @@ def load_split(wh: Warehouse, train_version: int | None = None, eval_version: in
         flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         return flat.reshape(len(col), L)
 
-    truth = ev.column("truth").combine_chunks()
-    lens = np.asarray(truth.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
+    t_off, t_items = _csr(ev.column("truth"))
+    i_off, i_items = _csr(ev.column("input"))
     return Split(
         train_hist=mat(tr.column("hist")), train_target=tr.column("target").to_numpy(),
         train_user=tr.column("user_id").to_numpy(),
         eval_user=ev.column("user_id").to_numpy(), eval_role=ev.column("role").to_numpy().astype(np.int8),
-        eval_hist=mat(ev.column("hist")),
-        truth_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-        truth_items=truth.flatten().to_numpy(zero_copy_only=False).astype(np.int64))
+        eval_hist=mat(ev.column("hist")), truth_offsets=t_off, truth_items=t_items,
+        input_offsets=i_off, input_items=i_items)

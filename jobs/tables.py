@@ -126,6 +126,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
         _field("user_id", _ID, False), _field("role", pa.int8(), False),   # 1 validation, 2 test
         _field("hist", _IDS, False),                # last <= L items of the first half
         _field("n_input", pa.int32(), False),       # events in the first half (n // 2)
+        _field("input", _IDS, False),               # the whole first half, in time order (baselines)
         _field("truth", _IDS, False),               # second half, in time order
     ]), key=("user_id",)),
     # Catalog items without interactions given paths by `dr backfill cold-items` (jobs/cold_items.py).

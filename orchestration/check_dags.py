@@ -162,7 +162,7 @@ def main(argv: list[str]) -> int:
             cases = {
                 "defaults": ({}, {}, True),
                 "overrides": ({"dr_warehouse": "s3://var-bucket/wh", "dr_spark_master": "spark://var:7077"},
-                              {"warehouse": "s3://param-bucket/wh", "config": "configs/ml-1m.toml"}, True),
+                              {"warehouse": "s3://param-bucket/wh", "config": "configs/default.toml"}, True),
                 "manual_no_logical_date": ({}, {}, False),
             }
             for case, (variables, params, scheduled) in cases.items():

@@ -42,15 +42,16 @@ class CheckpointMeta:
     config: dict[str, Any]
     config_hash: str
     epochs_done: int                # epochs of this round's schedule already trained
-    epochs_total: int
+    epochs_total: int               # the schedule's most epochs (early stopping may end it sooner)
     num_items: int
     losses: list[dict[str, Any]] = field(default_factory=list)   # one row per trained epoch
     format: int = FORMAT
     created_at: float = 0.0
+    finished: bool = False          # every phase of the round has ended
 
     @property
     def complete(self) -> bool:
-        return self.epochs_done >= self.epochs_total
+        return self.finished or self.epochs_done >= self.epochs_total
 
 
 @dataclass(frozen=True)

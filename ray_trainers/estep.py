@@ -9,6 +9,12 @@ dr_model.trainer.train_step (the same update as the single-process trainer) on i
 the per-worker batch batch_size / num_workers, and gradients are averaged between backward and
 the optimizer step, so N workers follow the global batch of the single-process loop.
 
+Phases follow dr_model.schedule: each ends at its most epochs or when the validation users'
+recall@k (computed by rank 0 after every epoch, broadcast to the others so every rank takes
+the same decision) stops improving. The validation users (<= split.valid_users rows) travel
+through the object store; the decisions are a function of the per-epoch history, which the
+checkpoints keep, so a resumed round takes the same ones.
+
 Why not torch's DistributedDataParallel wrapper: DDP only synchronises through the wrapped
 module's forward(), while DRModel's losses are separate methods (structure_loss, rerank_loss)
 and the frozen-reranker phase changes which parameters get gradients. Averaging the trainable
@@ -31,9 +37,10 @@ import pyarrow.compute as pc
 import torch
 
 from dr_model.config import DRConfig
+from dr_model.evaluation import EvalUsers
 from dr_model.model import DRModel
-from dr_model.reranker import sampling_log_q
-from dr_model.trainer import Phase, Vocab, phase_optimizer, schedule, train_step
+from dr_model.schedule import Phase, phase_finished, remaining, schedule
+from dr_model.trainer import Validation, Vocab, epoch_line, phase_optimizer, proposal, train_step, unfreeze
 from jobs.tables import Warehouse
 
 from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial,
@@ -231,17 +238,6 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _epoch_plan(phases: list[Phase], epochs_done: int) -> list[tuple[int, Phase, int]]:
-    """(phase index, phase, epoch in phase) for every epoch not trained yet."""
-    plan, g = [], 0
-    for i, ph in enumerate(phases):
-        for e in range(ph.epochs):
-            if g >= epochs_done:
-                plan.append((i, ph, e))
-            g += 1
-    return plan
-
-
 def _resolve_start(root: str, em_round: int, c: dict[str, Any]) -> tuple[str | None, str | None]:
     """(checkpoint to resume this round from, or to warm-start from) — checked for pairing."""
     part = latest_partial(root, em_round)
@@ -256,8 +252,19 @@ def _resolve_start(root: str, em_round: int, c: dict[str, Any]) -> tuple[str | N
     return None, previous_final(root, em_round)
 
 
+def _agree(value: float | None, distributed: bool) -> float | None:
+    """Rank 0's validation figure on every rank (nan travels for 'none')."""
+    if not distributed:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return None if math.isnan(float(t)) else float(t)
+
+
 def train_loop(c: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker body: resume/warm-start, then the round's remaining epochs; rank 0 checkpoints."""
+    """Ray Train worker body: resume/warm-start, then the round's phases until each ends; rank 0 checkpoints."""
     import ray
     import ray.train
     import torch.distributed as dist
@@ -267,10 +274,13 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     cfg = DRConfig.from_dict(c["config"])
-    item_ids, assign, counts = (ray.get(r) for r in c["arrays"])
+    item_ids, assign, counts, valid_users = (ray.get(r) for r in c["arrays"])
     vocab = Vocab(item_ids)
     phases = [Phase(**p) for p in c["phases"]]
     total = sum(p.epochs for p in phases)
+    tc = cfg.train
+    check = (Validation(valid_users, vocab, cfg.eval.k, cfg.search.beam)
+             if rank == 0 and valid_users is not None and len(valid_users) else None)
     root, em_round = c["root"], c["round"]
     if final_checkpoint(root, em_round) is not None:
         return {"epochs_done": total}           # a restarted worker group after the round finished
@@ -278,7 +288,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = DRModel(cfg.model, vocab.size)
     resume, warm = _resolve_start(root, em_round, c)
-    epochs_done, opt_state, history = 0, None, []
+    epochs_done, opt_state, history, trained = 0, None, [], 0
     if resume is not None:
         ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"])
         model.load_state_dict(ck.model_state)
@@ -290,27 +300,31 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             raise CheckpointMismatch(f"warm start {warm}: its item vocabulary differs from item_paths "
                                      f"version {c['item_paths_version']}")
         model.load_state_dict(ck.model_state)
+        if c["seed_structure_encoder"] and model.seed_structure_encoder() and rank == 0:
+            _stderr(f"[estep] round {em_round}: the structure encoder starts from the reranker's")
     if distributed:
         for t in model.state_dict().values():   # identical by seed/checkpoint; make it certain
             dist.broadcast(t, 0)
 
-    tc = cfg.train
-    q, log_q = sampling_log_q(torch.from_numpy(np.array(counts)), tc.negatives)   # ray.get arrays are read-only
-    assign_t = torch.from_numpy(np.array(assign))
+    q, log_q = proposal(torch.from_numpy(np.array(counts)), cfg)   # ray.get arrays are read-only
+    assign_np = np.array(assign)
+    assign_t = torch.from_numpy(assign_np)
     bs = math.ceil(tc.batch_size / world)       # global batch = the single-process batch
     shard = ray.train.get_dataset_shard("train")
     L = cfg.model.seq_len
-    plan = _epoch_plan(phases, epochs_done)
-    if c["stop_after_epochs"] is not None:
-        plan = plan[: c["stop_after_epochs"]]
+    budget = c["stop_after_epochs"]
     opt, cur_phase, sync = None, -1, None
     cache: tuple[torch.Tensor, torch.Tensor] | None = None
-    for i, ph, ep in plan:
+    while True:
+        todo = remaining(phases, history, tc.patience, tc.min_delta)
+        if not todo or (budget is not None and budget <= 0):
+            break
+        i, ph, ep = todo[0]
         if i != cur_phase:
             # A new phase: (un)freeze, fresh Adam over the trainable set (as the single-process
             # trainer does), and a gradient sync over exactly those parameters.
-            opt = phase_optimizer(model, cfg, ph.train_reranker)
-            if opt_state is not None and ep > 0:
+            opt = phase_optimizer(model, cfg, ph)
+            if opt_state is not None and ep > 0 and trained == 0:
                 opt.load_state_dict(opt_state)  # resuming inside this phase
             cur_phase = i
             if sync is not None:
@@ -319,6 +333,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             if rank == 0 and sync is not None:
                 _stderr(f"[estep] {ph.name} phase: gradient sync over {sync.transport} ({world} workers)")
         gen = torch.Generator().manual_seed(_seed(ph.seed, ep, rank))
+        model.train()
         sums = torch.zeros(3, dtype=torch.float64)   # structure loss * n, rerank loss * n, n
         t0 = time.perf_counter()
         if c["cache_shard"]:
@@ -332,9 +347,9 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         for seq, target in batches:
             if len(target) == 0:
                 continue
-            s, r = train_step(model, opt, seq, target, assign_t, q, log_q, tc.negatives, ph.train_reranker, gen, sync)
+            s, r = train_step(model, opt, seq, target, assign_t, q, log_q, tc.negatives, ph, gen, sync)
             n = len(target)
-            sums[0] += s * n
+            sums[0] += (s if ph.train_structure else 0.0) * n
             sums[1] += (r if ph.train_reranker else 0.0) * n
             sums[2] += n
         if sync is not None:
@@ -343,32 +358,43 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             dist.all_reduce(sums)
         secs = time.perf_counter() - t0
         epochs_done += 1
-        row = {"phase": ph.name, "epoch": ep, "round_epoch": epochs_done - 1,
-               "structure_loss": float(sums[0] / max(sums[2], 1)),
+        trained += 1
+        if budget is not None:
+            budget -= 1
+        model.eval()
+        valid = _agree(check(model, ph, assign_np) if check is not None else None, distributed)
+        model.train()
+        row = {"phase": ph.name, "phase_index": i, "epoch": ep, "round_epoch": epochs_done - 1,
+               "structure_loss": float(sums[0] / max(sums[2], 1)) if ph.train_structure else None,
                "rerank_loss": float(sums[1] / max(sums[2], 1)) if ph.train_reranker else None,
-               "samples": int(sums[2]), "seconds": secs, "samples_per_s": float(sums[2]) / secs,
-               "workers": world, "grad_sync": None if sync is None else sync.transport}
+               "valid_recall": valid, "samples": int(sums[2]), "seconds": secs,
+               "samples_per_s": float(sums[2]) / secs, "workers": world,
+               "grad_sync": None if sync is None else sync.transport}
         history.append(row)
+        finished = not remaining(phases, history, tc.patience, tc.min_delta)
         if rank == 0:
-            _stderr(f"[estep] round {em_round} {ph.name} epoch {ep + 1}/{ph.epochs}: structure loss "
-                    f"{row['structure_loss']:.4f}"
-                    + (f", rerank loss {row['rerank_loss']:.4f}" if ph.train_reranker else " (reranker frozen)")
-                    + f", {row['samples']} samples in {secs:.1f}s ({row['samples_per_s']:.0f}/s, {world} worker(s))")
-            if c["checkpoint_every_epoch"] or epochs_done == total:
-                _save(c, cfg, model, opt, item_ids, epochs_done, total, history)
-        ray.train.report({"epochs_done": epochs_done, "structure_loss": row["structure_loss"]})
+            ended = phase_finished([h for h in history if h.get("phase_index") == i], ph, tc.patience, tc.min_delta)
+            _stderr(f"[estep] round {em_round} {epoch_line(row)}, {row['samples']} samples "
+                    f"({row['samples_per_s']:.0f}/s, {world} worker(s))"
+                    + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else ""))
+            if c["checkpoint_every_epoch"] or finished:
+                _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished)
+        ray.train.report({"epochs_done": epochs_done, "valid_recall": valid})
     if sync is not None:
         sync.close()
-    if rank == 0 and plan and not c["checkpoint_every_epoch"] and epochs_done < total:
+    unfreeze(model)
+    finished = not remaining(phases, history, tc.patience, tc.min_delta)
+    if rank == 0 and trained and not c["checkpoint_every_epoch"] and not finished:
         _save(c, cfg, model, opt, item_ids, epochs_done, total, history)   # stopped early: keep the progress
     return {"epochs_done": epochs_done}
 
 
 def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: torch.optim.Optimizer, item_ids: np.ndarray,
-          epochs_done: int, total: int, history: list[dict[str, Any]]) -> str:
+          epochs_done: int, total: int, history: list[dict[str, Any]], finished: bool = False) -> str:
     meta = CheckpointMeta(run_id=c["run_id"], round=c["round"], item_paths_version=c["item_paths_version"],
                           samples_version=c["samples_version"], config=cfg.to_dict(), config_hash=c["config_hash"],
-                          epochs_done=epochs_done, epochs_total=total, num_items=len(item_ids), losses=history)
+                          epochs_done=epochs_done, epochs_total=total, num_items=len(item_ids), losses=history,
+                          finished=finished)
     return save_checkpoint(c["root"], meta, model.state_dict(), opt.state_dict(), item_ids)
 
 
@@ -379,8 +405,12 @@ def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: torch.optim.Opt
 
 def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, ray_cfg: RayConfig,
               samples_version: int, item_paths_version: int, phases: list[Phase] | None = None,
-              stop_after_epochs: int | None = None, log: Log = _stderr) -> EStepResult:
+              stop_after_epochs: int | None = None, valid_users: EvalUsers | None = None,
+              log: Log = _stderr) -> EStepResult:
     """Train round `em_round`'s E-step (or resume it) and return its checkpoint + per-epoch losses.
+
+    valid_users: the held-out users whose recall@k ends each phase (dr_model.schedule); without
+    them every phase runs its most epochs.
 
     Resume: a finished checkpoint of this round is returned as is (no training); otherwise the
     latest in-progress checkpoint of this round is continued; otherwise the previous round's
@@ -412,16 +442,18 @@ def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, r
         "config": cfg.to_dict(), "config_hash": cfg.hash(), "root": root, "run_id": run_id, "round": em_round,
         "item_paths_version": item_paths_version, "samples_version": samples_version,
         "phases": [asdict(p) for p in phases], "stop_after_epochs": stop_after_epochs,
-        "arrays": [ray.put(item_ids), ray.put(assign), ray.put(counts)],
+        "arrays": [ray.put(item_ids), ray.put(assign), ray.put(counts), ray.put(valid_users)],
         "torch_threads": ray_cfg.torch_threads, "prefetch_batches": ray_cfg.prefetch_batches,
         "checkpoint_every_epoch": ray_cfg.checkpoint_every_epoch, "cache_shard": ray_cfg.cache_shard,
         "shuffle_buffer": max(4 * cfg.train.batch_size, 1024),
+        # round 1 is the structure model's first round (round 0 trained the reranker)
+        "seed_structure_encoder": em_round == 1,
     }
     resume, warm = _resolve_start(root, em_round, conf)
     prev = 0 if resume is None else read_meta(resume).epochs_done    # read now: finishing removes partials
     log(f"[estep] round {em_round}: {len(item_ids)} items x J={cfg.model.J} (item_paths v{item_paths_version}), "
         f"samples_train v{samples_version}, {ray_cfg.num_workers} worker(s), schedule "
-        + ", ".join(f"{p.name} x{p.epochs}" for p in phases)
+        + ", ".join(f"{p.name} (at most {p.epochs} epochs)" for p in phases)
         + (f"; resuming {resume}" if resume else f"; warm start from {warm}" if warm else ""))
     # Deterministic block order: same seed -> same batches, so a resumed run retraces an uninterrupted one.
     opts = DataConfig.default_ingest_options()
@@ -442,9 +474,7 @@ def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, r
         raise RuntimeError(f"E-step round {em_round} of run {run_id} left no checkpoint under {root}")
     ck = load_checkpoint(path, item_paths_version, samples_version, cfg.hash())
     for row in ck.meta.losses[prev:]:
-        log(f"[estep]   {row['phase']} epoch {row['epoch'] + 1}: structure {row['structure_loss']:.4f}"
-            + (f", rerank {row['rerank_loss']:.4f}" if row["rerank_loss"] is not None else "")
-            + f", {row['samples_per_s']:.0f} samples/s")
+        log(f"[estep]   {epoch_line(row)}, {row['samples_per_s']:.0f} samples/s")
     return _result(ck, ck.meta.epochs_done - prev, resume or warm, dropped)
 
 

@@ -101,9 +101,29 @@ def _set_threads() -> None:
         torch.set_num_threads(n)
 
 
+def _own_paths(batch: pa.RecordBatch, J: int) -> np.ndarray | None:
+    """The `own` column (the target's current paths, list<long> [J], null: none) -> [N, J] int64 (-1: none)."""
+    i = batch.schema.get_field_index("own")
+    if i < 0:
+        return None
+    col = batch.column(i)
+    out = np.full((batch.num_rows, J), EMPTY, dtype=np.int64)
+    lens = np.asarray(col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False))
+    full = lens == J
+    if full.any():
+        out[full] = col.filter(pa.array(full)).flatten().to_numpy().reshape(-1, J)
+    return out
+
+
 def _beam_arrays(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per input Arrow batch: (target [N], paths [N, B'], prob [N, B'] float64, kept [N, B'] bool = path not EMPTY)."""
+    """Per input Arrow batch: (target [N], paths [N, B'], prob [N, B'] float64, kept [N, B'] bool = path not EMPTY).
+
+    With an `own` column (the target's J current paths), each pair also scores them
+    (DRModel.beam_and_own): B' = S + J.
+    """
+    import torch
+
     model = None
     for batch in batches:
         if batch.num_rows == 0:
@@ -116,9 +136,11 @@ def _beam_arrays(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: i
         # fixed-length histories: the flat child array reshapes to [N, L] without copies per row
         L = len(hist_col[0]) if batch.num_rows else 0
         hist = hist_col.flatten().to_numpy().reshape(batch.num_rows, L)
+        own = _own_paths(batch, model.cfg.J)
         ps, probs = [], []
         for lo in range(0, batch.num_rows, batch_size):
-            paths, logp = model.beam(vocab.seq(hist[lo:lo + batch_size]), S)
+            own_b = torch.from_numpy(own[lo:lo + batch_size]) if own is not None else None
+            paths, logp = model.beam_and_own(vocab.seq(hist[lo:lo + batch_size]), S, own_b)
             ps.append(paths.numpy())
             probs.append(logp.double().exp().numpy())
         p = np.concatenate(ps) if len(ps) > 1 else ps[0]

@@ -61,18 +61,20 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from dr_model.mstep import (CandidateBlocks, RoundStats, initial_assignment, penalty_delta, prepare_blocks, size_table,
-                            sweep, update_block)
+from dr_model.calibrate import AlphaSearch, assigned_weights, path_traffic, traffic_size, with_exploration
+from dr_model.mstep import (CandidateBlocks, RoundStats, effective_block, initial_assignment, penalty_delta,
+                            prepare_blocks, size_table, sweep, update_block)
 from dr_model.scores import EMPTY, PathScores
 
 STATE_SCHEMA = pa.schema([
     ("part", pa.int32()), ("n_scored", pa.int64()), ("items", pa.binary()), ("assign", pa.binary()),
     ("slots", pa.binary()), ("counts", pa.binary()), ("loglik", pa.float64()), ("skipped", pa.int64()),
     ("moved", pa.int64()), ("cpu", pa.float64()), ("cache", pa.int32()), ("history", pa.string()),
+    ("traffic", pa.binary()),
 ])
 STATE_DDL = ("part int, n_scored long, items binary, assign binary, slots binary, counts binary, "
-             "loglik double, skipped long, moved long, cpu double, cache int, history string")
-STATS_COLUMNS = ("counts", "loglik", "skipped", "moved", "cpu", "cache")
+             "loglik double, skipped long, moved long, cpu double, cache int, history string, traffic binary")
+STATS_COLUMNS = ("counts", "loglik", "skipped", "moved", "cpu", "cache", "traffic")
 # what a pass reads of the previous state (the statistics columns stay behind)
 INPUT_COLUMNS = ("part", "n_scored", "items", "assign", "slots")
 # where a pass found the partition's candidates (`cache` column; -1: the build pass)
@@ -103,6 +105,20 @@ class MStepContext:
     sources: tuple[str, ...]
     cache: bool = True
     improving_only: bool = True
+    K: int = 0                        # nodes per layer and layers (exploration paths are near in code space)
+    D: int = 0
+    explore: int = 0                  # exploration paths per item (dr_model.calibrate.with_exploration)
+    explore_score: float = 0.5
+    seed: int = 0
+
+    @property
+    def width(self) -> int:
+        """Candidate slots per item in the kernel: the path_scores lists plus the exploration paths."""
+        return self.S + self.explore
+
+    def candidates(self, ps: PathScores) -> PathScores:
+        """A partition's s[v,c] lists with the exploration paths (width S + explore)."""
+        return with_exploration(ps, self.K, self.D, self.explore, self.explore_score, self.seed) if self.explore else ps
 
     @staticmethod
     def new_job() -> str:
@@ -116,7 +132,7 @@ class MStepContext:
     @property
     def slot_dtype(self) -> type:
         """Blob dtype of candidate slots in the state (-1 = not a candidate)."""
-        return np.int8 if self.S <= 127 else np.int16 if self.S <= 32767 else np.int32
+        return np.int8 if self.width <= 127 else np.int16 if self.width <= 32767 else np.int32
 
 
 # --------------------------------------------------------------------------- arrow helpers
@@ -137,7 +153,7 @@ def _arr(value: Any, dtype: type, width: int | None = None) -> np.ndarray:
 
 def _state_row(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int, assign: np.ndarray, slots: np.ndarray,
                counts: np.ndarray, loglik: float, skipped: int, moved: int, cpu: float,
-               cache: int, history: str = "") -> pa.RecordBatch:
+               cache: int, history: str = "", traffic: np.ndarray | None = None) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([
         pa.array([part], pa.int32()), pa.array([n_scored], pa.int64()),
         pa.array([_blob(items.astype(np.int64, copy=False))], pa.binary()),
@@ -146,6 +162,7 @@ def _state_row(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int, a
         pa.array([_blob(counts.astype(np.int32))], pa.binary()), pa.array([loglik], pa.float64()),
         pa.array([skipped], pa.int64()), pa.array([moved], pa.int64()), pa.array([cpu], pa.float64()),
         pa.array([cache], pa.int32()), pa.array([history], pa.string()),
+        pa.array([_blob(traffic.astype(np.float64)) if traffic is not None else b""], pa.binary()),
     ], schema=STATE_SCHEMA)
 
 
@@ -251,11 +268,12 @@ def _rebuild(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> 
         paths = [pafs.FileSystem.from_uri(u)[1] for u in ctx.sources]
         tbl = ds.dataset(paths, filesystem=fs, format="parquet").to_table(
             columns=["item_id", "path", "score", "n_v"], filter=ds.field("item_id").isin(pa.array(scored)))
-        ps = PathScores.from_long(*(tbl.column(c).to_numpy().astype(dt, copy=False) for c, dt in
-                                    (("item_id", np.int64), ("path", np.int64), ("score", np.float64),
-                                     ("n_v", np.float64))), S)
+        ps = ctx.candidates(PathScores.from_long(*(tbl.column(c).to_numpy().astype(dt, copy=False) for c, dt in
+                                                   (("item_id", np.int64), ("path", np.int64),
+                                                    ("score", np.float64), ("n_v", np.float64))), S))
     else:
-        ps = PathScores(np.zeros(0, np.int64), np.zeros((0, S), np.int64), np.zeros((0, S)), np.zeros(0))
+        W = ctx.width
+        ps = PathScores(np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W)), np.zeros(0))
     if not np.array_equal(ps.items, scored):
         raise RuntimeError(f"M-step partition {part}: the path_scores files do not hold this partition's items")
     return _store(ctx, part, items, ps)
@@ -381,10 +399,11 @@ def build_state(batches: Iterator[pa.RecordBatch], ctx: MStepContext, seed: int)
     src = tbl.column("src").to_numpy()
     sc = tbl.filter(pa.array(src == 0))
     if sc.num_rows:
-        ps = PathScores.from_long(sc.column("item_id").to_numpy(), sc.column("path").to_numpy(),
-                                  sc.column("score").to_numpy(), sc.column("n_v").to_numpy(), S)
+        ps = ctx.candidates(PathScores.from_long(sc.column("item_id").to_numpy(), sc.column("path").to_numpy(),
+                                                 sc.column("score").to_numpy(), sc.column("n_v").to_numpy(), S))
     else:
-        ps = PathScores(np.zeros(0, np.int64), np.zeros((0, S), np.int64), np.zeros((0, S)), np.zeros(0))
+        W = ctx.width
+        ps = PathScores(np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W)), np.zeros(0))
     ip = tbl.filter(pa.array(src == 1))
     order = np.lexsort((ip.column("slot").to_numpy(), ip.column("item_id").to_numpy()))
     ip_item = ip.column("item_id").to_numpy()[order]
@@ -407,19 +426,22 @@ def build_state(batches: Iterator[pa.RecordBatch], ctx: MStepContext, seed: int)
     part = _partition_id()
     m = len(ps)
     e = _store(ctx, part, item, ps)
-    if ctx.cache and m:
-        # the block layout the sweeps will use (scale = partitions when balanced)
-        scale = max(1, ctx.partitions) if ctx.extrapolate else 1
-        _blocks(e, ctx.block_size, _kernel_dtype(ctx.alpha, ctx.power, m * scale))
     slots = find_slots(ps.paths, assign[:m])
     ll, skipped = _loglik(ps.scores, ps.n_v, slots)
-    yield _state_row(ctx, part, item, m, assign, slots, _counts(assign[:m], num_paths), ll, skipped, 0, 0.0, -1)
+    yield _state_row(ctx, part, item, m, assign, slots, _counts(assign[:m], num_paths), ll, skipped, 0, 0.0, -1,
+                     traffic=_traffic(e, slots, assign, num_paths))
 
 
 # --------------------------------------------------------------------------- one round
 def _kernel_dtype(alpha: float, power: float, total_items: int) -> type:
     # same guard as mstep_blocked: float32 unless the penalty could overflow it on a crowded path
     return np.float64 if alpha * penalty_delta(float(max(total_items, 1)), power) > 1e37 else np.float32
+
+
+def _traffic(e: _Entry, slots: np.ndarray, assign: np.ndarray, num_paths: int) -> np.ndarray:
+    """This partition's path traffic W(c) [num_paths] (dr_model.calibrate) for its scored items' assignment."""
+    m = e.n_scored
+    return path_traffic(e.n_v, assigned_weights(np.asarray(e.scores), slots), assign[:m], num_paths)
 
 
 def sweep_blocks(cands: CandidateBlocks, assign: np.ndarray, slots: np.ndarray, base_sizes: np.ndarray, scale: int,
@@ -452,7 +474,7 @@ def sweep_blocks(cands: CandidateBlocks, assign: np.ndarray, slots: np.ndarray, 
 
 
 def _partition_round(e: _Entry, ctx: MStepContext, assign: np.ndarray, slots: np.ndarray, base_sizes: np.ndarray,
-                     total_items: int) -> tuple[np.ndarray, float, int, int, float]:
+                     total_items: int, alpha: float) -> tuple[np.ndarray, float, int, int, float]:
     """One round of a partition: assign [n, J] -> (new assign [n, J], loglik part, skipped, moved, sweep CPU s).
 
     slots [n_scored, J] is updated in place; base_sizes [num_paths] (the round's global table) is not modified.
@@ -462,39 +484,46 @@ def _partition_round(e: _Entry, ctx: MStepContext, assign: np.ndarray, slots: np
     new = assign.copy()
     if m:
         scale = max(1, round(total_items / m)) if ctx.extrapolate else 1
-        cands = _blocks(e, ctx.block_size, _kernel_dtype(ctx.alpha, ctx.power, total_items))
-        new[:m] = sweep_blocks(cands, assign[:m], slots, base_sizes, scale, ctx.alpha, ctx.power, ctx.improving_only)
+        block = effective_block(ctx.block_size, total_items, ctx.partitions)
+        cands = _blocks(e, block, _kernel_dtype(alpha, ctx.power, total_items))
+        new[:m] = sweep_blocks(cands, assign[:m], slots, base_sizes, scale, alpha, ctx.power, ctx.improving_only)
     cpu = time.process_time() - c0
     ll, skipped = _loglik(e.scores, e.n_v, slots)
     return new, ll, skipped, _moved(assign[:m], new[:m]), cpu
 
 
 def sweep_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MStepContext,
-                  total_items: int) -> Iterator[pa.RecordBatch]:
-    """State rows of a partition -> state rows after one round, with the round's statistics of the partition."""
+                  total_items: int, alpha: float) -> Iterator[pa.RecordBatch]:
+    """State rows of a partition -> state rows after one round at `alpha`, with the round's statistics
+    of the partition (a trial of the alpha search reads only those)."""
     tbl = _table(batches)
     if tbl is None:
         return
     for part, items, m, assign, slots in _rows(tbl, ctx):
         e = _entry(ctx, part, items, m)
+        slots = slots.copy()
         new, ll, skipped, moved, cpu = _partition_round(e, ctx, assign, slots, sizes_bc.value,  # type: ignore[attr-defined]
-                                                        total_items)
+                                                        total_items, alpha)
         yield _state_row(ctx, part, items, m, new, slots, _counts(new[:m], ctx.num_paths), ll, skipped, moved, cpu,
-                         e.source)
+                         e.source, traffic=_traffic(e, slots, new, ctx.num_paths))
 
 
 # --------------------------------------------------------------------------- all rounds in one barrier stage
 def barrier_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MStepContext, total_items: int,
-                    rounds: int, log_rounds: bool = True) -> Iterator[pa.RecordBatch]:
+                    rounds: int, alpha0: float, target: float | None = None,
+                    log_rounds: bool = True) -> Iterator[pa.RecordBatch]:
     """A partition's state row -> its state row after `rounds` rounds (a barrier stage: one task per partition).
 
     Every task sweeps its items against the same global table, then the tasks sum their
     count changes (exchange.TaskGroup: a gloo all-reduce), so each starts the next round
     from the exact table a per-round job would have broadcast, without a job per round.
-    A second all-reduce sums the statistics, so every task knows each round's global
-    objective; they go out in the `history` column (JSON list of RoundStats), and
-    partition 0 prints one progress line per round. Every task joins every exchange,
-    empty partitions too.
+    A second all-reduce sums the statistics (the path traffic included), so every task knows
+    each round's global objective and traffic-weighted path size. With a `target` size, the
+    rounds are preceded by dr_model.calibrate.AlphaSearch's trials (one discarded sweep each,
+    from the starting state, with the same exchanges): every task runs the same search on
+    the same sums, so all pick the same alpha. The statistics go out in the `history`
+    column (JSON: rounds as RoundStats, alpha trials), and partition 0 prints one progress
+    line per round. Every task joins every exchange, empty partitions too.
     """
     from spark_udfs.exchange import TaskGroup
 
@@ -505,36 +534,60 @@ def barrier_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MS
         raise RuntimeError(f"M-step barrier stage: partition {group.rank} holds {len(rows)} state rows, "
                            "expected one (the state must not be repartitioned)")
     sizes = size_table(sizes_bc.value)  # type: ignore[attr-defined]
-    counts = np.zeros(ctx.num_paths, np.int64)
+    P = ctx.num_paths
+    counts = np.zeros(P, np.int64)
+    no_traffic = np.zeros(P)
     if rows:
         part, items, m, assign, slots = rows[0]
         e = _entry(ctx, part, items, m)
-        counts = _counts(assign[:m], ctx.num_paths)
+        counts = _counts(assign[:m], P)
+
+    def global_size(new_counts: np.ndarray, traffic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return sizes + group.sum((new_counts - counts).astype(np.int32)), group.sum(traffic)
+
+    alpha, trials = alpha0, []
+    if target is not None:
+        search = AlphaSearch(alpha0, target)
+        while (a := search.propose()) is not None:
+            t_counts, t_traffic = counts, no_traffic
+            if rows:
+                s_try = slots.copy()
+                t_assign = _partition_round(e, ctx, assign, s_try, sizes, total_items, a)[0]
+                t_counts, t_traffic = _counts(t_assign[:m], P), _traffic(e, s_try, t_assign, P)
+            t_sizes, W = global_size(t_counts, t_traffic)
+            search.observe(a, traffic_size(W, t_sizes))
+        alpha, trials = search.result, search.trials
+        if log_rounds and group.rank == 0:
+            print(f"[mstep] (barrier task) alpha {alpha:.4g} after {len(trials)} trials: "
+                  + ", ".join(f"{t:.3g} -> size {z:.1f}" for t, z in trials), file=sys.stderr, flush=True)
     history: list[dict] = []
     mine = np.zeros(4)                                   # this partition's loglik, skipped, moved, cpu
     own_cpu = 0.0
+    traffic = no_traffic
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         new_counts = counts
         if rows:
-            assign_new, *part_stats = _partition_round(e, ctx, assign, slots, sizes, total_items)
-            new_counts = _counts(assign_new[:m], ctx.num_paths)
+            assign_new, *part_stats = _partition_round(e, ctx, assign, slots, sizes, total_items, alpha)
+            new_counts = _counts(assign_new[:m], P)
+            traffic = _traffic(e, slots, assign_new, P)
             mine = np.array(part_stats, dtype=np.float64)
             own_cpu += mine[3]
             assign = assign_new
-        sizes += group.sum((new_counts - counts).astype(np.int32))   # a partition moves < 2^31 paths
+        sizes, W = global_size(new_counts, traffic)
         counts = new_counts
         ll, skipped, moved, cpu = group.sum(mine)
-        st = RoundStats.from_sums(r, sizes, ll, int(skipped), int(moved), ctx.alpha, ctx.power,
-                                  time.perf_counter() - t0, cpu)
+        st = RoundStats.from_sums(r, sizes, ll, int(skipped), int(moved), alpha, ctx.power,
+                                  time.perf_counter() - t0, cpu, traffic=W)
         history.append(asdict(st))
         if log_rounds and group.rank == 0:
-            print(f"[mstep] (barrier task) round {r}: objective {st.objective:.4f}, largest path {st.max_path_size}, "
-                  f"items moved {st.items_moved} [{st.seconds:.2f}s]", file=sys.stderr, flush=True)
+            print(f"[mstep] (barrier task) round {r}: objective {st.objective:.4f}, path size {st.path_size:.1f}, "
+                  f"largest path {st.max_path_size}, items moved {st.items_moved} [{st.seconds:.2f}s]",
+                  file=sys.stderr, flush=True)
     group.close()
     if rows:
         yield _state_row(ctx, part, items, m, assign, slots, counts, float(mine[0]), int(mine[1]), int(mine[2]),
-                         own_cpu, e.source, json.dumps(history))
+                         own_cpu, e.source, json.dumps({"rounds": history, "trials": trials}), traffic=traffic)
 
 
 # --------------------------------------------------------------------------- output

@@ -133,7 +133,7 @@ def test_nightly_run_id_from_logical_date_and_config_precedence(report: dict[str
     overrides = rendered["overrides"]["train"]
     assert overrides["DR_WAREHOUSE"] == "s3://param-bucket/wh", "trigger param beats Variable"
     assert overrides["DR_SPARK_MASTER"] == "spark://var:7077", "Variable beats built-in default"
-    assert overrides["DR_CONFIG"] == "configs/ml-1m.toml"
+    assert overrides["DR_CONFIG"] == "configs/default.toml"
 
 
 def test_backfill_dag_is_manual_with_params(report: dict[str, Any]) -> None:

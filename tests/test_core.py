@@ -174,3 +174,11 @@ def test_config_validation_names_the_field():
     cfg = DRConfig.load(None, ["model.K=7", "model.encoder=gru", "mstep.alpha=1e-3"])
     assert (cfg.model.K, cfg.model.encoder, cfg.mstep.alpha) == (7, "gru", 1e-3)
     assert cfg.hash() != DRConfig().hash()
+
+
+def test_default_toml_spells_out_the_defaults():
+    """configs/default.toml is the one config every dataset runs on: it must equal the built-in defaults."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+    assert DRConfig.load(path) == DRConfig()

@@ -354,12 +354,12 @@ def test_result_types_and_round_stats():
 def test_inputs_are_checked():
     ps = _ps([[0, 1]], [[1.0, 0.5]], [1])
     with pytest.raises(ValueError):
-        mstep_reference(ps, np.array([[5]]), 3, MStepConfig())
+        mstep_reference(ps, np.array([[5]]), 3, MStepConfig(alpha=1e-3))
     with pytest.raises(ValueError):
-        mstep_blocked(ps, np.array([[0], [1]]), 3, MStepConfig())
+        mstep_blocked(ps, np.array([[0], [1]]), 3, MStepConfig(alpha=1e-3))
     unsorted = _ps([[0, 1]], [[0.5, 1.0]], [1])
     with pytest.raises(ValueError, match="descending"):
-        mstep_reference(unsorted, np.array([[0]]), 3, MStepConfig())
+        mstep_reference(unsorted, np.array([[0]]), 3, MStepConfig(alpha=1e-3))
 
 
 # --------------------------------------------------------------------------- bench smoke

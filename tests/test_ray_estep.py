@@ -17,9 +17,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from dr_model.config import ConfigError, DRConfig
-from dr_model.synthetic import SyntheticSpec
-from dr_model.trainer import Vocab, schedule
+from dr_model.config import ConfigError, DRConfig, SplitConfig
+from dr_model.evaluation import EvalUsers
+from dr_model.schedule import Phase
+from dr_model.split import paper_split
+from dr_model.synthetic import SyntheticSpec, generate_users
+from dr_model.trainer import Vocab
 from jobs.benchmarks.estep import synthetic_inputs
 from jobs.tables import CommitMeta, Warehouse
 from ray_trainers.checkpoint import CheckpointMismatch, load_checkpoint, read_meta, run_dir
@@ -28,6 +31,9 @@ from ray_trainers.estep import GradSync, batch_tensors, load_item_paths, run_est
 
 LOSS_RTOL = 0.03
 LOCAL = RayConfig(num_workers=0)
+# the paper's round-0 shape, fixed lengths (no validation users here: phases run their most epochs)
+PHASES = [Phase("joint", 2, True, True, 3000), Phase("structure", 1, False, True, 3500)]
+SPEC = SyntheticSpec(num_users=600, num_items=300, num_clusters=10, events_per_user=16, zipf_a=0.8, seed=1)
 
 
 def _cfg() -> DRConfig:
@@ -35,7 +41,8 @@ def _cfg() -> DRConfig:
         "model": {"K": 8, "D": 3, "J": 2, "item_dim": 16, "user_dim": 16, "node_dim": 8, "hidden": 32,
                   "rerank_dim": 16, "seq_len": 10},
         "search": {"beam": 8, "score_paths": 8},
-        "train": {"joint_epochs": 2, "structure_epochs": 1, "batch_size": 256, "lr": 5e-3, "negatives": 64, "seed": 3},
+        "train": {"joint_epochs": 2, "structure_epochs": 1, "batch_size": 256, "lr": 5e-3, "negatives": 64, "seed": 3,
+                  "full_softmax_max_items": 100},        # 300 items: the sampled softmax path
         "split": {"rating_threshold": 0.0, "test_users": 0, "valid_users": 0},
     })
 
@@ -45,8 +52,7 @@ def inputs(tmp_path_factory, ray_local):
     """A warehouse with samples_train and item_paths (two versions: v0 trained against, v1 another)."""
     wh = Warehouse(tmp_path_factory.mktemp("estep") / "warehouse")
     cfg = _cfg()
-    sv, pv = synthetic_inputs(wh, SyntheticSpec(num_users=600, num_items=300, num_clusters=10,
-                                                events_per_user=16, zipf_a=0.8, seed=1), cfg)
+    sv, pv = synthetic_inputs(wh, SPEC, cfg)
     t = wh.read_arrow("item_paths", pv)
     other = wh.write_arrow("item_paths", t.set_column(2, "path", pa.array(np.roll(t.column("path").to_numpy(), 1))),
                            CommitMeta(job="test", run_id="mstep"), mode="overwrite").version
@@ -57,7 +63,7 @@ def inputs(tmp_path_factory, ray_local):
 def baseline(inputs):
     """One uninterrupted in-process (1 worker) round-0 E-step."""
     wh, cfg, sv, pv, _ = inputs
-    return run_estep(wh, "base", 0, cfg, LOCAL, sv, pv)
+    return run_estep(wh, "base", 0, cfg, LOCAL, sv, pv, phases=PHASES)
 
 
 def test_ray_config_is_validated():
@@ -88,7 +94,7 @@ def test_item_paths_and_batches_from_delta(inputs):
 
 def test_round0_schedule_learns_and_checkpoints(inputs, baseline):
     wh, cfg, sv, pv, _ = inputs
-    phases = schedule(cfg, 0)
+    phases = PHASES
     assert [(r["phase"], r["rerank_loss"] is None) for r in baseline.losses] == \
            [("joint", False), ("joint", False), ("structure", True)]
     assert baseline.losses[-1]["structure_loss"] < baseline.losses[0]["structure_loss"] - 0.3
@@ -103,9 +109,9 @@ def test_round0_schedule_learns_and_checkpoints(inputs, baseline):
 
 def test_resume_after_interruption_matches_uninterrupted(inputs, baseline):
     wh, cfg, sv, pv, _ = inputs
-    first = run_estep(wh, "resume", 0, cfg, LOCAL, sv, pv, stop_after_epochs=2)   # "killed" after 2 epochs
+    first = run_estep(wh, "resume", 0, cfg, LOCAL, sv, pv, phases=PHASES, stop_after_epochs=2)   # "killed" after 2
     assert not first.complete and first.checkpoint_path.endswith("estep-round-0000.epoch-0002")
-    second = run_estep(wh, "resume", 0, cfg, LOCAL, sv, pv)
+    second = run_estep(wh, "resume", 0, cfg, LOCAL, sv, pv, phases=PHASES)
     assert second.complete and second.epochs_trained == 1 and second.resumed_from == first.checkpoint_path
     for k, v in baseline.model_state.items():
         assert torch.equal(v, second.model_state[k]), k
@@ -115,13 +121,13 @@ def test_resume_after_interruption_matches_uninterrupted(inputs, baseline):
         frozen = k.startswith(("reranker.", "rerank_encoder."))
         assert torch.equal(v, second.model_state[k]) == frozen, k
     # the partial checkpoint is gone; a third call finds the finished round and trains nothing
-    third = run_estep(wh, "resume", 0, cfg, LOCAL, sv, pv)
+    third = run_estep(wh, "resume", 0, cfg, LOCAL, sv, pv, phases=PHASES)
     assert third.epochs_trained == 0 and third.checkpoint_path == second.checkpoint_path
 
 
 def test_streaming_epochs_without_cache_follow_the_cached_run(inputs, baseline):
     wh, cfg, sv, pv, _ = inputs
-    res = run_estep(wh, "stream", 0, cfg, RayConfig(num_workers=0, cache_shard=False), sv, pv)
+    res = run_estep(wh, "stream", 0, cfg, RayConfig(num_workers=0, cache_shard=False), sv, pv, phases=PHASES)
     assert [r["samples"] for r in res.losses] == [r["samples"] for r in baseline.losses]
     for a, b in zip(baseline.losses, res.losses):
         assert b["structure_loss"] == pytest.approx(a["structure_loss"], rel=LOSS_RTOL)
@@ -132,7 +138,7 @@ def test_checkpoint_refuses_another_item_paths_version(inputs, baseline):
     with pytest.raises(CheckpointMismatch, match=f"item_paths version {pv}, not {other}"):
         load_checkpoint(baseline.checkpoint_path, other)
     with pytest.raises(CheckpointMismatch, match="item_paths version"):
-        run_estep(wh, "base", 0, cfg, LOCAL, sv, other)
+        run_estep(wh, "base", 0, cfg, LOCAL, sv, other, phases=PHASES)
     # the next round trains against the new version, warm-started from round 0's model
     r1 = run_estep(wh, "base", 1, cfg, LOCAL, sv, other)
     assert r1.resumed_from == baseline.checkpoint_path and r1.item_paths_version == other
@@ -141,10 +147,31 @@ def test_checkpoint_refuses_another_item_paths_version(inputs, baseline):
     assert run_dir(wh.root, "base") in r1.checkpoint_path
 
 
+def _valid_users(cfg: DRConfig) -> EvalUsers:
+    """Held-out users of the same synthetic data (users 600.. , never trained on)."""
+    split = paper_split(generate_users(SPEC.num_users, 800, SPEC),
+                        SplitConfig(rating_threshold=0.0, test_users=0, valid_users=200), cfg.model.seq_len)
+    return EvalUsers.of(split, 1)
+
+
+def test_validation_users_end_a_phase(inputs):
+    """A phase ends once validation recall stops improving: with min_delta 10 (a 11x gain needed), after 2 epochs."""
+    wh, cfg, sv, pv, _ = inputs
+    strict = cfg.with_overrides(["train.patience=1", "train.min_delta=10.0"])
+    res = run_estep(wh, "early", 0, strict, LOCAL, sv, pv, phases=[Phase("joint", 6, True, True, 1)],
+                    valid_users=_valid_users(cfg))
+    assert res.complete and len(res.losses) == 2, res.losses
+    assert all(0.0 <= r["valid_recall"] <= 1.0 for r in res.losses)
+    assert read_meta(res.checkpoint_path).finished
+
+
 def test_two_real_workers_match_one_worker(inputs, baseline):
     wh, cfg, sv, pv, _ = inputs
-    two = run_estep(wh, "two", 0, cfg, RayConfig(num_workers=2, cpus_per_worker=1.0), sv, pv)
+    # validation users too: rank 0 computes the figure, every rank receives it (3 epochs: never a stop)
+    two = run_estep(wh, "two", 0, cfg, RayConfig(num_workers=2, cpus_per_worker=1.0), sv, pv, phases=PHASES,
+                    valid_users=_valid_users(cfg))
     assert two.complete and [r["workers"] for r in two.losses] == [2, 2, 2]
+    assert all(r["valid_recall"] is not None for r in two.losses)
     if platform.machine().lower() in ("x86_64", "amd64"):   # both actors on this host: shared memory
         assert [r["grad_sync"] for r in two.losses] == ["shm"] * 3
     assert sum(r["samples"] for r in two.losses) == sum(r["samples"] for r in baseline.losses)

@@ -16,10 +16,11 @@ from jobs.tables import CommitMeta, Warehouse
 from test_spark_scores import CFG as ML_CFG
 from test_spark_scores import trained_ml100k
 
+# fixed alpha, no exploration: the paper's M-step, comparable with the sequential reference
 SYN_CFG = DRConfig.from_dict({
     "model": {"K": 20, "D": 3, "J": 3},
     "search": {"score_paths": 16},
-    "mstep": {"alpha": 2e-7, "rounds": 4, "block_size": 256},
+    "mstep": {"alpha": 2e-7, "rounds": 4, "block_size": 256, "explore": 0},
 })
 
 
@@ -77,8 +78,42 @@ def test_distributed_mstep_matches_reference_on_movielens_scores(spark, warehous
     ps = pair_scores(res.model, res.vocab.seq(hist), target, ML_CFG.search.score_paths, ML_CFG.search.batch_size)
     # The issue's criterion is against the paper's sequential algorithm: compare both without the
     # improving-only acceptance test (the synthetic case above covers the default with it).
-    paper = replace(ML_CFG, mstep=replace(ML_CFG.mstep, improving_only=False))
+    paper = replace(ML_CFG, mstep=replace(ML_CFG.mstep, improving_only=False, explore=0))
     check_against_reference(spark, warehouse, ps, paper, partitions=2)
+
+
+def test_auto_alpha_and_exploration_barrier_equals_jobs_and_follows_in_process(spark, warehouse):
+    """The default M-step (alpha searched for the budget's path size, exploration paths): the barrier
+    stage and one job per trial/round give the same run; the in-process M-step lands close to it."""
+    from dr_model.calibrate import with_exploration
+    from dr_model.mstep import effective_block, mstep_blocked
+
+    cfg = replace(SYN_CFG, mstep=replace(SYN_CFG.mstep, alpha="auto", explore=2, rounds=3),
+                  search=replace(SYN_CFG.search, items_per_user=60, beam=10))      # target path size 6
+    P, J = cfg.model.num_paths, cfg.model.J
+    ps = synthetic_scores(6000, 16, P, seed=4, pool=32)
+    assign0 = initial_assignment(len(ps), J, P, seed=7)
+    v_ps, v_init = write_inputs(warehouse, ps, assign0)
+    pair = {}
+    for sync in ("barrier", "jobs"):
+        logs: list[str] = []
+        res, stats = distributed_mstep(spark, warehouse, cfg, v_ps, v_init, f"run-auto-{sync}", 0,
+                                       MStepOptions(partitions=2, sync=sync), log=logs.append)
+        assert any("after" in m and "trials" in m for m in logs), logs
+        md = warehouse.versions("item_paths")[-1].metadata
+        assert md["dr.alpha"] == stats[-1].alpha and md["dr.path_size"] == stats[-1].path_size
+        pair[sync] = (read_assign(warehouse, res.version, ps.items, J), [(s.alpha, s.max_path_size) for s in stats])
+    np.testing.assert_array_equal(pair["barrier"][0], pair["jobs"][0])
+    assert pair["barrier"][1] == pair["jobs"][1]
+    # the same search in one process (its table moves in blocks, the distributed one extrapolates)
+    target = cfg.search.target_path_size(len(ps), cfg.eval.k)
+    ms = replace(cfg.mstep, block_size=effective_block(cfg.mstep.block_size, len(ps), 2))
+    local = mstep_blocked(with_exploration(ps, cfg.model.K, cfg.model.D, 2, cfg.mstep.explore_score), assign0, P, ms,
+                          target_size=target)
+    alpha = stats[-1].alpha
+    assert alpha / 10 <= local.alpha <= alpha * 10
+    assert stats[-1].path_size == pytest.approx(local.rounds[-1].path_size, rel=0.25)
+    assert stats[-1].path_size <= 1.3 * target                                # the search held the size
 
 
 def test_random_start_path_index_and_failed_run(spark, warehouse):

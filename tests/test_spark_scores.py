@@ -21,7 +21,7 @@ CFG = DRConfig.from_dict({
               "rerank_dim": 16, "seq_len": 10},
     "search": {"score_paths": 16, "batch_size": 300},
     "mstep": {"alpha": 3e-6, "rounds": 3, "block_size": 64, "decay": 0.9},
-    "train": {"em_rounds": 1, "joint_epochs": 1, "structure_epochs": 0, "batch_size": 512},
+    "train": {"em_rounds": 1, "joint_epochs": 1, "structure_epochs": 1, "batch_size": 512},
     "split": {"test_users": 100, "valid_users": 100},
 })
 
@@ -69,6 +69,32 @@ def test_batch_scores_equal_in_process(spark, warehouse):
     info = warehouse.versions("path_scores")[-1]
     assert (info.job, info.run_id, info.round, info.config_hash) == ("scores", "run-1", 0, CFG.hash())
     assert info.metadata["dr.mode"] == "batch"
+
+
+def test_own_paths_join_the_lists_as_in_process(spark, warehouse):
+    """Given the item_paths the model was trained against, each pair also scores its target's J paths."""
+    res, hist, target, user = trained_ml100k()
+    S, J = CFG.search.score_paths, CFG.model.J
+    v = write_samples(warehouse, hist, target, user, "s")
+    V = res.vocab.size
+    ip = warehouse.write_arrow("item_paths", pd.DataFrame({
+        "item_id": np.repeat(res.vocab.ids, J), "slot": np.tile(np.arange(J, dtype=np.int32), V),
+        "path": res.assign.ravel(), "score": np.zeros(V * J)}), CommitMeta("test", "paths"), mode="overwrite").version
+    out = compute_path_scores(spark, warehouse, ModelPayload.from_model(res.model, res.vocab), CFG, v, "run-own", 1,
+                              item_paths_version=ip)
+    idx = res.vocab.index(target)
+    want = pair_scores(res.model, res.vocab.seq(hist), idx, S, CFG.search.batch_size, res.assign)
+    want = PathScores(res.vocab.ids[want.items], want.paths, want.scores, want.n_v)
+    got = read_scores(warehouse, out.version, S + J)
+    assert_same_scores(got, want)
+    # the items' own paths are on their lists now (the beam alone misses many); one drops out only
+    # when S + J other paths outscore it
+    own_listed = (want.paths[:, :, None] == res.assign[res.vocab.index(want.items)][:, None, :]).any(1)
+    beam_only = pair_scores(res.model, res.vocab.seq(hist), idx, S, CFG.search.batch_size)
+    beam_listed = (beam_only.paths[:, :, None] == res.assign[beam_only.items][:, None, :]).any(1)
+    assert own_listed.mean() > 0.9 and own_listed.mean() > beam_listed.mean() + 0.1, (own_listed.mean(),
+                                                                                      beam_listed.mean())
+    assert warehouse.versions("path_scores")[-1].metadata["dr.item_paths_version"] == ip
 
 
 def test_streaming_merge_across_two_versions_equals_in_process(spark, warehouse):

@@ -51,6 +51,7 @@ def test_split_equals_paper_split_on_movielens_100k(spark, ml100k):
         seq = raw.loc[raw["user_id"] == u, "item_id"].tolist()
         row = ev.loc[u]
         assert row["n_input"] == len(seq) // 2 and list(row["truth"]) == seq[len(seq) // 2:]
+        assert list(row["input"]) == seq[: len(seq) // 2]
         first = seq[: len(seq) // 2][-L:]
         assert list(row["hist"]) == [-1] * (L - len(first)) + first
     # Windows: the <= L previous items, left-padded.
@@ -77,3 +78,17 @@ def test_split_is_pinned_and_rerun_is_a_no_op(spark, ml100k):
     assert run_split(spark, ml100k, CFG, L, version=0).versions == first.versions
     old = load_split(ml100k, train_version=first.versions["samples_train"])
     assert len(old.train_target) == first.train_samples
+
+
+def test_heldout_sizes_adapt_to_a_small_dataset(spark, ml100k):
+    """The default 1,000 + 1,000 held-out users of 897 eligible: both engines hold out 40% of them."""
+    big = SplitConfig(test_users=1000, valid_users=1000)
+    ref = paper_split(load_movielens("ml-100k")[0], big, L)
+    eligible = len(np.unique(np.concatenate([ref.train_user, ref.eval_user])))
+    assert (ref.eval_role == 2).sum() == (ref.eval_role == 1).sum() == int(eligible * 0.4) // 2
+    res = run_split(spark, ml100k, big, L)
+    got = load_split(ml100k, res.versions["samples_train"], res.versions["eval_users"])
+    np.testing.assert_array_equal(got.eval_user, ref.eval_user)
+    np.testing.assert_array_equal(got.eval_role, ref.eval_role)
+    with pytest.raises(ValueError, match="too small"):
+        paper_split(load_movielens("ml-100k")[0].head(200), SplitConfig(min_events=2, max_heldout_fraction=0.001), L)

@@ -31,7 +31,8 @@ from dr_model.model import DRModel
 from dr_model.mstep import initial_assignment
 from dr_model.split import paper_split
 from dr_model.synthetic import SyntheticSpec, generate
-from dr_model.trainer import Phase, Vocab, estep
+from dr_model.schedule import Phase
+from dr_model.trainer import Vocab, run_phase
 from jobs.tables import CommitMeta, Warehouse
 
 TARGET_OVERHEAD = 0.20
@@ -61,7 +62,8 @@ def synthetic_inputs(warehouse: Warehouse, spec: SyntheticSpec, cfg: DRConfig, r
 
 def _config(quick: bool) -> DRConfig:
     # The paper's MovieLens shapes (K=50, D=3, J=3), mean encoder, batch 256, 256 negatives.
-    return DRConfig.from_dict({"train": {"batch_size": 256, "negatives": 256, "seed": 0},
+    # full_softmax_max_items 0: the sampled softmax of catalog-scale runs (the figures before it used it too)
+    return DRConfig.from_dict({"train": {"batch_size": 256, "negatives": 256, "seed": 0, "full_softmax_max_items": 0},
                                "split": {"rating_threshold": 0.0, "test_users": 0, "valid_users": 0}})
 
 
@@ -85,7 +87,8 @@ def _plain(warehouse: Warehouse, sv: int, pv: int, cfg: DRConfig, epochs: int, t
     target = torch.from_numpy(vocab.index(t.column("target").to_numpy()))
     torch.manual_seed(cfg.train.seed)
     model = DRModel(cfg.model, vocab.size)
-    rows = estep(model, seq, target, assign, cfg, epochs, True, cfg.train.seed, lambda m: None)
+    rows = run_phase(model, seq, target, assign, cfg, Phase("joint", epochs, True, True, cfg.train.seed), None,
+                     lambda m: None)
     for r in rows:
         r["samples"] = len(target)
     return _steady(rows)
@@ -96,8 +99,7 @@ def _ddp_worker(rank: int, world: int, port: int, seq: torch.Tensor, target: tor
     """One process of the plain data-parallel loop: same update and gradient sync as the Ray workers."""
     import torch.distributed as dist
 
-    from dr_model.reranker import sampling_log_q
-    from dr_model.trainer import phase_optimizer, train_step
+    from dr_model.trainer import phase_optimizer, proposal, train_step
     from ray_trainers.estep import GradSync, shuffled_batches
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -106,8 +108,9 @@ def _ddp_worker(rank: int, world: int, port: int, seq: torch.Tensor, target: tor
     torch.manual_seed(cfg.train.seed)
     model = DRModel(cfg.model, len(assign))
     tc = cfg.train
-    q, log_q = sampling_log_q(torch.bincount(target, minlength=len(assign)), tc.negatives)
-    opt = phase_optimizer(model, cfg, True)
+    q, log_q = proposal(torch.bincount(target, minlength=len(assign)), cfg)
+    phase = Phase("joint", epochs, True, True, cfg.train.seed)
+    opt = phase_optimizer(model, cfg, phase)
     sync = GradSync([p for p in model.parameters() if p.requires_grad], shared_memory=shared_memory)
     mine = torch.arange(rank, len(target), world)            # an equal shard per process
     s_seq, s_tgt, assign_t = seq[mine], target[mine], torch.from_numpy(assign)
@@ -116,7 +119,7 @@ def _ddp_worker(rank: int, world: int, port: int, seq: torch.Tensor, target: tor
     for ep in range(epochs):
         t0 = time.perf_counter()
         for b_seq, b_tgt in shuffled_batches(s_seq, s_tgt, -(-tc.batch_size // world), ep * 31 + rank):
-            train_step(model, opt, b_seq, b_tgt, assign_t, q, log_q, tc.negatives, True, gen, sync)
+            train_step(model, opt, b_seq, b_tgt, assign_t, q, log_q, tc.negatives, phase, gen, sync)
         while sync.join(opt):
             pass
         rows.append({"samples": len(target), "seconds": time.perf_counter() - t0})
@@ -163,7 +166,7 @@ def run(quick: bool = False) -> dict:
                          events_per_user=40, zipf_a=0.8, seed=0)
     cfg = _config(quick)
     epochs = 2 if quick else 4
-    phases = [Phase("joint", epochs, True, cfg.train.seed)]
+    phases = [Phase("joint", epochs, True, True, cfg.train.seed)]
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="dr-bench-estep-") as tmp:
         wh = Warehouse(os.path.join(tmp, "warehouse"))
@@ -196,7 +199,7 @@ def run(quick: bool = False) -> dict:
     over1 = (plain1 - r1) / plain1
     over2 = (plain2 - r2) / plain2
     out.update({
-        "date": "2026-11-24",
+        "date": time.strftime("%Y-%m-%d"),
         "samples": n, "epochs_per_run": epochs, "warmup_epochs_excluded": 1,
         "model": f"K={cfg.model.K} D={cfg.model.D} J={cfg.model.J} encoder={cfg.model.encoder} "
                  f"batch={cfg.train.batch_size} negatives={cfg.train.negatives} (joint phase)",
