@@ -140,6 +140,9 @@ class TrainConfig:
     rounds trains the structure model alone (reranker frozen) for at most structure_epochs,
     then scores s[v,c] and runs the M-step. Every phase stops early once the validation
     users' recall@k has not improved for `patience` epochs (0: always the maximum).
+    The reranker learns each sample's next `rerank_targets` items of the user (the target and the
+    ones after it, one softmax each): the task it serves is the user's next several items, and
+    the extra targets regularize small datasets. 1 = the paper's next item only.
     """
 
     em_rounds: int = 3          # R: E-step -> scores -> M-step repetitions after round 0
@@ -151,12 +154,13 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     negatives: int = 256        # sampled-softmax negatives per batch (shared)
+    rerank_targets: int = 5     # the reranker's targets per sample: the next W items of the user
     full_softmax_max_items: int = 10_000    # exact softmax over the catalog up to this size
     init_paths: str = "embeddings"          # "embeddings" | "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("em_rounds", "batch_size", "negatives"):
+        for name in ("em_rounds", "batch_size", "negatives", "rerank_targets"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"train.{name}", "an integer >= 1", v)
         for name in ("joint_epochs", "structure_epochs", "patience", "full_softmax_max_items", "seed"):

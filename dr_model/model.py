@@ -56,7 +56,7 @@ class DRModel(nn.Module):
 
     def rerank_loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
                     log_q: torch.Tensor | None) -> torch.Tensor:
-        """seq [N, L], pos [N], shared negatives neg [M] with log_q [V] -> sampled-softmax loss;
+        """seq [N, L], pos [N] or [N, W] (-1 = none), shared negatives neg [M] with log_q [V] -> sampled-softmax loss;
         neg None -> the exact softmax over all items."""
         w = self.rerank_encoder(seq)
         if neg is None:

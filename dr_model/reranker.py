@@ -30,18 +30,25 @@ class Reranker(nn.Module):
     def sampled_softmax_loss(self, w: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """Sampled softmax with log-Q correction and accidental hits removed.
 
-        w [N, dim], pos [N] int64, neg [M] int64 shared negatives drawn from Q,
+        w [N, dim], pos [N] or [N, W] int64 (-1 = no target; each of a row's targets is scored
+        against the same negatives), neg [M] int64 shared negatives drawn from Q,
         log_q [V] = log of each item's expected count among the M draws. -> scalar.
         """
-        pos_logit = (w * self.item_emb(pos)).sum(-1) + self.item_bias[pos] - log_q[pos]
+        pos, mask = _targets(pos)
+        p = pos.clamp_min(0)
+        pos_logit = torch.einsum("nd,nwd->nw", w, self.item_emb(p)) + self.item_bias[p] - log_q[p]
         neg_logit = w @ self.item_emb(neg).T + self.item_bias[neg] - log_q[neg]
-        neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))
-        logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)
-        return F.cross_entropy(logits, torch.zeros_like(pos))
+        # A negative that is one of the row's own targets is no negative.
+        hit = (neg.view(1, -1, 1) == pos.unsqueeze(1)).any(-1)   # pad -1 never equals an item
+        neg_lse = torch.logsumexp(neg_logit.masked_fill(hit, float("-inf")), dim=1, keepdim=True)
+        nll = torch.logaddexp(pos_logit, neg_lse) - pos_logit
+        return (nll * mask).sum() / mask.sum().clamp_min(1)
 
     def full_softmax_loss(self, w: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Exact softmax over all V items: w [N, dim], pos [N] int64 -> scalar (small catalogs)."""
-        return F.cross_entropy(torch.addmm(self.item_bias, w, self.item_emb.weight.T), pos)
+        """Exact softmax over all V items (small catalogs): w [N, dim], pos [N] or [N, W] (-1 = none) -> scalar."""
+        pos, mask = _targets(pos)
+        logp = F.log_softmax(torch.addmm(self.item_bias, w, self.item_emb.weight.T), dim=1)
+        return -(logp.gather(1, pos.clamp_min(0)) * mask).sum() / mask.sum().clamp_min(1)
 
     @torch.inference_mode()
     def brute_force_topk(self, w: torch.Tensor, k: int, chunk: int = 65536,
@@ -68,6 +75,12 @@ class Reranker(nn.Module):
                 best_s, sel = torch.topk(best_s, k, dim=1)
                 best_i = torch.gather(best_i, 1, sel)
         return best_s, best_i
+
+
+def _targets(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos [N] or [N, W] (-1 = none) -> (pos [N, W], valid mask [N, W] float)."""
+    pos = pos.view(pos.shape[0], -1)
+    return pos, (pos >= 0).to(torch.float32)
 
 
 def sampling_log_q(counts: torch.Tensor, num_samples: int, power: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,12 +37,13 @@ def schedule(cfg: DRConfig, em_round: int) -> list[Phase]:
 
 
 def should_stop(metrics: Sequence[float | None], patience: int, min_delta: float) -> bool:
-    """True once none of the last `patience` epochs beat the best epoch before them by > min_delta (relative)."""
+    """True once none of the last `patience` epochs beat the best epoch before them by more than
+    min_delta relative to its size (higher is better)."""
     vals = [m for m in metrics if m is not None]
     if patience <= 0 or len(vals) <= patience:
         return False
     best_before = max(vals[:-patience])
-    return max(vals[-patience:]) <= best_before * (1.0 + min_delta)
+    return max(vals[-patience:]) <= best_before + min_delta * abs(best_before)
 
 
 def phase_finished(rows: Sequence[dict[str, Any]], phase: Phase, patience: int, min_delta: float) -> bool:

@@ -94,6 +94,10 @@ class Split:
     input_offsets: np.ndarray
     input_items: np.ndarray
 
+    def train_next(self, width: int) -> np.ndarray:
+        """[N, width] raw ids: each sample's target and the user's next width-1 items (-1 pad)."""
+        return next_items(self.train_user, self.train_target, width)
+
     def eval_subset(self, role: int) -> "Split":
         """Only the evaluation users with this role (1 validation, 2 test)."""
         keep = self.eval_role == role
@@ -101,6 +105,17 @@ class Split:
         i_off, i_items = csr_rows(self.input_offsets, self.input_items, keep)
         return Split(self.train_hist, self.train_target, self.train_user, self.eval_user[keep],
                      self.eval_role[keep], self.eval_hist[keep], t_off, t_items, i_off, i_items)
+
+
+def next_items(user: np.ndarray, target: np.ndarray, width: int) -> np.ndarray:
+    """Training samples in (user, time) order: user [N], target [N] -> [N, width] raw ids, row i =
+    the targets of samples i..i+width-1 of the same user (-1 past the user's last event)."""
+    n = len(target)
+    out = np.full((n, width), -1, dtype=np.int64)
+    for j in range(width):     # width columns, each vectorized over the samples
+        same = user[j:] == user[:n - j]
+        out[:n - j, j] = np.where(same, target[j:], -1)
+    return out
 
 
 def csr_rows(offsets: np.ndarray, values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

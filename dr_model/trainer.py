@@ -22,7 +22,7 @@ import torch
 
 from .calibrate import with_exploration
 from .config import DRConfig
-from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_recall
+from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_path_recall, validation_recall
 from .index import PathIndex
 from .init_paths import paths_from_embeddings
 from .model import DRModel
@@ -72,13 +72,19 @@ def proposal(counts: torch.Tensor, cfg: DRConfig) -> tuple[torch.Tensor | None, 
     return sampling_log_q(counts, cfg.train.negatives)
 
 
+def first_target(target: torch.Tensor) -> torch.Tensor:
+    """target [N] or [N, W] -> [N], the next item of each sample."""
+    return target if target.dim() == 1 else target[:, 0]
+
+
 def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, target: torch.Tensor,
                assign_t: torch.Tensor, q: torch.Tensor | None, log_q: torch.Tensor | None, negatives: int,
                phase: Phase, gen: torch.Generator,
                sync: Callable[[], None] | None = None) -> tuple[float, float]:
-    """One E-step batch: seq [N, L], target [N] -> (structure loss or nan, rerank loss or nan).
+    """One E-step batch: seq [N, L], target [N] or [N, W] -> (structure loss or nan, rerank loss or nan).
 
-    q None: the reranker trains with the exact softmax. `sync` runs between backward and the
+    target [N, W]: column 0 is the next item (the structure model's target), the reranker learns
+    all W (-1 = none). q None: the reranker trains with the exact softmax. `sync` runs between backward and the
     optimizer step (data-parallel gradient averaging).
     """
     opt.zero_grad(set_to_none=True)
@@ -86,7 +92,7 @@ def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, ta
     loss_s, loss_r = nan, nan
     loss = torch.zeros(())
     if phase.train_structure:
-        loss_s = model.structure_loss(seq, assign_t[target])
+        loss_s = model.structure_loss(seq, assign_t[first_target(target)])
         loss = loss + loss_s
     if phase.train_reranker:
         neg = torch.multinomial(q, negatives, replacement=True, generator=gen) if q is not None else None
@@ -101,7 +107,8 @@ def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, ta
 
 @dataclass(frozen=True)
 class Validation:
-    """Held-out users that end a phase: recall@k of brute force (reranker phases) or of DR at `beam`."""
+    """Held-out users that end a phase: recall@k of brute force over the reranker (phases that train
+    it), else the share of their truth items the beam's `beam` paths reach (the structure model's)."""
 
     users: EvalUsers
     vocab: Vocab
@@ -109,8 +116,9 @@ class Validation:
     beam: int
 
     def __call__(self, model: DRModel, phase: Phase, assign: np.ndarray) -> float:
-        index = None if phase.train_reranker else PathIndex.build(assign)
-        return validation_recall(model, self.vocab, self.users, self.k, index, self.beam)
+        if phase.train_reranker:
+            return validation_recall(model, self.vocab, self.users, self.k)
+        return validation_path_recall(model, self.vocab, self.users, PathIndex.build(assign), self.beam)
 
 
 def epoch_line(row: dict) -> str:
@@ -121,17 +129,18 @@ def epoch_line(row: dict) -> str:
     if row.get("rerank_loss") is not None:
         parts.append(f"rerank loss {row['rerank_loss']:.4f}")
     if row.get("valid_recall") is not None:
-        parts.append(f"validation recall {row['valid_recall']:.4f}")
+        what = "validation recall" if row.get("rerank_loss") is not None else "validation path recall"
+        parts.append(f"{what} {row['valid_recall']:.4f}")
     return f"{row['phase']} epoch {row['epoch'] + 1}: " + ", ".join(parts) + f" [{row['seconds']:.1f}s]"
 
 
 def run_phase(model: DRModel, seq: torch.Tensor, target: torch.Tensor, assign: np.ndarray, cfg: DRConfig,
               phase: Phase, valid: Validation | None, log: Log) -> list[dict]:
-    """Train one phase over all samples (seq [N, L], target [N]) until it ends -> per-epoch history rows."""
+    """Train one phase over all samples (seq [N, L], target [N] or [N, W]) until it ends -> per-epoch history rows."""
     tc = cfg.train
     gen = torch.Generator().manual_seed(phase.seed)
     opt = phase_optimizer(model, cfg, phase)
-    q, log_q = proposal(torch.bincount(target, minlength=model.num_items), cfg)
+    q, log_q = proposal(torch.bincount(first_target(target), minlength=model.num_items), cfg)
     assign_t = torch.from_numpy(assign)
     rows: list[dict] = []
     for ep in range(phase.epochs):
@@ -204,9 +213,11 @@ def evaluate(res: EMResult, users: EvalUsers, cfg: DRConfig, train: tuple[np.nda
 
 def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, log: Log = print,
              on_round: Callable[[int, EMResult], None] | None = None, valid: EvalUsers | None = None,
-             start: np.ndarray | None = None) -> EMResult:
+             start: np.ndarray | None = None, train_next: np.ndarray | None = None) -> EMResult:
     """train_hist [N, L] raw ids (-1 pad), train_target [N] raw ids -> trained EMResult.
 
+    train_next [N, W] raw ids (Split.train_next): the reranker's targets (column 0 = train_target);
+    None: the next item only.
     valid: held-out users that end each phase and choose the retrieval beam (without them
     every phase runs its maximum epochs and the beam is search.beam). start [V, J]: round 1's
     paths (model indices, vocabulary = sorted unique targets) instead of initial_paths.
@@ -215,7 +226,7 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
     vocab = Vocab(np.unique(train_target))
     seq = vocab.seq(train_hist)
     target_np = vocab.index(train_target)
-    target = torch.from_numpy(target_np)
+    target = torch.from_numpy(target_np if train_next is None else vocab.index(train_next[:, :cfg.train.rerank_targets]))
     mc, V = cfg.model, vocab.size
     model = DRModel(mc, V)
     res = EMResult(model, vocab, initial_assignment(V, mc.J, mc.num_paths, cfg.train.seed))

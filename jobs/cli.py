@@ -23,6 +23,7 @@ BENCHMARKS = {
     "quality": "default config on a synthetic planted-cluster catalog of 10^5 items: DR recall / brute force, "
                "share of the catalog scored, largest path, alpha used",
     "structure": "MovieLens-1M top path size vs alpha (the paper's Table 5); a collapsed start recovering on ML-100K",
+    "encoders": "MovieLens-1M reranker quality: mean-pool over 20 / 69 items vs the paper's GRU over 69",
 }
 
 # Command modules that add their own subcommands (each has register(subparsers)).

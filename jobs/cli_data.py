@@ -93,7 +93,8 @@ def cmd_split(args: argparse.Namespace) -> int:
             split = replace(split, **{name: getattr(args, name)})
     seq_len = args.seq_len if args.seq_len is not None else cfg.model.seq_len
     spark, wh = _session(args)
-    _emit(args, run_split(spark, wh, split, seq_len, version=args.version, run_id=args.run_id))
+    _emit(args, run_split(spark, wh, split, seq_len, version=args.version, run_id=args.run_id,
+                              next_items=cfg.train.rerank_targets))
     return 0
 
 

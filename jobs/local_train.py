@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         f"{len(np.unique(split.train_user))} users; {int((split.eval_role == 2).sum())} test and "
         f"{int((split.eval_role == 1).sum())} validation users")
     valid = EvalUsers.of(split, 1)
-    res = train_em(split.train_hist, split.train_target, cfg, log=log, valid=valid)
+    res = train_em(split.train_hist, split.train_target, cfg, train_next=split.train_next(cfg.train.rerank_targets),
+                   log=log, valid=valid)
     report = evaluate(res, EvalUsers.of(split, 2), cfg, train=(split.train_user, split.train_target), valid=valid)
     report["dataset"] = args.dataset
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Mapping
 
 from pyspark.sql import SparkSession
 
+LOG4J2 = Path(__file__).resolve().parent / "log4j2.properties"
+
 # Small-machine defaults; every key can be overridden through `conf` (cluster URLs, sizes).
 DEFAULT_CONF: dict[str, str] = {
+    # the JVM logs errors only (jobs/log4j2.properties): Spark's start-up notices are noise in a job's log
+    "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={LOG4J2}",
     "spark.ui.enabled": "false",
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "8",

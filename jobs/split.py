@@ -66,9 +66,12 @@ def _pad_left(arr: Any, L: int) -> Any:
     return F.concat(F.array_repeat(F.lit(PAD).cast("bigint"), F.lit(L) - F.size(arr)), arr)
 
 
-def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | None = None) -> tuple[Any, Any]:
+def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | None = None,
+                 next_items: int = 1) -> tuple[Any, Any]:
     """interactions DataFrame -> (samples_train, eval_users) DataFrames.
 
+    next_items: the length of each sample's `next` column (its target and the user's next
+    items: the reranker's targets, train.rerank_targets).
     eligible: the number of users with >= min_events kept events (counted when not given),
     which caps the held-out users (dr_model.split.heldout_sizes).
     """
@@ -106,7 +109,8 @@ def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | No
              .select("user_id", "items", F.explode(F.sequence(F.lit(1), F.col("n") - 1)).alias("pos"))
              .select("user_id", p.cast("int").alias("pos"),
                      _pad_left(F.slice("items", lo + 1, p - lo), L).alias("hist"),
-                     F.element_at("items", p + 1).alias("target")))
+                     F.element_at("items", p + 1).alias("target"),
+                     F.slice("items", p + 1, next_items).alias("next")))
     n_in = (F.col("n") / 2).cast("int")
     lo_e = F.greatest(F.lit(0), n_in - L)
     evals = (seqs.filter(F.col("role") > 0)
@@ -119,19 +123,19 @@ def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | No
 
 
 def run_split(spark: Any, wh: Warehouse, cfg: SplitConfig, seq_len: int, version: int | None = None,
-              run_id: str | None = None) -> SplitResult:
+              run_id: str | None = None, next_items: int = 1) -> SplitResult:
     """Split `interactions` (at `version`, latest by default) into samples_train and eval_users."""
     t0 = time.time()
     src = wh.version("interactions") if version is None else version
     if src is None:
         raise FileNotFoundError(f"no interactions table under {wh.root}: run `dr ingest` or `dr data` first")
-    conf = json.dumps({"split": asdict(cfg), "seq_len": seq_len}, sort_keys=True)
+    conf = json.dumps({"split": asdict(cfg), "seq_len": seq_len, "next_items": next_items}, sort_keys=True)
     chash = hashlib.sha256(conf.encode()).hexdigest()[:16]
     run_id = run_id or f"split-{chash}-v{src}"
     meta = CommitMeta("split", run_id, config_hash=chash, watermark=1,
                       extra={"interactions_version": src, "config": conf})
-    print(f"[split] {run_id}: interactions v{src}, {cfg}, L={seq_len}", file=sys.stderr, flush=True)
-    train, evals = split_frames(wh.read_spark(spark, "interactions", src), cfg, seq_len)
+    print(f"[split] {run_id}: interactions v{src}, {cfg}, L={seq_len}, next items {next_items}", file=sys.stderr, flush=True)
+    train, evals = split_frames(wh.read_spark(spark, "interactions", src), cfg, seq_len, next_items=next_items)
     re = wh.write_spark("eval_users", evals, meta, mode="overwrite")
     rt = wh.write_spark("samples_train", train, meta, mode="overwrite")
     skipped = re.skipped and rt.skipped

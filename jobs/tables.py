@@ -23,6 +23,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -121,6 +122,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
     TableSpec("samples_train", pa.schema([
         _field("user_id", _ID, False), _field("pos", pa.int32(), False),   # 0-based event index
         _field("hist", _IDS, False), _field("target", _ID, False),
+        _field("next", _IDS, False),                # target + the user's next items (<= train.rerank_targets)
     ]), key=("user_id", "pos")),
     TableSpec("eval_users", pa.schema([
         _field("user_id", _ID, False), _field("role", pa.int8(), False),   # 1 validation, 2 test
@@ -339,6 +341,14 @@ class _FileSink:
         for key in list(self.open):
             self._close(key)
         return self.done
+
+
+def list_array(rows: np.ndarray, pad: int | None = None) -> pa.ListArray:
+    """[n, w] matrix -> list<int64> array of n rows; with `pad`, the pad entries are left out."""
+    rows = np.asarray(rows, dtype=np.int64)
+    keep = np.ones(rows.shape, dtype=bool) if pad is None else rows != pad
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep]))
 
 
 def conform(table: str, data: pa.Table | pa.RecordBatch | pd.DataFrame) -> pa.Table:

@@ -148,7 +148,8 @@ def run_train(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
     runs.record(wh, runs.RunRecord(run_id, JOB, "started", runs.now(), cfg.hash()))
     try:
         log(f"run {run_id}: split (config {cfg.hash()})")
-        split = run_split(spark, wh, cfg.split, cfg.model.seq_len, run_id=run_id)
+        split = run_split(spark, wh, cfg.split, cfg.model.seq_len, run_id=run_id,
+                          next_items=cfg.train.rerank_targets)
         log(split.summary())
         sv, ev = split.versions["samples_train"], split.versions["eval_users"]
         valid = load_eval_users(wh, ev, role=1)

@@ -52,12 +52,38 @@ class RayConfig:
                "object_store_memory", "None or >= 75 MiB (Ray's minimum)", self.object_store_memory)
 
 
+def quiet_ray() -> None:
+    """Keep Ray's own chatter out of a job's log (this process): progress bars, per-operator INFO
+    lines and deprecation warnings of Ray Data, the auth-token notice. The job logs what happened."""
+    import logging
+    import warnings
+
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    except Exception:  # noqa: BLE001 - an older or newer Ray Data without these knobs: noisier, not wrong
+        pass
+
+
 def ensure_ray(cfg: RayConfig) -> None:
-    """Connect to / start Ray once per process (dashboard off); a no-op when Ray is already up."""
+    """Connect to / start Ray once per process (dashboard off); a no-op when Ray is already up.
+
+    Every Ray process of the job logs at ERROR (ray.LoggingConfig): the Train controller's
+    state-API warnings (they need the dashboard) and per-report INFO lines are noise here; the
+    training loop's own progress lines are prints and still reach the driver.
+    """
     import ray
 
+    quiet_ray()
     if ray.is_initialized():
         return
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
              object_store_memory=cfg.object_store_memory if cfg.address is None else None,
-             include_dashboard=False, configure_logging=False)
+             include_dashboard=False, configure_logging=False,
+             logging_config=ray.LoggingConfig(log_level="ERROR"))

@@ -15,13 +15,10 @@ the same decision) stops improving. The validation users (<= split.valid_users r
 through the object store; the decisions are a function of the per-epoch history, which the
 checkpoints keep, so a resumed round takes the same ones.
 
-Why not torch's DistributedDataParallel wrapper: DDP only synchronises through the wrapped
-module's forward(), while DRModel's losses are separate methods (structure_loss, rerank_loss)
-and the frozen-reranker phase changes which parameters get gradients. Averaging the trainable
-parameters' gradients explicitly (one flattened exchange per step, rebuilt per phase)
-is what DDP would do, without either problem. The same exchange carries a "had a batch"
-flag, so workers whose shard ran out keep stepping with the others' average (DDP's Join).
-Workers on one host exchange through shared memory (shm_exchange.py), others through gloo.
+Gradients are averaged by grad_sync.GradSync (why not DDP: its module doc); the same exchange
+carries a "had a batch" flag, so workers whose shard ran out keep stepping with the others'
+average (DDP's Join). Workers on one host exchange through shared memory (shm_exchange.py),
+others through gloo.
 """
 from __future__ import annotations
 
@@ -46,7 +43,7 @@ from jobs.tables import Warehouse
 from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial,
                          load_checkpoint, previous_final, read_meta, check_pairing, run_dir, save_checkpoint)
 from .config import RayConfig, ensure_ray
-from .shm_exchange import ShmExchange, open_exchange
+from .grad_sync import GradSync
 
 Log = Callable[[str], None]
 
@@ -94,14 +91,14 @@ def load_item_paths(warehouse: Warehouse, version: int, J: int) -> tuple[np.ndar
     return ids, assign
 
 
-def samples_dataset(warehouse: Warehouse, version: int) -> Any:
-    """samples_train at a pinned version as a Ray Dataset of (hist, target), read by Ray tasks."""
+def samples_dataset(warehouse: Warehouse, version: int, with_next: bool = False) -> Any:
+    """samples_train at a pinned version as a Ray Dataset of (hist, target[, next]), read by Ray tasks."""
     import ray.data
 
     files = warehouse.files("samples_train", version)
     if not files:
         raise ValueError(f"samples_train version {version} has no data files")
-    return ray.data.read_parquet(files).select_columns(["hist", "target"])
+    return ray.data.read_parquet(files).select_columns(["hist", "target"] + (["next"] if with_next else []))
 
 
 def target_counts(ds: Any, item_ids: np.ndarray) -> np.ndarray:
@@ -119,34 +116,50 @@ def target_counts(ds: Any, item_ids: np.ndarray) -> np.ndarray:
     return total
 
 
-def batch_tensors(batch: pa.Table, vocab: Vocab, L: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Arrow (hist list<int64> [n], target [n]) -> (seq [m, L], target indices [m], dropped n-m)."""
+def batch_tensors(batch: pa.Table, vocab: Vocab, L: int, width: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Arrow (hist list<int64> [n], target [n][, next list<int64> [n]]) -> (seq [m, L], target
+    indices [m] (width 1) or [m, width] (the first `width` of `next`, -1 padded), dropped n-m)."""
     hist = batch.column("hist").combine_chunks()
     n = len(hist)
     if n == 0:
-        return torch.empty((0, L), dtype=torch.long), torch.empty(0, dtype=torch.long), 0
+        empty_t = torch.empty((0,) if width == 1 else (0, width), dtype=torch.long)
+        return torch.empty((0, L), dtype=torch.long), empty_t, 0
     lens = pc.list_value_length(hist)
     mm = pc.min_max(lens).as_py()
     if mm["min"] != mm["max"]:
         raise ValueError(f"samples_train.hist must be padded to one length, found {mm['min']}..{mm['max']}")
-    width = int(mm["max"])
-    h = hist.flatten().to_numpy().reshape(n, width)
+    h_width = int(mm["max"])
+    h = hist.flatten().to_numpy().reshape(n, h_width)
     # Left padding keeps the most recent items last: cut or pad on the left.
-    h = h[:, -L:] if width >= L else np.pad(h, ((0, 0), (L - width, 0)), constant_values=-1)
+    h = h[:, -L:] if h_width >= L else np.pad(h, ((0, 0), (L - h_width, 0)), constant_values=-1)
     t = vocab.index(batch.column("target").to_numpy())
     keep = t >= 0
+    if width > 1:
+        t = next_matrix(batch.column("next").combine_chunks(), vocab, width)
     return vocab.seq(h[keep]), torch.from_numpy(t[keep]), int(n - keep.sum())
 
 
-def read_shard(shard: Any, vocab: Vocab, L: int, prefetch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream this worker's shard once into memory -> (seq [n, L], target [n]) (model indices)."""
+def next_matrix(nxt: pa.ListArray, vocab: Vocab, width: int) -> np.ndarray:
+    """list<int64> [n] raw ids -> [n, width] model indices of each list's first `width` (-1 pad)."""
+    lens = np.asarray(pc.list_value_length(nxt).to_numpy(zero_copy_only=False), dtype=np.int64)
+    flat = vocab.index(nxt.flatten().to_numpy(zero_copy_only=False))
+    row = np.repeat(np.arange(len(lens)), lens)
+    col = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    out = np.full((len(lens), width), -1, dtype=np.int64)
+    ok = col < width
+    out[row[ok], col[ok]] = flat[ok]
+    return out
+
+
+def read_shard(shard: Any, vocab: Vocab, L: int, prefetch: int, width: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream this worker's shard once into memory -> (seq [n, L], target [n] or [n, width]) (model indices)."""
     seqs, tgts = [], []
     for b in shard.iter_batches(batch_size=65536, batch_format="pyarrow", prefetch_batches=prefetch):
-        s, t, _ = batch_tensors(b, vocab, L)
+        s, t, _ = batch_tensors(b, vocab, L, width)
         seqs.append(s)
         tgts.append(t)
     if not seqs:
-        return torch.empty((0, L), dtype=torch.long), torch.empty(0, dtype=torch.long)
+        return torch.empty((0, L), dtype=torch.long), torch.empty((0,) if width == 1 else (0, width), dtype=torch.long)
     return torch.cat(seqs), torch.cat(tgts)
 
 
@@ -160,78 +173,6 @@ def shuffled_batches(seq: torch.Tensor, target: torch.Tensor, bs: int, seed: int
 # --------------------------------------------------------------------------------------------
 # Per-worker training loop
 # --------------------------------------------------------------------------------------------
-
-
-class GradSync:
-    """Averages trainable gradients over the workers that had a batch, once per step, between
-    backward and the optimizer step.
-
-    All gradients travel as one flat float32 vector [sum of numel + 1] whose last slot flags
-    "had a batch". Transport: shared memory (ShmExchange) when every rank is on this host, else
-    one gloo all_reduce. Both give every rank the same sum; on one host the gloo collective's
-    syscalls and thread hand-offs cost more than the whole forward/backward of a 128-sample
-    batch here (see jobs/benchmarks/estep.py). Built per phase (collective); close() when done.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], shared_memory: bool = True) -> None:
-        self.params = params
-        # The averaged gradients [sum of numel + 1]; the parameters' .grad become views of it.
-        self.flat = torch.zeros(sum(p.numel() for p in params) + 1)
-        self.views = list(zip(params, _split(self.flat, params)))
-        self.shm: ShmExchange | None = open_exchange(len(self.flat)) if shared_memory else None
-        self.transport = "shm" if self.shm is not None else "gloo"
-
-    def __call__(self, has_batch: bool = True) -> int:
-        import torch.distributed as dist
-
-        if self.shm is not None:
-            mine = self.shm.slot()              # [n] this rank's slot of this step
-            self._pack(mine, has_batch)
-            # [world, n] every rank's gradients; summed over dim 0 in rank order on every rank.
-            torch.sum(self.shm.publish(), dim=0, out=self.flat)
-        else:
-            self._pack(self.flat, has_batch)
-            dist.all_reduce(self.flat)
-        n = int(round(float(self.flat[-1])))
-        if n:
-            self.flat[:-1] /= n
-        for p, v in self.views:
-            # A view of the buffer: train_step's zero_grad(set_to_none) drops it before the next backward.
-            p.grad = v
-        return n
-
-    def _pack(self, out: torch.Tensor, has_batch: bool) -> None:
-        """This rank's gradients (zeros where a parameter has none) and flag -> out [sum of numel + 1]."""
-        for p, v in zip(self.params, _split(out, self.params)):
-            if p.grad is None:
-                v.zero_()
-            else:
-                v.copy_(p.grad)
-        out[-1] = 1.0 if has_batch else 0.0
-
-    def join(self, opt: torch.optim.Optimizer) -> bool:
-        """This worker has no batch left: step with the others' average; False once nobody has one."""
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
-        n = self(has_batch=False)
-        if n:
-            opt.step()
-        return n > 0
-
-    def close(self) -> None:
-        """Release the shared-memory segment (the next phase builds its own GradSync)."""
-        if self.shm is not None:
-            self.shm.close()
-            self.shm = None
-
-
-def _split(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """Consecutive views of flat [>= sum of numel] shaped like each parameter, in order."""
-    views, off = [], 0
-    for p in params:
-        views.append(flat[off: off + p.numel()].view_as(p))
-        off += p.numel()
-    return views
 
 
 def _seed(*parts: int) -> int:
@@ -338,10 +279,10 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         if c["cache_shard"]:
             if cache is None:
-                cache = read_shard(shard, vocab, L, c["prefetch_batches"])
+                cache = read_shard(shard, vocab, L, c["prefetch_batches"], tc.rerank_targets)
             batches = shuffled_batches(*cache, bs, _seed(ph.seed, ep, rank, 7))
         else:
-            batches = (batch_tensors(b, vocab, L)[:2] for b in shard.iter_batches(
+            batches = (batch_tensors(b, vocab, L, tc.rerank_targets)[:2] for b in shard.iter_batches(
                 batch_size=bs, batch_format="pyarrow", prefetch_batches=c["prefetch_batches"],
                 local_shuffle_buffer_size=c["shuffle_buffer"], local_shuffle_seed=_seed(ph.seed, ep, 7)))
         for seq, target in batches:
@@ -379,7 +320,6 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
                     + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else ""))
             if c["checkpoint_every_epoch"] or finished:
                 _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished)
-        ray.train.report({"epochs_done": epochs_done, "valid_recall": valid})
     if sync is not None:
         sync.close()
     unfreeze(model)
@@ -427,12 +367,12 @@ def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, r
         return _result(ck, 0, done, 0)
 
     import ray
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(ray_cfg)
     item_ids, assign = load_item_paths(warehouse, item_paths_version, cfg.model.J)
-    ds = samples_dataset(warehouse, samples_version)
+    ds = samples_dataset(warehouse, samples_version, with_next=cfg.train.rerank_targets > 1)
     counts = target_counts(ds, item_ids)
     dropped = int(ds.count() - counts.sum())   # targets without paths: skipped by every epoch
     if dropped:
@@ -464,7 +404,8 @@ def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, r
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         run_config=RunConfig(name=f"estep-{run_id}-round-{em_round}", storage_path=f"{root}/_ray",
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                             logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": ds}, dataset_config=DataConfig(execution_options=opts))
     t0 = time.perf_counter()
     trainer.fit()

@@ -12,33 +12,34 @@ estimate of the global table at that point of the sweep. Each partition therefor
 corrects only its share. scale = 1 (one partition) is exactly `mstep_blocked`'s sweep.
 A scaled departure can push an entry below zero; entries are clipped at 0.
 
-Block size: every partition sweeps blocks of the full `mstep.block_size`, whatever the
-number of partitions. Dividing it by the partitions (so that the cluster moves one
-kernel block at a time) would leave a few items per block at catalog scale (4096 / 200
-partitions = 20), where the kernel's fixed cost per block (~0.3 ms) dominates; it also
-cost 20-30% of a partition's speed at 2 partitions. The extrapolation already accounts
-for the other partitions' earlier blocks; their concurrent blocks are the Jacobi part
-that the within-block damping does not see. Measured on the equivalence tests: final
-objective 0.10% below the sequential reference (0.06% with divided blocks), same largest
-path. (Scaling the damping's pile-on estimate by `scale` too over-damped: largest path
--9%, objective -0.25%.)
+Block size: every partition sweeps blocks of `mstep.block_size`, whatever the number of
+partitions, unless the cluster's concurrent blocks would hold more than 1/64 of the catalog
+(dr_model.mstep.effective_block: small catalogs). Dividing it by the partitions (so that
+the cluster moves one kernel block at a time) would leave a few items per block at catalog
+scale (4096 / 200 partitions = 20), where the kernel's fixed cost per block (~0.3 ms)
+dominates; it also cost 20-30% of a partition's speed at 2 partitions. The extrapolation
+already accounts for the other partitions' earlier blocks; their concurrent blocks are the
+Jacobi part that the within-block damping does not see. Measured on the equivalence tests:
+final objective 0.10% below the sequential reference (0.06% with divided blocks), same
+largest path. (Scaling the damping's pile-on estimate by `scale` too over-damped: largest
+path -9%, objective -0.25%.)
+
+Alpha: with mstep.alpha "auto" the barrier stage first runs dr_model.calibrate.AlphaSearch's
+trials (one discarded sweep each, exchanged like a round), so every task picks the same alpha
+from the same sums; the path traffic travels with the size changes. Exploration paths join
+each partition's candidates where they are built (MStepContext.candidates).
 
 Data layout (what makes a round cheap):
 
 * The candidates (paths / scores / n_v) never change during an M-step, so they are NOT
-  part of the per-round Spark state. The pass that builds the state stores them, already
-  in the kernel's block layout, in a **worker-side cache** keyed by (job id, partition):
-  NumPy files in the executor's local SparkFiles folder, memory-mapped by every Python
-  worker of that executor (page cache: one copy per machine, shared by the workers,
-  whichever worker gets the partition), plus a per-process dict of the mapped arrays.
-  A miss (a lost executor, a partition scheduled elsewhere) rebuilds the entry from the
-  `path_scores` version's files (only this partition's items), so a round never depends
-  on the cache for correctness, only for speed.
+  part of the per-round Spark state: they sit in a worker-side cache (spark_udfs.mstep_cache),
+  rebuilt from the `path_scores` files on a miss.
 * The Spark state is ONE row per partition (`STATE_DDL`) holding the partition's item
   ids, its assignment [n, J] and each assigned path's slot among the item's candidates
   [n_scored, J] as binary blobs (no per-item rows, no list columns), plus the round's
   statistics of that partition: its path counts (dense int32 [num_paths]), the
-  log-likelihood part, skipped / moved items and the sweep's task CPU seconds. So the
+  log-likelihood part, skipped / moved items, the sweep's task CPU seconds and the path
+  traffic (dense float64 [num_paths], dr_model.calibrate). So the
   statistics come out of the same pass as the sweep; the driver sums P count vectors
   (per-round jobs), or a barrier stage has summed them already and adds the rounds'
   global statistics as `history` (JSON).
@@ -50,21 +51,20 @@ their paths and, as in trainer.train_em, are not in the size table.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
-import uuid
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from dr_model.calibrate import AlphaSearch, assigned_weights, path_traffic, traffic_size, with_exploration
+from dr_model.calibrate import AlphaSearch, assigned_weights, path_traffic, traffic_size
 from dr_model.mstep import (CandidateBlocks, RoundStats, effective_block, initial_assignment, penalty_delta,
-                            prepare_blocks, size_table, sweep, update_block)
+                            size_table, sweep, update_block)
 from dr_model.scores import EMPTY, PathScores
+from spark_udfs.mstep_cache import (FROM_FILES, FROM_WORKER, REBUILT, MStepContext, _blocks, _entry, _Entry, _store,
+                                    drop_job, drop_partition, job_dir)
 
 STATE_SCHEMA = pa.schema([
     ("part", pa.int32()), ("n_scored", pa.int64()), ("items", pa.binary()), ("assign", pa.binary()),
@@ -77,62 +77,9 @@ STATE_DDL = ("part int, n_scored long, items binary, assign binary, slots binary
 STATS_COLUMNS = ("counts", "loglik", "skipped", "moved", "cpu", "cache", "traffic")
 # what a pass reads of the previous state (the statistics columns stay behind)
 INPUT_COLUMNS = ("part", "n_scored", "items", "assign", "slots")
-# where a pass found the partition's candidates (`cache` column; -1: the build pass)
-REBUILT, FROM_FILES, FROM_WORKER = 0, 1, 2
 ITEM_PATHS_SCHEMA = pa.schema([("item_id", pa.int64()), ("slot", pa.int32()), ("path", pa.int64()),
                                ("score", pa.float64())])
 ITEM_PATHS_DDL = "item_id long, slot int, path long, score double"
-
-
-@dataclass(frozen=True)
-class MStepContext:
-    """What every task of one M-step run needs (pickled into the closures; small).
-
-    job: unique id of the run (cache key); sources: file URIs of the path_scores version
-    (the cache-miss fallback); partitions: number of item partitions (the block-layout
-    guess at build time); cache False: always rebuild from `sources` (tests, debugging).
-    """
-
-    job: str
-    S: int
-    J: int
-    num_paths: int
-    alpha: float
-    power: float
-    block_size: int
-    extrapolate: bool
-    partitions: int
-    sources: tuple[str, ...]
-    cache: bool = True
-    improving_only: bool = True
-    K: int = 0                        # nodes per layer and layers (exploration paths are near in code space)
-    D: int = 0
-    explore: int = 0                  # exploration paths per item (dr_model.calibrate.with_exploration)
-    explore_score: float = 0.5
-    seed: int = 0
-
-    @property
-    def width(self) -> int:
-        """Candidate slots per item in the kernel: the path_scores lists plus the exploration paths."""
-        return self.S + self.explore
-
-    def candidates(self, ps: PathScores) -> PathScores:
-        """A partition's s[v,c] lists with the exploration paths (width S + explore)."""
-        return with_exploration(ps, self.K, self.D, self.explore, self.explore_score, self.seed) if self.explore else ps
-
-    @staticmethod
-    def new_job() -> str:
-        return uuid.uuid4().hex[:16]
-
-    @property
-    def assign_dtype(self) -> type:
-        """Blob dtype of paths in the state (int32 whenever path ids fit: half the bytes per round)."""
-        return np.int32 if self.num_paths <= np.iinfo(np.int32).max else np.int64
-
-    @property
-    def slot_dtype(self) -> type:
-        """Blob dtype of candidate slots in the state (-1 = not a candidate)."""
-        return np.int8 if self.width <= 127 else np.int16 if self.width <= 32767 else np.int32
 
 
 # --------------------------------------------------------------------------- arrow helpers
@@ -174,159 +121,6 @@ def _rows(tbl: pa.Table, ctx: MStepContext) -> Iterator[tuple[int, np.ndarray, i
         yield (int(cols["part"][i].as_py()), _arr(cols["items"][i], np.int64), int(cols["n_scored"][i].as_py()),
                _arr(cols["assign"][i], ctx.assign_dtype, J).astype(np.int64),
                _arr(cols["slots"][i], ctx.slot_dtype, J).astype(np.int64))
-
-
-# --------------------------------------------------------------------------- the worker-side cache
-@dataclass
-class _Entry:
-    """A partition's candidates: items [n] (scored first), row-major paths/scores [m, S] (float64), n_v [m]."""
-
-    dir: str | None
-    items: np.ndarray
-    paths: np.ndarray
-    scores: np.ndarray
-    n_v: np.ndarray
-    blocks: dict
-    source: int = REBUILT
-
-    @property
-    def n_scored(self) -> int:
-        return self.paths.shape[0]
-
-
-_CACHE: dict[tuple[str, int], _Entry] = {}     # one per Python worker; only the current job's entries
-
-
-def _cache_root() -> str:
-    try:
-        from pyspark import SparkFiles
-
-        root = SparkFiles.getRootDirectory()
-    except Exception:  # noqa: BLE001 - not inside Spark (direct calls): a temp folder
-        import tempfile
-
-        root = tempfile.gettempdir()
-    return os.path.join(root, "dr-mstep")
-
-
-def job_dir(job: str) -> str:
-    """This run's cache folder on this machine (the executor's SparkFiles folder)."""
-    return os.path.join(_cache_root(), job)
-
-
-def _save_dir(final: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays as .npy into `final` atomically (a temp folder renamed; a concurrent writer may win)."""
-    if os.path.isdir(final):
-        return
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    try:
-        for name, a in arrays.items():
-            np.save(os.path.join(tmp, f"{name}.npy"), a)
-        os.rename(tmp, final)
-    except OSError:
-        if not os.path.isdir(final):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _load_dir(path: str, names: Sequence[str]) -> dict[str, np.ndarray] | None:
-    try:
-        return {n: np.asarray(np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r")) for n in names}
-    except (OSError, ValueError):
-        return None
-
-
-def _evict_other_jobs(job: str) -> None:
-    for key in [k for k in _CACHE if k[0] != job]:
-        del _CACHE[key]
-
-
-def _store(ctx: MStepContext, part: int, items: np.ndarray, ps: PathScores) -> _Entry:
-    """Put a partition's candidates into this machine's cache (files) and this worker's dict."""
-    entry = _Entry(None, items, ps.paths, ps.scores, ps.n_v, {})
-    if ctx.cache:
-        _evict_other_jobs(ctx.job)
-        d = os.path.join(job_dir(ctx.job), f"p{part:05d}")
-        os.makedirs(os.path.dirname(d), exist_ok=True)
-        _save_dir(d, {"items": items, "paths": ps.paths, "scores": ps.scores, "n_v": ps.n_v})
-        entry.dir = d
-        _CACHE[(ctx.job, part)] = entry
-    return entry
-
-
-def _rebuild(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> _Entry:
-    """Cache miss: this partition's candidates straight from the path_scores files (its items only)."""
-    import pyarrow.dataset as ds
-    import pyarrow.fs as pafs
-
-    S = ctx.S
-    scored = items[:n_scored]
-    if n_scored and ctx.sources:
-        fs, _ = pafs.FileSystem.from_uri(ctx.sources[0])
-        paths = [pafs.FileSystem.from_uri(u)[1] for u in ctx.sources]
-        tbl = ds.dataset(paths, filesystem=fs, format="parquet").to_table(
-            columns=["item_id", "path", "score", "n_v"], filter=ds.field("item_id").isin(pa.array(scored)))
-        ps = ctx.candidates(PathScores.from_long(*(tbl.column(c).to_numpy().astype(dt, copy=False) for c, dt in
-                                                   (("item_id", np.int64), ("path", np.int64),
-                                                    ("score", np.float64), ("n_v", np.float64))), S))
-    else:
-        W = ctx.width
-        ps = PathScores(np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W)), np.zeros(0))
-    if not np.array_equal(ps.items, scored):
-        raise RuntimeError(f"M-step partition {part}: the path_scores files do not hold this partition's items")
-    return _store(ctx, part, items, ps)
-
-
-def _entry(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> _Entry:
-    """The partition's cache entry: this worker's dict, else this machine's files, else rebuilt."""
-    if ctx.cache:
-        e = _CACHE.get((ctx.job, part))
-        if e is not None and e.n_scored == n_scored and np.array_equal(e.items, items):
-            e.source = FROM_WORKER
-            return e
-        d = os.path.join(job_dir(ctx.job), f"p{part:05d}")
-        got = _load_dir(d, ("items", "paths", "scores", "n_v"))
-        if got is not None and got["paths"].shape[0] == n_scored and np.array_equal(got["items"], items):
-            _evict_other_jobs(ctx.job)
-            e = _Entry(d, got["items"], got["paths"], got["scores"], got["n_v"], {}, FROM_FILES)
-            _CACHE[(ctx.job, part)] = e
-            return e
-    e = _rebuild(ctx, part, items, n_scored)
-    e.source = REBUILT
-    return e
-
-
-def _blocks(e: _Entry, block_size: int, dtype: type) -> CandidateBlocks:
-    """The entry's candidates in the kernel's block layout (prepared once per machine, then mapped)."""
-    key = (block_size, np.dtype(dtype).name)
-    hit = e.blocks.get(key)
-    if hit is not None:
-        return hit
-    names = ("paths", "scores", "n_v")
-    sub = os.path.join(e.dir, f"blocks-{block_size}-{key[1]}") if e.dir else None
-    got = _load_dir(sub, names) if sub else None
-    if got is not None:
-        cb = CandidateBlocks(got["paths"], got["scores"], got["n_v"], e.n_scored)
-    else:
-        cb = prepare_blocks(np.asarray(e.paths), np.asarray(e.scores), np.asarray(e.n_v), block_size, dtype)
-        if sub:
-            _save_dir(sub, {"paths": cb.paths, "scores": cb.scores, "n_v": cb.n_v})
-    e.blocks[key] = cb
-    return cb
-
-
-def drop_partition(job: str, part: int) -> None:
-    """Forget a partition's entry in this worker and remove its files on this machine."""
-    _CACHE.pop((job, part), None)
-    shutil.rmtree(os.path.join(job_dir(job), f"p{part:05d}"), ignore_errors=True)
-
-
-def drop_job(job: str) -> None:
-    """Remove a run's cache folder on this machine (driver side: the local-mode executors' folder)."""
-    _evict_other_jobs("")
-    shutil.rmtree(job_dir(job), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- statistics of a partition

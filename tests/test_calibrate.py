@@ -93,7 +93,7 @@ def test_exploration_paths_are_near_the_best_path():
 def test_exploration_lets_the_penalty_spread_a_collapsed_assignment():
     """Every item scored only on the same 4 paths (a collapse the beam locks in): without exploration
     the M-step cannot spread them; with it the auto alpha brings the path size down."""
-    K, D, J, V = 10, 3, 2, 400
+    K, D, V = 10, 3, 400
     rng = np.random.default_rng(0)
     hot = np.array([0, 10, 200, 210])
     paths = np.tile(hot, (V, 1))
@@ -146,3 +146,23 @@ def test_own_paths_are_scored_exactly_beside_the_beam():
             assert paths[r, 5] == EMPTY and lp[r, 5] == float("-inf")
         else:
             assert paths[r, 5] == 7 and torch.isclose(lp[r, 5], exact[r])
+
+
+def test_validation_path_recall_counts_truth_items_the_beam_reaches():
+    from dr_model.evaluation import EvalUsers, validation_path_recall
+    from dr_model.index import PathIndex
+    from dr_model.vocab import Vocab
+
+    cfg = DRConfig.from_dict({"model": {"K": 6, "D": 2, "J": 1, "item_dim": 8, "user_dim": 8, "node_dim": 4,
+                                        "hidden": 16, "rerank_dim": 8, "seq_len": 3}})
+    torch.manual_seed(1)
+    model = DRModel(cfg.model, 4).eval()
+    vocab = Vocab(np.array([10, 11, 12, 13]))
+    hist = np.array([[10, 11, -1]])
+    beam_paths = model.beam(vocab.seq(hist), 2)[0].numpy()[0]
+    far = next(p for p in range(36) if p not in beam_paths)
+    # item 12 on the beam's best path, item 13 on a path the beam does not return
+    index = PathIndex.build(np.array([[far], [far], [beam_paths[0]], [far]]))
+    users = EvalUsers(hist, np.array([0, 2]), np.array([10, 11]), np.array([0, 3]), np.array([12, 13, 99]))
+    # 3 truth pairs: 12 reached, 13 not, 99 not in the catalog
+    assert validation_path_recall(model, vocab, users, index, 2) == pytest.approx(1 / 3)

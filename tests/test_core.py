@@ -152,6 +152,35 @@ def test_sampled_softmax_log_q_correction_and_accidental_hits():
     torch.testing.assert_close(loss, (l0 + l1) / 2)
 
 
+def test_multi_target_losses_average_each_target_and_skip_padding():
+    torch.manual_seed(0)
+    r = Reranker(5, 3)
+    w = torch.randn(2, 3)
+    pos = torch.tensor([[1, 3], [4, -1]])           # row 0: two targets, row 1: one
+    logp = F.log_softmax(w @ r.item_emb.weight.T + r.item_bias, 1)
+    torch.testing.assert_close(r.full_softmax_loss(w, pos), -(logp[0, 1] + logp[0, 3] + logp[1, 4]) / 3)
+    # sampled: every target against the shared negatives, minus the row's own targets
+    neg = torch.tensor([0, 3, 2])
+    log_q = torch.log(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1]) * 3)
+    lg = w @ r.item_emb.weight.T + r.item_bias - log_q
+    lse = torch.logsumexp
+
+    def nll(row: int, item: int, negs: list[int]) -> torch.Tensor:
+        return -(lg[row, item] - lse(torch.stack([lg[row, item]] + [lg[row, j] for j in negs]), 0))
+    want = (nll(0, 1, [0, 2]) + nll(0, 3, [0, 2]) + nll(1, 4, [0, 3, 2])) / 3
+    torch.testing.assert_close(r.sampled_softmax_loss(w, pos, neg, log_q), want)
+    # one target per row is the single-target loss
+    torch.testing.assert_close(r.full_softmax_loss(w, pos[:, :1]), r.full_softmax_loss(w, pos[:, 0]))
+
+
+def test_next_items_stay_within_the_user():
+    from dr_model.split import next_items
+    user = np.array([7, 7, 7, 9, 9])
+    target = np.array([10, 11, 12, 20, 21])
+    np.testing.assert_array_equal(next_items(user, target, 3),
+                                  [[10, 11, 12], [11, 12, -1], [12, -1, -1], [20, 21, -1], [21, -1, -1]])
+
+
 def test_path_index_lookup_dedupes_items_per_user():
     assign = np.array([[5, 7, 9], [5, 8, 10], [11, 12, 13]])
     idx = PathIndex.build(assign)

@@ -31,7 +31,7 @@ def test_em_on_planted_clusters_reaches_brute_force_recall():
     split = paper_split(generate(spec), cfg.split, cfg.model.seq_len)
     logs: list[str] = []
     valid = EvalUsers.of(split, 1)
-    res = train_em(split.train_hist, split.train_target, cfg, log=logs.append, valid=valid)
+    res = train_em(split.train_hist, split.train_target, cfg, train_next=split.train_next(cfg.train.rerank_targets), log=logs.append, valid=valid)
     report = evaluate(res, EvalUsers.of(split, 2), cfg)
 
     m = report["methods"]

@@ -38,7 +38,7 @@ def trained_ml100k() -> tuple[EMResult, np.ndarray, np.ndarray, np.ndarray]:
 def write_samples(wh: Warehouse, hist: np.ndarray, target: np.ndarray, user: np.ndarray, run: str) -> int:
     """samples_train rows from arrays; returns the committed version (a full snapshot)."""
     df = pd.DataFrame({"user_id": user, "pos": np.arange(len(user), dtype=np.int32), "hist": list(hist),
-                       "target": target})
+                       "target": target, "next": list(np.asarray(target)[:, None])})
     return wh.write_arrow("samples_train", df, CommitMeta("test", run), mode="overwrite").version
 
 

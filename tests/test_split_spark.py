@@ -34,7 +34,7 @@ def test_user_hash_matches_reference(spark):
 
 
 def test_split_equals_paper_split_on_movielens_100k(spark, ml100k):
-    res = run_split(spark, ml100k, CFG, L)
+    res = run_split(spark, ml100k, CFG, L, next_items=3)
     ref = paper_split(load_movielens("ml-100k")[0], CFG, L)
     got = load_split(ml100k)
     for name in ref.__dataclass_fields__:
@@ -56,6 +56,8 @@ def test_split_equals_paper_split_on_movielens_100k(spark, ml100k):
         assert list(row["hist"]) == [-1] * (L - len(first)) + first
     # Windows: the <= L previous items, left-padded.
     tr = ml100k.read_arrow("samples_train").to_pandas()
+    nxt = tr.sort_values(["user_id", "pos"])["next"].map(lambda a: list(a) + [-1] * (3 - len(a)))
+    np.testing.assert_array_equal(np.stack(nxt.to_numpy()), ref.train_next(3))
     assert tr["hist"].map(len).eq(L).all() and (tr["pos"] >= 1).all()
     short = tr[tr["pos"] == 1].iloc[0]
     assert list(short["hist"][:-1]) == [-1] * (L - 1) and short["hist"][-1] != -1

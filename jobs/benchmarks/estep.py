@@ -33,7 +33,7 @@ from dr_model.split import paper_split
 from dr_model.synthetic import SyntheticSpec, generate
 from dr_model.schedule import Phase
 from dr_model.trainer import Vocab, run_phase
-from jobs.tables import CommitMeta, Warehouse
+from jobs.tables import CommitMeta, Warehouse, list_array
 
 TARGET_OVERHEAD = 0.20
 
@@ -46,9 +46,9 @@ def synthetic_inputs(warehouse: Warehouse, spec: SyntheticSpec, cfg: DRConfig, r
     first = np.r_[0, np.flatnonzero(np.diff(user)) + 1]
     starts = np.repeat(first, np.diff(np.r_[first, n]))
     pos = (np.arange(n) - starts + 1).astype(np.int32)          # samples start at each user's 2nd event
-    hist = pa.ListArray.from_arrays(pa.array(np.arange(0, n * L + 1, L, dtype=np.int32)),
-                                    pa.array(split.train_hist.ravel()))
-    samples = pa.table({"user_id": user, "pos": pos, "hist": hist, "target": split.train_target})
+    samples = pa.table({"user_id": user, "pos": pos, "hist": list_array(split.train_hist),
+                        "target": split.train_target,
+                        "next": list_array(split.train_next(cfg.train.rerank_targets), pad=-1)})
     meta = CommitMeta(job="bench-estep", run_id=run_id, config_hash=cfg.hash())
     sv = warehouse.write_arrow("samples_train", samples, meta, mode="overwrite").version
     ids = np.unique(split.train_target)
@@ -62,8 +62,10 @@ def synthetic_inputs(warehouse: Warehouse, spec: SyntheticSpec, cfg: DRConfig, r
 
 def _config(quick: bool) -> DRConfig:
     # The paper's MovieLens shapes (K=50, D=3, J=3), mean encoder, batch 256, 256 negatives.
-    # full_softmax_max_items 0: the sampled softmax of catalog-scale runs (the figures before it used it too)
-    return DRConfig.from_dict({"train": {"batch_size": 256, "negatives": 256, "seed": 0, "full_softmax_max_items": 0},
+    # full_softmax_max_items 0: the sampled softmax of catalog-scale runs (the figures before it used it too);
+    # rerank_targets 1: both loops train on the same (hist, target) pairs
+    return DRConfig.from_dict({"train": {"batch_size": 256, "negatives": 256, "seed": 0, "full_softmax_max_items": 0,
+                                         "rerank_targets": 1},
                                "split": {"rating_threshold": 0.0, "test_users": 0, "valid_users": 0}})
 
 

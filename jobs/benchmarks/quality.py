@@ -39,7 +39,8 @@ def measure(items: int, log=lambda m: print(m, file=sys.stderr, flush=True)) -> 
     t0 = time.perf_counter()
     split = paper_split(generate(spec), cfg.split, cfg.model.seq_len)
     valid = EvalUsers.of(split, 1)
-    res = train_em(split.train_hist, split.train_target, cfg, log=log, valid=valid)
+    res = train_em(split.train_hist, split.train_target, cfg, train_next=split.train_next(cfg.train.rerank_targets),
+                   log=log, valid=valid)
     report = evaluate(res, EvalUsers.of(split, 2), cfg, train=(split.train_user, split.train_target), valid=valid)
     return {"report": report, "alpha": res.alpha, "beam": res.beam, "seconds": time.perf_counter() - t0,
             "train_samples": int(len(split.train_target)), "users": spec.num_users}

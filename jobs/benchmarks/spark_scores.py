@@ -44,6 +44,7 @@ def chunk_samples(chunk: int, pairs: int, items: int) -> tuple[np.ndarray, np.nd
 
 
 def _gen(batches: Iterator[pa.RecordBatch], pairs: int, items: int) -> Iterator[pa.RecordBatch]:
+    from jobs.tables import list_array
     for b in batches:
         for c in b.column(0).to_numpy():
             hist, target = chunk_samples(int(c), pairs, items)
@@ -51,7 +52,7 @@ def _gen(batches: Iterator[pa.RecordBatch], pairs: int, items: int) -> Iterator[
             yield pa.RecordBatch.from_arrays([
                 pa.array(np.arange(n) + int(c) * CHUNK), pa.array(np.zeros(n, np.int32)),
                 pa.ListArray.from_arrays(pa.array(np.arange(0, n * L + 1, L, dtype=np.int32)), pa.array(hist.ravel())),
-                pa.array(target)], names=["user_id", "pos", "hist", "target"])
+                pa.array(target), list_array(target[:, None])], names=["user_id", "pos", "hist", "target", "next"])
 
 
 def _model():  # noqa: ANN202
@@ -79,7 +80,7 @@ def worker(master: str, pairs: int, items: int) -> dict:
         wh = Warehouse(tmp)
         n = -(-pairs // CHUNK)
         gen = spark.range(n, numPartitions=min(n, 4 * cores)).mapInArrow(
-            lambda it: _gen(it, pairs, items), "user_id long, pos int, hist array<long>, target long")
+            lambda it: _gen(it, pairs, items), "user_id long, pos int, hist array<long>, target long, next array<long>")
         v = wh.write_spark("samples_train", gen, CommitMeta("bench", "gen")).version
         t0 = time.perf_counter()
         res = compute_path_scores(spark, wh, ModelPayload.from_model(model, vocab), _cfg(), v, "bench", 0,

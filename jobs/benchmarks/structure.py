@@ -45,7 +45,7 @@ def _data(name: str):
 def table5(quick: bool) -> dict:
     cfg, split = _data("ml-100k" if quick else "ml-1m")
     valid = EvalUsers.of(split, 1)
-    res = train_em(split.train_hist, split.train_target, cfg, log=_log, valid=valid)
+    res = train_em(split.train_hist, split.train_target, cfg, train_next=split.train_next(cfg.train.rerank_targets), log=_log, valid=valid)
     target_idx = res.vocab.index(split.train_target)
     ps = pair_scores(res.model, res.vocab.seq(split.train_hist), target_idx, cfg.search.score_paths,
                      cfg.search.batch_size, res.assign)
@@ -76,7 +76,8 @@ def collapse(explore: int) -> dict:
                        "path_size": round(res.history[-1]["mstep"][-1]["path_size"], 2)})
 
     valid = EvalUsers.of(split, 1)
-    res = train_em(split.train_hist, split.train_target, cfg, log=_log, valid=valid, on_round=on_round, start=start)
+    res = train_em(split.train_hist, split.train_target, cfg, train_next=split.train_next(cfg.train.rerank_targets),
+                   log=_log, valid=valid, on_round=on_round, start=start)
     rep = evaluate(res, EvalUsers.of(split, 2), cfg)
     return {"explore": explore, "start": {"nonempty_paths": 4, "largest_path": V}, "rounds": rounds,
             "dr_recall_over_brute_force": round(rep["dr_recall_over_brute_force"], 4),
