@@ -67,14 +67,16 @@ def _pad_left(arr: Any, L: int) -> Any:
 
 
 def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | None = None,
-                 next_items: int = 1) -> tuple[Any, Any]:
-    """interactions DataFrame -> (samples_train, eval_users) DataFrames.
+                 next_items: int = 1) -> tuple[Any, Any, Any]:
+    """interactions DataFrame -> (samples_train, eval_users, the persisted per-user sequences to
+    unpersist once both are written) DataFrames.
 
     next_items: the length of each sample's `next` column (its target and the user's next
     items: the reranker's targets, train.rerank_targets).
     eligible: the number of users with >= min_events kept events (counted when not given),
     which caps the held-out users (dr_model.split.heldout_sizes).
     """
+    from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -86,6 +88,9 @@ def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | No
             .select("user_id", F.col("ev.item_id").alias("items"), F.size("ev").alias("n"))
             .filter(F.col("n") >= cfg.min_events)
             .withColumn("h", user_hash_col(F.col("user_id"), cfg.seed)))
+    # Read three times (count, held-out top-k, the two outputs): one sort of the events, not three.
+    # O(events) spread over the executors, spilling to disk where memory is short.
+    cached = seqs = seqs.persist(StorageLevel.MEMORY_AND_DISK)
     if eligible is None:
         eligible = seqs.count()
     n_test, n_valid = heldout_sizes(eligible, cfg)
@@ -119,7 +124,7 @@ def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | No
                      n_in.alias("n_input"),
                      F.slice("items", F.lit(1), n_in).alias("input"),
                      F.slice("items", n_in + 1, F.col("n") - n_in).alias("truth")))
-    return train, evals
+    return train, evals, cached
 
 
 def run_split(spark: Any, wh: Warehouse, cfg: SplitConfig, seq_len: int, version: int | None = None,
@@ -135,9 +140,12 @@ def run_split(spark: Any, wh: Warehouse, cfg: SplitConfig, seq_len: int, version
     meta = CommitMeta("split", run_id, config_hash=chash, watermark=1,
                       extra={"interactions_version": src, "config": conf})
     print(f"[split] {run_id}: interactions v{src}, {cfg}, L={seq_len}, next items {next_items}", file=sys.stderr, flush=True)
-    train, evals = split_frames(wh.read_spark(spark, "interactions", src), cfg, seq_len, next_items=next_items)
-    re = wh.write_spark("eval_users", evals, meta, mode="overwrite")
-    rt = wh.write_spark("samples_train", train, meta, mode="overwrite")
+    train, evals, cached = split_frames(wh.read_spark(spark, "interactions", src), cfg, seq_len, next_items=next_items)
+    try:
+        re = wh.write_spark("eval_users", evals, meta, mode="overwrite")
+        rt = wh.write_spark("samples_train", train, meta, mode="overwrite")
+    finally:
+        cached.unpersist()
     skipped = re.skipped and rt.skipped
     if skipped:
         n_train, n_eval = _rows(wh, "samples_train", rt.version), _rows(wh, "eval_users", re.version)
