@@ -5,6 +5,8 @@ so the same model config trains identically on a laptop and on a cluster.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from dr_model.config import ConfigError
@@ -83,6 +85,9 @@ def ensure_ray(cfg: RayConfig) -> None:
     quiet_ray()
     if ray.is_initialized():
         return
+    # No usage telemetry: our machines have no internet, and its GCS key-value writes from inside
+    # Ray Data's execution were seen to hang a test run (2026-11-30).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
              object_store_memory=cfg.object_store_memory if cfg.address is None else None,
              include_dashboard=False, configure_logging=False,
