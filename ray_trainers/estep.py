@@ -37,6 +37,7 @@ from dr_model.config import DRConfig
 from dr_model.evaluation import EvalUsers
 from dr_model.model import DRModel
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
+from dr_model.split import csr_segments
 from dr_model.trainer import Validation, Vocab, epoch_line, phase_optimizer, proposal, train_step, unfreeze
 from jobs.tables import Warehouse
 
@@ -144,7 +145,7 @@ def next_matrix(nxt: pa.ListArray, vocab: Vocab, width: int) -> np.ndarray:
     lens = np.asarray(pc.list_value_length(nxt).to_numpy(zero_copy_only=False), dtype=np.int64)
     flat = vocab.index(nxt.flatten().to_numpy(zero_copy_only=False))
     row = np.repeat(np.arange(len(lens)), lens)
-    col = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    col = csr_segments(np.zeros(len(lens), dtype=np.int64), lens)     # position inside each list
     out = np.full((len(lens), width), -1, dtype=np.int64)
     ok = col < width
     out[row[ok], col[ok]] = flat[ok]
