@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--init-item-paths-version", type=int, default=None,
                    help="starting item_paths version (default: random balanced start)")
     m.add_argument("--partitions", type=int, default=None,
-                   help="item partitions (default: the cluster's concurrent task slots)")
+                   help="item partitions (default: the cluster's concurrent task slots, at most one per 50,000 scored items)")
     m.add_argument("--sync", choices=("auto", "barrier", "jobs"), default="auto",
                    help="rounds in one barrier stage exchanging size changes (barrier; needs partitions <= task "
                         "slots), one Spark job per round (jobs), or barrier whenever it fits (auto, default)")

@@ -52,7 +52,11 @@ def _log(msg: str) -> None:
 class MStepOptions:
     """Plan knobs: item partitions, how rounds synchronise, the scheme switch, start seed, state storage.
 
-    partitions None: the cluster's concurrent task slots (barrier), else defaultParallelism.
+    partitions None: the cluster's concurrent task slots (barrier), else defaultParallelism,
+    but no more than one per `min_items_per_partition` scored items: each partition's
+    extrapolated copy of the size table is an estimate, noisy where paths hold a few items
+    (ML-100K on 2 partitions kept moving a quarter of its items every sweep, in one it
+    settles), and a sweep of 50,000 items takes a few milliseconds, so splitting less buys nothing.
     sync: "auto" (barrier when partitions <= task slots, else jobs), "barrier" (an error if
     the partitions do not fit), "jobs" (module doc). worker_cache False: every task
     rebuilds its candidates from the path_scores files (the cache-miss path; slow, for
@@ -68,6 +72,7 @@ class MStepOptions:
     storage: str = "MEMORY_AND_DISK"  # StorageLevel name of each round's checkpointed state
     worker_cache: bool = True
     driver_merge: int = 32
+    min_items_per_partition: int = 50_000
 
 
 @dataclass
@@ -93,8 +98,8 @@ def task_slots(spark: SparkSession) -> int:
         return 0
 
 
-def plan_partitions(spark: SparkSession, opts: MStepOptions) -> tuple[int, bool]:
-    """(item partitions, run the rounds in one barrier stage?) for these options on this cluster."""
+def plan_partitions(spark: SparkSession, opts: MStepOptions, items: int | None = None) -> tuple[int, bool]:
+    """(item partitions, run the rounds in one barrier stage?) for these options on this cluster and `items` scored items."""
     if opts.sync not in SYNC_MODES:
         raise ValueError(f"MStepOptions.sync must be one of {SYNC_MODES}, got {opts.sync!r}")
     if opts.partitions is not None and opts.partitions < 1:
@@ -103,6 +108,8 @@ def plan_partitions(spark: SparkSession, opts: MStepOptions) -> tuple[int, bool]
     dynamic = spark.conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true"
     slots = task_slots(spark) if opts.sync != "jobs" and not dynamic else 0
     n = opts.partitions or slots or spark.sparkContext.defaultParallelism
+    if opts.partitions is None and items is not None:
+        n = max(1, min(n, items // max(opts.min_items_per_partition, 1)))
     barrier = opts.sync != "jobs" and 0 < n <= slots
     if opts.sync == "barrier" and not barrier:
         raise ValueError(f"MStepOptions.sync='barrier' needs partitions ({n}) <= the cluster's concurrent task "
@@ -119,7 +126,8 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
     """The checkpointed starting state: items hash-partitioned by item_id, one state row per partition."""
     # path_scores lists: the beam's S paths plus the J own paths the scores job adds
     S, J, P, mc = cfg.search.score_paths + cfg.model.J, cfg.model.J, cfg.model.num_paths, cfg.mstep
-    n, barrier = plan_partitions(spark, opts)
+    # path_scores holds at most S rows per item: rows // S is a lower bound of the scored items
+    n, barrier = plan_partitions(spark, opts, warehouse.rows("path_scores", path_scores_version) // S)
     barrier = barrier and P < 2 ** 31                    # the exchange encodes path ids as int32 gaps
     ctx = MStepContext(job=MStepContext.new_job(), S=S, J=J, num_paths=P, alpha=0.0, power=mc.penalty_power,
                        block_size=mc.block_size, extrapolate=opts.extrapolate, partitions=n,

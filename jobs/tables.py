@@ -616,6 +616,11 @@ class Warehouse:
 
     # -- reads ---------------------------------------------------------------------------
 
+    def rows(self, table: str, version: Version = None) -> int:
+        """Rows of a table version, from its Delta log's file statistics (no data read)."""
+        acts = pa.table(self._table(table, version).get_add_actions(flatten=True))
+        return int(pc.sum(acts.column("num_records")).as_py() or 0)
+
     def files(self, table: str, version: Version = None) -> list[str]:
         """Absolute URIs of the data files of one version."""
         return self._table(table, version).file_uris()

@@ -83,11 +83,17 @@ def ensure_ray(cfg: RayConfig) -> None:
     import ray
 
     quiet_ray()
-    if ray.is_initialized():
-        return
     # No usage telemetry: our machines have no internet, and its GCS key-value writes from inside
     # Ray Data's execution were seen to hang a test run (2026-11-30).
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train routes a worker's print() through its logger AND the original stream, so every
+    # progress line reached the driver twice: plain prints only (Train copies these variables
+    # from the driver's environment into its workers, so they apply to an attached Ray too).
+    # The preemption watcher only matters on spot-instance clusters.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if ray.is_initialized():
+        return
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
              object_store_memory=cfg.object_store_memory if cfg.address is None else None,
              include_dashboard=False, configure_logging=False,

@@ -415,8 +415,9 @@ def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, r
     if path is None:
         raise RuntimeError(f"E-step round {em_round} of run {run_id} left no checkpoint under {root}")
     ck = load_checkpoint(path, item_paths_version, samples_version, cfg.hash())
-    for row in ck.meta.losses[prev:]:
-        log(f"[estep]   {epoch_line(row)}, {row['samples_per_s']:.0f} samples/s")
+    rows = ck.meta.losses[prev:]
+    if rows:                                   # the workers printed every epoch as it ended
+        log(f"[estep] round {em_round}: {len(rows)} epochs trained, last {epoch_line(rows[-1])}")
     return _result(ck, ck.meta.epochs_done - prev, resume or warm, dropped)
 
 

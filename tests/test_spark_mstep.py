@@ -10,7 +10,7 @@ from dr_model.mstep import initial_assignment, mstep_reference, objective, path_
 from dr_model.scores import PathScores
 from dr_model.trainer import pair_scores
 from jobs.benchmarks.mstep import synthetic_scores
-from jobs.mstep import MStepOptions, distributed_mstep
+from jobs.mstep import MStepOptions, distributed_mstep, plan_partitions
 from jobs.path_index import build_path_index, find_path_index
 from jobs.tables import CommitMeta, Warehouse
 from test_spark_scores import CFG as ML_CFG
@@ -195,3 +195,12 @@ def test_worker_cache_fallback_tree_merge_and_barrier_give_the_same_run(spark, w
     got, _, tbl = runs["cache"]
     np.testing.assert_array_equal(got[len(ps):], assign0[len(ps):])
     assert tbl[tbl["item_id"] >= 10 ** 6]["score"].isna().all()
+
+
+def test_small_catalogs_plan_one_partition_per_min_items(spark):
+    # extrapolated size tables are noisy on paths of a few items: small catalogs sweep in one partition
+    slots, _ = plan_partitions(spark, MStepOptions())
+    assert plan_partitions(spark, MStepOptions(), items=1_359) == (1, True)
+    assert plan_partitions(spark, MStepOptions(), items=10 ** 8)[0] == slots
+    assert plan_partitions(spark, MStepOptions(min_items_per_partition=1_000), items=2_500)[0] == min(2, slots)
+    assert plan_partitions(spark, MStepOptions(partitions=3, sync="jobs"), items=10) == (3, False)
