@@ -81,10 +81,3 @@ def _targets(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """pos [N] or [N, W] (-1 = none) -> (pos [N, W], valid mask [N, W] float)."""
     pos = pos.view(pos.shape[0], -1)
     return pos, (pos >= 0).to(torch.float32)
-
-
-def sampling_log_q(counts: torch.Tensor, num_samples: int, power: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unigram^power proposal over items: counts [V] -> (probs [V], log expected count per draw set [V])."""
-    q = counts.double().clamp_min(1.0) ** power
-    q = q / q.sum()
-    return q.float(), torch.log(q * num_samples).float()

@@ -27,7 +27,7 @@ from .index import PathIndex
 from .init_paths import paths_from_embeddings
 from .model import DRModel
 from .mstep import MStepResult, effective_block, initial_assignment, mstep_blocked
-from .reranker import sampling_log_q
+from .sampling import Proposal
 from .schedule import Phase, schedule, should_stop
 from .scores import PathScores, aggregate_pairs
 from .vocab import Vocab
@@ -65,11 +65,13 @@ def unfreeze(model: DRModel) -> None:
         p.requires_grad_(True)
 
 
-def proposal(counts: torch.Tensor, cfg: DRConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Negative-sampling proposal (q [V], log_q [V]); (None, None) where the exact softmax is used."""
+def proposal(counts: torch.Tensor, cfg: DRConfig) -> tuple[Proposal | None, torch.Tensor | None]:
+    """Negative-sampling proposal (q, log_q [V]) from the training pairs per item counts [V];
+    (None, None) where the exact softmax is used."""
     if counts.shape[0] <= cfg.train.full_softmax_max_items:
         return None, None
-    return sampling_log_q(counts, cfg.train.negatives)
+    q = Proposal(counts)
+    return q, q.log_q(cfg.train.negatives)
 
 
 def first_target(target: torch.Tensor) -> torch.Tensor:
@@ -78,7 +80,7 @@ def first_target(target: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, target: torch.Tensor,
-               assign_t: torch.Tensor, q: torch.Tensor | None, log_q: torch.Tensor | None, negatives: int,
+               assign_t: torch.Tensor, q: Proposal | None, log_q: torch.Tensor | None, negatives: int,
                phase: Phase, gen: torch.Generator,
                sync: Callable[[], None] | None = None) -> tuple[float, float]:
     """One E-step batch: seq [N, L], target [N] or [N, W] -> (structure loss or nan, rerank loss or nan).
@@ -95,7 +97,7 @@ def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, ta
         loss_s = model.structure_loss(seq, assign_t[first_target(target)])
         loss = loss + loss_s
     if phase.train_reranker:
-        neg = torch.multinomial(q, negatives, replacement=True, generator=gen) if q is not None else None
+        neg = q.sample(negatives, gen) if q is not None else None
         loss_r = model.rerank_loss(seq, target, neg, log_q)
         loss = loss + loss_r
     loss.backward()

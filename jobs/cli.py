@@ -24,6 +24,7 @@ BENCHMARKS = {
                "share of the catalog scored, largest path, alpha used",
     "structure": "MovieLens-1M top path size vs alpha (the paper's Table 5); a collapsed start recovering on ML-100K",
     "encoders": "MovieLens-1M reranker quality: mean-pool over 20 / 69 items vs the paper's GRU over 69",
+    "negatives": "one step's 256 sampled-softmax negatives: torch.multinomial over all items vs the O(1) proposal, 10^4-10^7 items",
 }
 
 # Command modules that add their own subcommands (each has register(subparsers)).

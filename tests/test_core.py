@@ -211,3 +211,22 @@ def test_default_toml_spells_out_the_defaults():
 
     path = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
     assert DRConfig.load(path) == DRConfig()
+
+
+def test_proposal_draws_count_power_exactly():
+    from dr_model.sampling import Proposal
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([0, 1, 1, 2, 3, 7, 50, 51, 400, 10_000] * 5)   # 50 items, classes from 1 to ~2^10
+    q_want = counts.double().clamp_min(1) ** 0.75
+    q_want /= q_want.sum()
+    prop = Proposal(counts)
+    n = 400_000
+    draws = prop.sample(n, gen)
+    assert draws.min() >= 0 and draws.max() < len(counts)
+    emp = torch.bincount(draws, minlength=len(counts)).double() / n
+    sd = (q_want * (1 - q_want) / n).sqrt()
+    assert ((emp - q_want).abs() <= 5 * sd + 1e-12).all()
+    torch.testing.assert_close(prop.log_q(256).double(), (256 * q_want).log(), rtol=0, atol=1e-5)
+    again = Proposal(counts).sample(1000, torch.Generator().manual_seed(1))
+    assert torch.equal(again, Proposal(counts).sample(1000, torch.Generator().manual_seed(1)))
