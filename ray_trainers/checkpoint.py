@@ -48,6 +48,7 @@ class CheckpointMeta:
     format: int = FORMAT
     created_at: float = 0.0
     finished: bool = False          # every phase of the round has ended
+    dropped_samples: int = 0        # samples skipped: their target has no paths in item_paths
 
     @property
     def complete(self) -> bool:

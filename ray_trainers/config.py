@@ -34,20 +34,32 @@ class RayConfig:
     max_failures: int = 0                   # worker-group restarts; each restart resumes from the last checkpoint
     checkpoint_every_epoch: bool = True     # partial checkpoints inside an E-step (finer resume)
     prefetch_batches: int = 1               # Ray Data batches prepared ahead of the training step
-    # True: each worker streams its shard once per call into memory (n/W x (L+1) int64) and
+    # True: each worker streams its shard once per call into memory (n/W x (L+W+1) int64) and
     # fully reshuffles it every epoch; False: stream from Delta every epoch with a local
     # shuffle buffer (shards larger than worker memory). Restarting Ray Data's pipeline each
     # epoch costs seconds, which dominated small epochs (see jobs/benchmarks/estep.py).
-    cache_shard: bool = True
+    # None (default): cache when the shard takes at most cache_shard_max_mb.
+    cache_shard: bool | None = None
+    cache_shard_max_mb: int = 2048
     # Only used when this process starts a local Ray (address None and Ray not yet up).
     num_cpus: int | None = None
     object_store_memory: int | None = None
+
+    def cache(self, num_samples: int, seq_len: int, width: int) -> bool:
+        """Cache a worker's shard in memory? (n / workers samples x (L + W + 1) int64)"""
+        if self.cache_shard is not None:
+            return self.cache_shard
+        mb = num_samples / max(self.num_workers, 1) * (seq_len + width + 1) * 8 / 2 ** 20
+        return mb <= self.cache_shard_max_mb
 
     def __post_init__(self) -> None:
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0", self.num_workers)
         _check(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
         _check(isinstance(self.torch_threads, int) and self.torch_threads >= 1, "torch_threads", "an integer >= 1", self.torch_threads)
         _check(isinstance(self.max_failures, int) and self.max_failures >= -1, "max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
+        _check(self.cache_shard in (None, True, False), "cache_shard", "None (auto), true or false", self.cache_shard)
+        _check(isinstance(self.cache_shard_max_mb, int) and self.cache_shard_max_mb >= 0, "cache_shard_max_mb",
+               "an integer >= 0", self.cache_shard_max_mb)
         _check(isinstance(self.prefetch_batches, int) and self.prefetch_batches >= 0, "prefetch_batches", "an integer >= 0", self.prefetch_batches)
         _check(self.num_cpus is None or (isinstance(self.num_cpus, int) and self.num_cpus >= 1), "num_cpus", "None or an integer >= 1", self.num_cpus)
         _check(self.object_store_memory is None or self.object_store_memory >= 75 * 2 ** 20,

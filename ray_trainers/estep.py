@@ -1,10 +1,13 @@
 """The E-step on Ray Train: data-parallel training of dr_model's DRModel against a pinned item_paths.
 
-Inputs are pinned Delta versions: `samples_train` is streamed to the workers by Ray Data (never
-collected to the driver); `item_paths` (items x J, small) is read once, turned into the model's
-vocabulary + path table [V, J] and shared through the object store. By default each worker
-streams its shard once per call into memory and reshuffles it fully every epoch (RayConfig.
-cache_shard; False streams from Delta every epoch for shards larger than memory). Every worker runs
+Inputs are pinned Delta versions, and nothing catalog-sized passes through the driver on the way
+in: `samples_train` is streamed to the workers by Ray Data; the training pairs per item (the
+sampled softmax's proposal) are an aggregation (Ray Data groupby) kept in the object store;
+every worker reads the `item_paths` files itself into the model's vocabulary + path table
+[V, J] (12 + 8 J bytes per item per worker: the catalog-sized state a worker still holds besides
+the model, issue #11). Each worker streams its shard once per call into memory and reshuffles
+it fully every epoch when it fits (RayConfig.cache_shard / cache_shard_max_mb), else streams it
+from Delta every epoch through a local shuffle buffer. Every worker runs
 dr_model.trainer.train_step (the same update as the single-process trainer) on its shard with
 the per-worker batch batch_size / num_workers, and gradients are averaged between backward and
 the optimizer step, so N workers follow the global batch of the single-process loop.
@@ -26,11 +29,12 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import torch
 
 from dr_model.config import DRConfig
@@ -39,7 +43,6 @@ from dr_model.model import DRModel
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
 from dr_model.split import csr_segments
 from dr_model.trainer import Validation, Vocab, epoch_line, phase_optimizer, proposal, train_step, unfreeze
-from jobs.tables import Warehouse
 
 from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial,
                          load_checkpoint, previous_final, read_meta, check_pairing, run_dir, save_checkpoint)
@@ -47,6 +50,16 @@ from .config import RayConfig, ensure_ray
 from .grad_sync import GradSync
 
 Log = Callable[[str], None]
+
+
+class Tables(Protocol):
+    """What the E-step needs of a warehouse (jobs.tables.Warehouse): its root, a version's data files and rows."""
+
+    root: Any
+
+    def files(self, table: str, version: int | None = None) -> list[str]: ...
+
+    def rows(self, table: str, version: int | None = None) -> int: ...
 
 
 def _stderr(msg: str) -> None:
@@ -73,26 +86,34 @@ class EStepResult:
 # --------------------------------------------------------------------------------------------
 
 
-def load_item_paths(warehouse: Warehouse, version: int, J: int) -> tuple[np.ndarray, np.ndarray]:
-    """item_paths at a pinned version -> (item ids [V] sorted, paths [V, J] int64)."""
-    t = warehouse.read_arrow("item_paths", version, columns=["item_id", "slot", "path"])
+def read_item_paths(files: list[str], J: int, what: str = "item_paths") -> tuple[np.ndarray, np.ndarray]:
+    """The data files of one item_paths version -> (item ids [V] sorted, paths [V, J] int64)."""
+    t = pds.dataset(files, format="parquet").to_table(columns=["item_id", "slot", "path"])
     item = t.column("item_id").to_numpy()
     slot = t.column("slot").to_numpy()
     path = t.column("path").to_numpy()
     ids, inv, cnt = np.unique(item, return_inverse=True, return_counts=True)
     if len(ids) == 0:
-        raise ValueError(f"item_paths version {version} is empty")
+        raise ValueError(f"{what} is empty")
     if (cnt != J).any() or slot.min() < 0 or slot.max() >= J:
-        raise ValueError(f"item_paths version {version}: every item needs exactly J={J} slots 0..{J - 1} "
+        raise ValueError(f"{what}: every item needs exactly J={J} slots 0..{J - 1} "
                          f"(found {int((cnt != J).sum())} items with another count)")
     assign = np.full((len(ids), J), -1, dtype=np.int64)
     assign[inv, slot] = path
     if (assign < 0).any():
-        raise ValueError(f"item_paths version {version}: duplicate (item_id, slot) rows")
+        raise ValueError(f"{what}: duplicate (item_id, slot) rows")
     return ids, assign
 
 
-def samples_dataset(warehouse: Warehouse, version: int, with_next: bool = False) -> Any:
+def load_item_paths(warehouse: Tables, version: int, J: int) -> tuple[np.ndarray, np.ndarray]:
+    """item_paths at a pinned version -> (item ids [V] sorted, paths [V, J] int64)."""
+    files = warehouse.files("item_paths", version)
+    if not files:
+        raise ValueError(f"item_paths version {version} is empty")
+    return read_item_paths(files, J, f"item_paths version {version}")
+
+
+def samples_dataset(warehouse: Tables, version: int, with_next: bool = False) -> Any:
     """samples_train at a pinned version as a Ray Dataset of (hist, target[, next]), read by Ray tasks."""
     import ray.data
 
@@ -102,19 +123,19 @@ def samples_dataset(warehouse: Warehouse, version: int, with_next: bool = False)
     return ray.data.read_parquet(files).select_columns(["hist", "target"] + (["next"] if with_next else []))
 
 
-def target_counts(ds: Any, item_ids: np.ndarray) -> np.ndarray:
-    """Training pairs per item [V] (the sampled-softmax proposal), summed from per-block counts."""
-    V = len(item_ids)
+def target_counts(ds: Any) -> Any:
+    """Training pairs per target item: a Ray Data aggregation (target, count()) materialized in the object store."""
+    return ds.select_columns(["target"]).groupby("target").count().materialize()
 
-    def count(batch: pa.Table) -> dict[str, np.ndarray]:
-        idx = Vocab(item_ids).index(batch.column("target").to_numpy())
-        return {"counts": np.bincount(idx[idx >= 0], minlength=V)[None, :]}
 
-    per_block = ds.select_columns(["target"]).map_batches(count, batch_format="pyarrow", batch_size=None)
-    total = np.zeros(V, dtype=np.int64)
-    for b in per_block.iter_batches(batch_size=None, batch_format="numpy"):   # one [1, V] row per block
-        total += b["counts"].sum(0)
-    return total
+def count_vector(counts: Any, vocab: Vocab) -> tuple[np.ndarray, int]:
+    """The aggregated (target, count()) rows -> (pairs per model index [V] int64, pairs whose target is in vocab)."""
+    out = np.zeros(vocab.size, dtype=np.int64)
+    for b in counts.iter_batches(batch_size=1 << 20, batch_format="numpy"):
+        idx = vocab.index(b["target"])
+        ok = idx >= 0
+        out[idx[ok]] += b["count()"][ok]
+    return out, int(out.sum())
 
 
 def batch_tensors(batch: pa.Table, vocab: Vocab, L: int, width: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -216,8 +237,14 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     cfg = DRConfig.from_dict(c["config"])
-    item_ids, assign, counts, valid_users = (ray.get(r) for r in c["arrays"])
+    item_ids, assign = read_item_paths(c["item_paths_files"], cfg.model.J, f"item_paths version {c['item_paths_version']}")
     vocab = Vocab(item_ids)
+    valid_users = ray.get(c["valid_users"])
+    counts, in_vocab = count_vector(c["counts"], vocab)
+    c["dropped"] = dropped = c["num_samples"] - in_vocab     # targets without paths: skipped by every epoch
+    if rank == 0 and dropped:
+        _stderr(f"[estep] round {c['round']}: {dropped} samples have a target without paths in item_paths "
+                f"v{c['item_paths_version']}; they are skipped")
     phases = [Phase(**p) for p in c["phases"]]
     total = sum(p.epochs for p in phases)
     tc = cfg.train
@@ -248,7 +275,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         for t in model.state_dict().values():   # identical by seed/checkpoint; make it certain
             dist.broadcast(t, 0)
 
-    q, log_q = proposal(torch.from_numpy(np.array(counts)), cfg)   # ray.get arrays are read-only
+    q, log_q = proposal(torch.from_numpy(counts), cfg)
     assign_np = np.array(assign)
     assign_t = torch.from_numpy(assign_np)
     bs = math.ceil(tc.batch_size / world)       # global batch = the single-process batch
@@ -335,7 +362,7 @@ def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: torch.optim.Opt
     meta = CheckpointMeta(run_id=c["run_id"], round=c["round"], item_paths_version=c["item_paths_version"],
                           samples_version=c["samples_version"], config=cfg.to_dict(), config_hash=c["config_hash"],
                           epochs_done=epochs_done, epochs_total=total, num_items=len(item_ids), losses=history,
-                          finished=finished)
+                          finished=finished, dropped_samples=c.get("dropped", 0))
     return save_checkpoint(c["root"], meta, model.state_dict(), opt.state_dict(), item_ids)
 
 
@@ -344,7 +371,7 @@ def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: torch.optim.Opt
 # --------------------------------------------------------------------------------------------
 
 
-def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, ray_cfg: RayConfig,
+def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_cfg: RayConfig,
               samples_version: int, item_paths_version: int, phases: list[Phase] | None = None,
               stop_after_epochs: int | None = None, valid_users: EvalUsers | None = None,
               log: Log = _stderr) -> EStepResult:
@@ -365,34 +392,35 @@ def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, r
     if done is not None:
         ck = load_checkpoint(done, item_paths_version, samples_version, cfg.hash())
         log(f"[estep] round {em_round}: finished checkpoint {done} exists, nothing to train")
-        return _result(ck, 0, done, 0)
+        return _result(ck, 0, done)
 
     import ray
     from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(ray_cfg)
-    item_ids, assign = load_item_paths(warehouse, item_paths_version, cfg.model.J)
+    files = warehouse.files("item_paths", item_paths_version)
+    if not files:
+        raise ValueError(f"item_paths version {item_paths_version} is empty")
+    num_items = warehouse.rows("item_paths", item_paths_version) // cfg.model.J
     ds = samples_dataset(warehouse, samples_version, with_next=cfg.train.rerank_targets > 1)
-    counts = target_counts(ds, item_ids)
-    dropped = int(ds.count() - counts.sum())   # targets without paths: skipped by every epoch
-    if dropped:
-        log(f"[estep] round {em_round}: {dropped} samples have a target without paths in item_paths "
-            f"v{item_paths_version}; they are skipped")
+    num_samples = ds.count()
     conf = {
         "config": cfg.to_dict(), "config_hash": cfg.hash(), "root": root, "run_id": run_id, "round": em_round,
         "item_paths_version": item_paths_version, "samples_version": samples_version,
         "phases": [asdict(p) for p in phases], "stop_after_epochs": stop_after_epochs,
-        "arrays": [ray.put(item_ids), ray.put(assign), ray.put(counts), ray.put(valid_users)],
+        "item_paths_files": files, "counts": target_counts(ds), "num_samples": num_samples,
+        "cache_shard": ray_cfg.cache(num_samples, cfg.model.seq_len, cfg.train.rerank_targets),
+        "valid_users": ray.put(valid_users),
         "torch_threads": ray_cfg.torch_threads, "prefetch_batches": ray_cfg.prefetch_batches,
-        "checkpoint_every_epoch": ray_cfg.checkpoint_every_epoch, "cache_shard": ray_cfg.cache_shard,
+        "checkpoint_every_epoch": ray_cfg.checkpoint_every_epoch,
         "shuffle_buffer": max(4 * cfg.train.batch_size, 1024),
         # round 1 is the structure model's first round (round 0 trained the reranker)
         "seed_structure_encoder": em_round == 1,
     }
     resume, warm = _resolve_start(root, em_round, conf)
     prev = 0 if resume is None else read_meta(resume).epochs_done    # read now: finishing removes partials
-    log(f"[estep] round {em_round}: {len(item_ids)} items x J={cfg.model.J} (item_paths v{item_paths_version}), "
+    log(f"[estep] round {em_round}: {num_items} items x J={cfg.model.J} (item_paths v{item_paths_version}), "
         f"samples_train v{samples_version}, {ray_cfg.num_workers} worker(s), schedule "
         + ", ".join(f"{p.name} (at most {p.epochs} epochs)" for p in phases)
         + (f"; resuming {resume}" if resume else f"; warm start from {warm}" if warm else ""))
@@ -418,11 +446,11 @@ def run_estep(warehouse: Warehouse, run_id: str, em_round: int, cfg: DRConfig, r
     rows = ck.meta.losses[prev:]
     if rows:                                   # the workers printed every epoch as it ended
         log(f"[estep] round {em_round}: {len(rows)} epochs trained, last {epoch_line(rows[-1])}")
-    return _result(ck, ck.meta.epochs_done - prev, resume or warm, dropped)
+    return _result(ck, ck.meta.epochs_done - prev, resume or warm)
 
 
-def _result(ck: EStepCheckpoint, trained: int, resumed_from: str | None, dropped: int) -> EStepResult:
+def _result(ck: EStepCheckpoint, trained: int, resumed_from: str | None) -> EStepResult:
     return EStepResult(checkpoint_path=ck.path, complete=ck.meta.complete, losses=list(ck.meta.losses),
                        model_state=ck.model_state, item_ids=ck.item_ids,
                        item_paths_version=ck.meta.item_paths_version, epochs_trained=trained,
-                       resumed_from=resumed_from, dropped_samples=dropped)
+                       resumed_from=resumed_from, dropped_samples=ck.meta.dropped_samples)

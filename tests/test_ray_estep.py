@@ -27,7 +27,8 @@ from jobs.benchmarks.estep import synthetic_inputs
 from jobs.tables import CommitMeta, Warehouse
 from ray_trainers.checkpoint import CheckpointMismatch, load_checkpoint, read_meta, run_dir
 from ray_trainers.config import RayConfig
-from ray_trainers.estep import GradSync, batch_tensors, load_item_paths, run_estep
+from ray_trainers.estep import (GradSync, batch_tensors, count_vector, load_item_paths, run_estep, samples_dataset,
+                                target_counts)
 
 # Epoch-mean losses of runs that see the same samples in another order; with 5 targets per sample
 # (train.rerank_targets) the 2-worker round-0 rerank loss measured 3.5 % off the 1-worker one
@@ -74,6 +75,11 @@ def test_ray_config_is_validated():
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         RayConfig(cpus_per_worker=0)
     assert RayConfig().num_workers == 2
+    with pytest.raises(ConfigError, match="cache_shard"):
+        RayConfig(cache_shard="yes")
+    # the shard is cached when n / workers x (L + W + 1) int64 fits cache_shard_max_mb (10^6 samples: 99 MiB)
+    assert RayConfig().cache(10 ** 6, 20, 5) and not RayConfig(cache_shard_max_mb=50).cache(10 ** 6, 20, 5)
+    assert not RayConfig(cache_shard=False).cache(10, 20, 5)
 
 
 def test_item_paths_and_batches_from_delta(inputs):
@@ -94,6 +100,17 @@ def test_item_paths_and_batches_from_delta(inputs):
     assert torch.equal(seq, vocab.seq(hist))
 
 
+def test_proposal_counts_are_an_aggregation(inputs):
+    wh, cfg, sv, pv, _ = inputs
+    ids, _ = load_item_paths(wh, pv, cfg.model.J)
+    vocab = Vocab(ids[1:])                        # one item without paths: its samples are not counted
+    counts, in_vocab = count_vector(target_counts(samples_dataset(wh, sv)), vocab)
+    tgt = wh.read_arrow("samples_train", sv, columns=["target"]).column("target").to_numpy()
+    idx = vocab.index(tgt)
+    assert np.array_equal(counts, np.bincount(idx[idx >= 0], minlength=vocab.size))
+    assert in_vocab == len(tgt) - int((tgt == ids[0]).sum()) < len(tgt)
+
+
 def test_round0_schedule_learns_and_checkpoints(inputs, baseline):
     wh, cfg, sv, pv, _ = inputs
     phases = PHASES
@@ -102,6 +119,7 @@ def test_round0_schedule_learns_and_checkpoints(inputs, baseline):
     assert baseline.losses[-1]["structure_loss"] < baseline.losses[0]["structure_loss"] - 0.3
     assert baseline.losses[1]["rerank_loss"] < baseline.losses[0]["rerank_loss"]
     assert baseline.complete and baseline.epochs_trained == sum(p.epochs for p in phases)
+    assert baseline.dropped_samples == 0
     meta = read_meta(baseline.checkpoint_path)
     assert (meta.item_paths_version, meta.samples_version, meta.config_hash) == (pv, sv, cfg.hash())
     ck = load_checkpoint(baseline.checkpoint_path, pv)
