@@ -69,6 +69,7 @@ def test_split_is_pinned_and_rerun_is_a_no_op(spark, ml100k):
     first = run_split(spark, ml100k, CFG, L)
     again = run_split(spark, ml100k, CFG, L)
     assert again.skipped and again.versions == first.versions
+    assert (again.train_samples, again.eval_users) == (first.train_samples, first.eval_users) > (0, 0)
     # New interactions: splitting the pinned old version still gives the same run id and split.
     extra = ml100k.read_arrow("interactions").slice(0, 10)
     ml100k.write_arrow("interactions", extra.to_pandas().assign(batch_id="more"), CommitMeta("t", "more"))
