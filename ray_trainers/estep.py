@@ -4,8 +4,8 @@ Inputs are pinned Delta versions, and nothing catalog-sized passes through the d
 in: `samples_train` is streamed to the workers by Ray Data; the training pairs per item (the
 sampled softmax's proposal) are an aggregation (Ray Data groupby) kept in the object store;
 every worker reads the `item_paths` files itself into the model's vocabulary + path table
-[V, J] (12 + 8 J bytes per item per worker: the catalog-sized state a worker still holds besides
-the model, issue #11). Each worker streams its shard once per call into memory and reshuffles
+[V, J] (8 + 8 J bytes per item per worker, and 24 more for the counts and the proposal: the
+catalog-sized state a worker still holds besides the model, issue #11). Each worker streams its shard once per call into memory and reshuffles
 it fully every epoch when it fits (RayConfig.cache_shard / cache_shard_max_mb), else streams it
 from Delta every epoch through a local shuffle buffer. Every worker runs
 dr_model.trainer.train_step (the same update as the single-process trainer) on its shard with
