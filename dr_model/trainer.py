@@ -263,6 +263,9 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
         res.assign = res.assign.copy()
         res.assign[ps.items] = ms.assign
         res.alpha = ms.alpha
+        if ms.trials:
+            log(f"  alpha {ms.alpha:.3g} after {len(ms.trials)} trials: "
+                + ", ".join(f"{a:.3g} -> size {z:.1f}" for a, z in ms.trials))
         for st in ms.rounds:
             log(f"  m-step sweep {st.round}: objective {st.objective:.2f}, alpha {st.alpha:.3g}, path size "
                 f"{st.path_size:.1f}, largest path {st.max_path_size}, non-empty paths {st.nonempty_paths}, "
