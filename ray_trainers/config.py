@@ -6,6 +6,7 @@ so the same model config trains identically on a laptop and on a cluster.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from dataclasses import dataclass
 
@@ -104,6 +105,11 @@ def ensure_ray(cfg: RayConfig) -> None:
     # The preemption watcher only matters on spot-instance clusters.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Data's per-dataset lines from the executing processes (their loggers are not this
+    # process's): its own config, console at ERROR; processes of a local Ray inherit it.
+    data_logging = Path(__file__).with_name("ray_data_logging.yaml")
+    if data_logging.exists():
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(data_logging))
     if ray.is_initialized():
         return
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
