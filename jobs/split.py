@@ -153,13 +153,10 @@ def run_split(spark: Any, wh: Warehouse, cfg: SplitConfig, seq_len: int, version
         rt = wh.write_spark("samples_train", train, meta, mode="overwrite")
     finally:
         cached.unpersist()
-    skipped = re.skipped and rt.skipped
-    if skipped:
-        n_train, n_eval = wh.rows("samples_train", rt.version), wh.rows("eval_users", re.version)
-    else:
-        n_train, n_eval = rt.rows, re.rows
+    # a rerun after a crash between the two writes skips the one already committed: count its rows
+    n_train, n_eval = (wh.rows(r.table, r.version) if r.skipped else r.rows for r in (rt, re))
     return SplitResult(run_id, src, n_train, n_eval, {"samples_train": rt.version, "eval_users": re.version},
-                       skipped, time.time() - t0)
+                       re.skipped and rt.skipped, time.time() - t0)
 
 
 def load_eval_users(wh: Warehouse, version: int | None, role: int) -> EvalUsers:

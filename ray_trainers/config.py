@@ -86,16 +86,8 @@ def quiet_ray() -> None:
         pass
 
 
-def ensure_ray(cfg: RayConfig) -> None:
-    """Connect to / start Ray once per process (dashboard off); a no-op when Ray is already up.
-
-    Every Ray process of the job logs at ERROR (ray.LoggingConfig): the Train controller's
-    state-API warnings (they need the dashboard) and per-report INFO lines are noise here; the
-    training loop's own progress lines are prints and still reach the driver.
-    """
-    import ray
-
-    quiet_ray()
+def ray_environment() -> None:
+    """Environment defaults for every Ray process this job starts or attaches to (set before ray.init)."""
     # No usage telemetry: our machines have no internet, and its GCS key-value writes from inside
     # Ray Data's execution were seen to hang a test run (2026-11-30).
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -110,6 +102,19 @@ def ensure_ray(cfg: RayConfig) -> None:
     data_logging = Path(__file__).with_name("ray_data_logging.yaml")
     if data_logging.exists():
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(data_logging))
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Connect to / start Ray once per process (dashboard off); a no-op when Ray is already up.
+
+    Every Ray process of the job logs at ERROR (ray.LoggingConfig): the Train controller's
+    state-API warnings (they need the dashboard) and per-report INFO lines are noise here; the
+    training loop's own progress lines are prints and still reach the driver.
+    """
+    import ray
+
+    quiet_ray()
+    ray_environment()
     if ray.is_initialized():
         return
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,

@@ -105,12 +105,17 @@ def read_item_paths(files: list[str], J: int, what: str = "item_paths") -> tuple
     return ids, assign
 
 
-def load_item_paths(warehouse: Tables, version: int, J: int) -> tuple[np.ndarray, np.ndarray]:
-    """item_paths at a pinned version -> (item ids [V] sorted, paths [V, J] int64)."""
+def item_paths_files(warehouse: Tables, version: int) -> list[str]:
+    """The data files of an item_paths version (an error when it has none)."""
     files = warehouse.files("item_paths", version)
     if not files:
         raise ValueError(f"item_paths version {version} is empty")
-    return read_item_paths(files, J, f"item_paths version {version}")
+    return files
+
+
+def load_item_paths(warehouse: Tables, version: int, J: int) -> tuple[np.ndarray, np.ndarray]:
+    """item_paths at a pinned version -> (item ids [V] sorted, paths [V, J] int64)."""
+    return read_item_paths(item_paths_files(warehouse, version), J, f"item_paths version {version}")
 
 
 def samples_dataset(warehouse: Tables, version: int, with_next: bool = False) -> Any:
@@ -399,9 +404,7 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
     from ray.train.torch import TorchTrainer
 
     ensure_ray(ray_cfg)
-    files = warehouse.files("item_paths", item_paths_version)
-    if not files:
-        raise ValueError(f"item_paths version {item_paths_version} is empty")
+    files = item_paths_files(warehouse, item_paths_version)
     num_items = warehouse.rows("item_paths", item_paths_version) // cfg.model.J
     ds = samples_dataset(warehouse, samples_version, with_next=cfg.train.rerank_targets > 1)
     num_samples = ds.count()

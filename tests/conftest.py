@@ -1,8 +1,6 @@
 """Shared fixtures: ONE local[2] SparkSession for the whole test session, a fresh warehouse per test."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from jobs.spark import get_spark
@@ -26,7 +24,9 @@ def ray_local():
     """ONE local Ray for the test session (4 logical CPUs: 2 train workers + Ray Data tasks fit), small object store."""
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # see ray_trainers.config.ensure_ray
+    from ray_trainers.config import ray_environment
+
+    ray_environment()
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2 ** 20, log_to_driver=False)
     yield ray
     ray.shutdown()
