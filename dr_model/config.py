@@ -39,12 +39,20 @@ class ModelConfig:
     rerank_dim: int = 64        # reranker item embedding size
     encoder: str = "mean"       # "mean" | "gru"
     seq_len: int = 20           # behaviour sequence length L (padded/truncated)
+    # Rows per item table (dr_model.item_table): catalogs up to this size get one exact row per
+    # item; larger ones keep exact rows for the item_exact_share x item_rows most frequent items
+    # and compose the others' from quotient-remainder rows, so memory follows this, not V.
+    item_rows: int = 524_288
+    item_exact_share: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("K", "D", "J", "item_dim", "user_dim", "node_dim", "hidden", "rerank_dim", "seq_len"):
+        for name in ("K", "D", "J", "item_dim", "user_dim", "node_dim", "hidden", "rerank_dim", "seq_len", "item_rows"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"model.{name}", "an integer >= 1", v)
         _check(self.K >= 2, "model.K", ">= 2", self.K)
+        _check(isinstance(self.item_rows, int) and self.item_rows >= 4, "model.item_rows", "an integer >= 4",
+               self.item_rows)
+        _check(0 <= self.item_exact_share < 1, "model.item_exact_share", "in [0, 1)", self.item_exact_share)
         _check(self.encoder in ("mean", "gru"), "model.encoder", "'mean' or 'gru'", self.encoder)
         _check(self.K ** self.D < 2 ** 62, "model.K/D", "such that K**D fits in int64", (self.K, self.D))
         _check(self.J <= self.K ** self.D, "model.J", "<= K**D", self.J)
@@ -155,7 +163,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     negatives: int = 256        # sampled-softmax negatives per batch (shared)
     rerank_targets: int = 5     # the reranker's targets per sample: the next W items of the user
-    full_softmax_max_items: int = 10_000    # exact softmax over the catalog up to this size
+    # Exact softmax (dense item tables) up to this catalog size; above it sampled softmax with
+    # sparse item tables: a step reads and updates the rows it touched only (dr_model.optim).
+    full_softmax_max_items: int = 10_000
     init_paths: str = "embeddings"          # "embeddings" | "random"
     seed: int = 0
 

@@ -2,21 +2,26 @@
 
 Sequences are item indices [N, L], left-padded with `pad = num_items` (most recent
 item last); the pad row of the embedding table is zero and excluded from pooling.
+sparse=True: the item table's gradient holds the batch's rows only (dr_model.optim). The table
+follows a row budget (dr_model.item_table): exact rows up to `rows` ids, composed above.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .item_table import ROWS, item_table
+
 
 class MeanPoolEncoder(nn.Module):
     """Masked mean of item embeddings, then a two-layer MLP (a single tanh layer under-fits:
     measured in BENCHMARKS.md, "Model quality")."""
 
-    def __init__(self, num_items: int, item_dim: int, user_dim: int) -> None:
+    def __init__(self, num_items: int, item_dim: int, user_dim: int, sparse: bool = False, rows: int = ROWS,
+                 exact_share: float = 0.5) -> None:
         super().__init__()
         self.pad = num_items
-        self.emb = nn.Embedding(num_items + 1, item_dim, padding_idx=num_items)
+        self.emb = item_table(num_items + 1, item_dim, rows, exact_share, sparse, padding_idx=num_items)
         self.mlp = nn.Sequential(nn.Linear(item_dim, 2 * user_dim), nn.ReLU(), nn.Linear(2 * user_dim, user_dim))
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
@@ -29,10 +34,11 @@ class MeanPoolEncoder(nn.Module):
 class GRUEncoder(nn.Module):
     """GRU over the non-pad items; the last hidden state is the user embedding."""
 
-    def __init__(self, num_items: int, item_dim: int, user_dim: int) -> None:
+    def __init__(self, num_items: int, item_dim: int, user_dim: int, sparse: bool = False, rows: int = ROWS,
+                 exact_share: float = 0.5) -> None:
         super().__init__()
         self.pad = num_items
-        self.emb = nn.Embedding(num_items + 1, item_dim, padding_idx=num_items)
+        self.emb = item_table(num_items + 1, item_dim, rows, exact_share, sparse, padding_idx=num_items)
         self.gru = nn.GRU(item_dim, user_dim, batch_first=True)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
@@ -50,10 +56,11 @@ class GRUEncoder(nn.Module):
         return out * (lengths > 0).unsqueeze(1).float()
 
 
-def make_encoder(kind: str, num_items: int, item_dim: int, user_dim: int) -> nn.Module:
+def make_encoder(kind: str, num_items: int, item_dim: int, user_dim: int, sparse: bool = False, rows: int = ROWS,
+                 exact_share: float = 0.5) -> nn.Module:
     """Encoder by name ('mean' | 'gru')."""
     if kind == "mean":
-        return MeanPoolEncoder(num_items, item_dim, user_dim)
+        return MeanPoolEncoder(num_items, item_dim, user_dim, sparse, rows, exact_share)
     if kind == "gru":
-        return GRUEncoder(num_items, item_dim, user_dim)
+        return GRUEncoder(num_items, item_dim, user_dim, sparse, rows, exact_share)
     raise ValueError(f"unknown encoder {kind!r}; expected 'mean' or 'gru'")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -78,16 +79,18 @@ def drop_pairs(row: np.ndarray, item: np.ndarray, exclude: tuple[np.ndarray, np.
     return row[keep], item[keep]
 
 
-def rerank(w: torch.Tensor, item_emb: torch.Tensor, item_bias: torch.Tensor, row: np.ndarray, item: np.ndarray, k: int,
+def rerank(w: torch.Tensor, vectors: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], num_items: int,
+           row: np.ndarray, item: np.ndarray, k: int,
            exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Score candidate (row, item) pairs with the reranker and keep the top k per row.
 
-    w [N, dim] user vectors, item_emb [V, dim], item_bias [V] -> (items [N, k], scores [N, k]);
-    pairs in `exclude` (row [X], item [X]: e.g. the users' own history) are never returned.
+    w [N, dim] user vectors, vectors(items [n]) -> (embeddings [n, dim], biases [n]) (Reranker.vectors)
+    -> (items [N, k], scores [N, k]); pairs in `exclude` (row [X], item [X]: e.g. the users' own
+    history) are never returned.
     """
-    row, item = drop_pairs(row, item, exclude, item_emb.shape[0])
+    row, item = drop_pairs(row, item, exclude, num_items)
     r = torch.from_numpy(row)
-    i = torch.from_numpy(item)
     with torch.inference_mode():
-        s = ((w[r] * item_emb[i]).sum(1) + item_bias[i]).double().numpy()
+        e, b = vectors(torch.from_numpy(item))
+        s = ((w[r] * e).sum(1) + b).double().numpy()
     return top_k_per_row(row, item, s, w.shape[0], k)

@@ -10,6 +10,7 @@ from .codec import decode
 from .config import ModelConfig
 from .encoders import make_encoder
 from .index import PathIndex, rerank
+from .item_table import keep_frequent_exact
 from .reranker import Reranker
 from .scores import EMPTY
 from .structure import StructureModel
@@ -19,16 +20,23 @@ class DRModel(nn.Module):
     """Two towers over the same behaviour sequence: one feeds the structure model, one the reranker.
 
     They are separate so the reranker can be frozen (paper schedule) while the structure
-    side keeps training.
+    side keeps training. sparse=True: the item tables get sparse gradients (the sampled-softmax
+    regime, dr_model.optim); the parameters and their names are the same. Item tables follow
+    cfg.item_rows (dr_model.item_table); counts [V] (training pairs per item) give the exact
+    rows of a budgeted table to the most frequent items (a loaded state carries that choice).
     """
 
-    def __init__(self, cfg: ModelConfig, num_items: int) -> None:
+    def __init__(self, cfg: ModelConfig, num_items: int, sparse: bool = False,
+                 counts: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg, self.num_items = cfg, num_items
-        self.encoder = make_encoder(cfg.encoder, num_items, cfg.item_dim, cfg.user_dim)
+        rows, share = cfg.item_rows, cfg.item_exact_share
+        self.encoder = make_encoder(cfg.encoder, num_items, cfg.item_dim, cfg.user_dim, sparse, rows, share)
         self.structure = StructureModel(cfg.user_dim, cfg.K, cfg.D, cfg.node_dim, cfg.hidden)
-        self.rerank_encoder = make_encoder(cfg.encoder, num_items, cfg.item_dim, cfg.rerank_dim)
-        self.reranker = Reranker(num_items, cfg.rerank_dim)
+        self.rerank_encoder = make_encoder(cfg.encoder, num_items, cfg.item_dim, cfg.rerank_dim, sparse, rows, share)
+        self.reranker = Reranker(num_items, cfg.rerank_dim, sparse, rows, share)
+        if counts is not None:
+            keep_frequent_exact(self, counts)
 
     def seed_structure_encoder(self) -> bool:
         """Start the structure tower's encoder from the trained reranker's (same shapes only) -> copied?
@@ -96,8 +104,7 @@ class DRModel(nn.Module):
         """
         paths, _ = self.beam(seq, beam)
         row, item = index.lookup(paths.numpy())
-        items, scores = rerank(self.rerank_encoder(seq), self.reranker.item_emb.weight, self.reranker.item_bias, row,
-                               item, k, exclude)
+        items, scores = rerank(self.rerank_encoder(seq), self.reranker.vectors, self.num_items, row, item, k, exclude)
         return items, scores, np.bincount(row, minlength=seq.shape[0])
 
     @torch.inference_mode()

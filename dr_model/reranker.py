@@ -9,23 +9,49 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .item_table import ROWS, init_rows, item_table, table_rows
+
 
 class Reranker(nn.Module):
-    """score(x, v) = <w(x), e_v> + b_v for all V items."""
+    """score(x, v) = <w(x), e_v> + b_v for all V items.
 
-    def __init__(self, num_items: int, dim: int) -> None:
+    The bias is a one-column table so that, with sparse=True (sampled softmax only: the exact
+    softmax touches every row), both tables get gradients on the rows a step used alone. Both
+    follow the row budget `rows` (dr_model.item_table).
+    """
+
+    def __init__(self, num_items: int, dim: int, sparse: bool = False, rows: int = ROWS,
+                 exact_share: float = 0.5) -> None:
         super().__init__()
-        self.item_emb = nn.Embedding(num_items, dim)
-        self.item_bias = nn.Parameter(torch.zeros(num_items))
-        nn.init.normal_(self.item_emb.weight, std=1.0 / math.sqrt(dim))
+        self.item_emb = item_table(num_items, dim, rows, exact_share, sparse)
+        self.bias = item_table(num_items, 1, rows, exact_share, sparse)
+        init_rows(self.item_emb, 1.0 / math.sqrt(dim))
+        init_rows(self.bias, 0.0)
 
     @property
     def num_items(self) -> int:
         return self.item_emb.num_embeddings
 
+    @property
+    def item_bias(self) -> torch.Tensor:
+        """[V] the items' biases (a view of an exact table)."""
+        return table_rows(self.bias)[:, 0]
+
+    def item_vectors(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Items lo..hi's embeddings [hi - lo, dim] (a view of an exact table)."""
+        return table_rows(self.item_emb, lo, hi)
+
+    def vectors(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """items [n] int64 -> (embeddings [n, dim], biases [n])."""
+        return self.item_emb(items), self._bias(items)
+
+    def _bias(self, items: torch.Tensor) -> torch.Tensor:
+        """items [...] int64 -> b [...] (through the table, so a sparse table's gradient stays sparse)."""
+        return self.bias(items).squeeze(-1)
+
     def score(self, w: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """w [N, dim], items [N, M] int64 -> scores [N, M]."""
-        return torch.einsum("nd,nmd->nm", w, self.item_emb(items)) + self.item_bias[items]
+        return torch.einsum("nd,nmd->nm", w, self.item_emb(items)) + self._bias(items)
 
     def sampled_softmax_loss(self, w: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """Sampled softmax with log-Q correction and accidental hits removed.
@@ -36,8 +62,8 @@ class Reranker(nn.Module):
         """
         pos, mask = _targets(pos)
         p = pos.clamp_min(0)
-        pos_logit = torch.einsum("nd,nwd->nw", w, self.item_emb(p)) + self.item_bias[p] - log_q[p]
-        neg_logit = w @ self.item_emb(neg).T + self.item_bias[neg] - log_q[neg]
+        pos_logit = torch.einsum("nd,nwd->nw", w, self.item_emb(p)) + self._bias(p) - log_q[p]
+        neg_logit = w @ self.item_emb(neg).T + self._bias(neg) - log_q[neg]
         # A negative that is one of the row's own targets is no negative.
         hit = (neg.view(1, -1, 1) == pos.unsqueeze(1)).any(-1)   # pad -1 never equals an item
         neg_lse = torch.logsumexp(neg_logit.masked_fill(hit, float("-inf")), dim=1, keepdim=True)
@@ -46,8 +72,10 @@ class Reranker(nn.Module):
 
     def full_softmax_loss(self, w: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Exact softmax over all V items (small catalogs): w [N, dim], pos [N] or [N, W] (-1 = none) -> scalar."""
+        if any(m.sparse for m in self.modules() if isinstance(m, nn.Embedding)):
+            raise ValueError("full_softmax_loss reads every item row: build the Reranker with sparse=False")
         pos, mask = _targets(pos)
-        logp = F.log_softmax(torch.addmm(self.item_bias, w, self.item_emb.weight.T), dim=1)
+        logp = F.log_softmax(torch.addmm(self.item_bias, w, self.item_vectors().T), dim=1)
         return -(logp.gather(1, pos.clamp_min(0)) * mask).sum() / mask.sum().clamp_min(1)
 
     @torch.inference_mode()
@@ -61,10 +89,9 @@ class Reranker(nn.Module):
         k = min(k, V)
         best_s = torch.full((w.shape[0], 0), float("-inf"), dtype=w.dtype)
         best_i = torch.zeros((w.shape[0], 0), dtype=torch.long)
-        E, b = self.item_emb.weight, self.item_bias
         for lo in range(0, V, chunk):
             hi = min(lo + chunk, V)
-            s = torch.addmm(b[lo:hi], w, E[lo:hi].T)
+            s = torch.addmm(table_rows(self.bias, lo, hi)[:, 0], w, self.item_vectors(lo, hi).T)
             if exclude is not None:
                 sel = (exclude[1] >= lo) & (exclude[1] < hi)
                 s[torch.from_numpy(exclude[0][sel]), torch.from_numpy(exclude[1][sel] - lo)] = float("-inf")

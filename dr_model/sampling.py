@@ -11,7 +11,7 @@ one sort (a vectorized alias-table build needs one pass per pairing round, which
 steep catalog turns into hundreds of thousands of passes).
 
 Memory per worker: 12 bytes per item (members int64, log-weights float32) plus the float32
-log-Q table the sampled softmax reads: V-sized state the E-step still holds (issue #11).
+log-Q table the sampled softmax reads (the per-item state ray_trainers.estep lists).
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_path_
 from .index import PathIndex
 from .init_paths import paths_from_embeddings
 from .model import DRModel
+from .optim import HybridAdam, sparse_tables
 from .mstep import MStepResult, effective_block, initial_assignment, mstep_blocked
 from .sampling import Proposal
 from .schedule import Phase, schedule, should_stop
@@ -50,14 +51,29 @@ class EMResult:
         return PathIndex.build(self.assign)
 
 
-def phase_optimizer(model: DRModel, cfg: DRConfig, phase: Phase) -> torch.optim.Optimizer:
-    """Freeze/unfreeze each tower for the phase, then Adam over the trainable parameters only."""
+def sampled_softmax(cfg: DRConfig, num_items: int) -> bool:
+    """Does a catalog of num_items train the reranker by sampled softmax (and so with sparse item tables)?"""
+    return num_items > cfg.train.full_softmax_max_items
+
+
+def new_model(cfg: DRConfig, num_items: int, counts: torch.Tensor | np.ndarray | None = None) -> DRModel:
+    """The model the E-step trains: sparse item tables exactly where the reranker samples its negatives;
+    counts [V] (training pairs per item) pick the items that keep exact rows in budgeted tables."""
+    if counts is not None:
+        counts = torch.as_tensor(counts)
+    return DRModel(cfg.model, num_items, sparse=sampled_softmax(cfg, num_items), counts=counts)
+
+
+def phase_optimizer(model: DRModel, cfg: DRConfig, phase: Phase, lr: float | None = None) -> HybridAdam:
+    """Freeze/unfreeze each tower for the phase, then (lazy) Adam over the trainable parameters only
+    (at train.lr unless given)."""
     for p in model.reranker_parameters():
         p.requires_grad_(phase.train_reranker)
     for p in model.structure_parameters():
         p.requires_grad_(phase.train_structure)
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return HybridAdam(params, sparse_tables(model), lr=cfg.train.lr if lr is None else lr,
+                      weight_decay=cfg.train.weight_decay)
 
 
 def unfreeze(model: DRModel) -> None:
@@ -68,10 +84,17 @@ def unfreeze(model: DRModel) -> None:
 def proposal(counts: torch.Tensor, cfg: DRConfig) -> tuple[Proposal | None, torch.Tensor | None]:
     """Negative-sampling proposal (q, log_q [V]) from the training pairs per item counts [V];
     (None, None) where the exact softmax is used."""
-    if counts.shape[0] <= cfg.train.full_softmax_max_items:
+    if not sampled_softmax(cfg, counts.shape[0]):
         return None, None
     q = Proposal(counts)
     return q, q.log_q(cfg.train.negatives)
+
+
+def rows_per_step(cfg: DRConfig, batch: int) -> int:
+    """The most rows of one item table a train_step of `batch` samples touches: the encoders' inputs
+    (batch x L) or the reranker's targets and negatives (batch x W + negatives)."""
+    tc = cfg.train
+    return max(batch * cfg.model.seq_len, batch * tc.rerank_targets + tc.negatives)
 
 
 def first_target(target: torch.Tensor) -> torch.Tensor:
@@ -79,7 +102,7 @@ def first_target(target: torch.Tensor) -> torch.Tensor:
     return target if target.dim() == 1 else target[:, 0]
 
 
-def train_step(model: DRModel, opt: torch.optim.Optimizer, seq: torch.Tensor, target: torch.Tensor,
+def train_step(model: DRModel, opt: HybridAdam, seq: torch.Tensor, target: torch.Tensor,
                assign_t: torch.Tensor, q: Proposal | None, log_q: torch.Tensor | None, negatives: int,
                phase: Phase, gen: torch.Generator,
                sync: Callable[[], None] | None = None) -> tuple[float, float]:
@@ -192,7 +215,7 @@ def initial_paths(model: DRModel, cfg: DRConfig, num_items: int) -> np.ndarray:
     """Round 1's paths [V, J]: balanced k-means of the reranker's item embeddings, or balanced random."""
     mc = cfg.model
     if cfg.train.init_paths == "embeddings":
-        emb = model.reranker.item_emb.weight.detach().numpy()
+        emb = model.reranker.item_vectors().detach().numpy()
         return paths_from_embeddings(emb, mc.K, mc.D, mc.J, cfg.search.target_path_size(num_items, cfg.eval.k),
                                      cfg.train.seed)
     return initial_assignment(num_items, mc.J, mc.num_paths, cfg.train.seed)
@@ -230,7 +253,7 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
     target_np = vocab.index(train_target)
     target = torch.from_numpy(target_np if train_next is None else vocab.index(train_next[:, :cfg.train.rerank_targets]))
     mc, V = cfg.model, vocab.size
-    model = DRModel(mc, V)
+    model = new_model(cfg, V, np.bincount(target_np, minlength=V))
     res = EMResult(model, vocab, initial_assignment(V, mc.J, mc.num_paths, cfg.train.seed))
     check = Validation(valid, vocab, cfg.eval.k, cfg.search.beam) if valid is not None and len(valid) else None
     budget = cfg.search.budget(V, cfg.eval.k)
@@ -283,5 +306,5 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
     return res
 
 
-__all__ = ["EMResult", "Phase", "Validation", "phase_optimizer", "proposal", "train_step", "run_phase", "pair_scores",
+__all__ = ["EMResult", "Phase", "Validation", "sampled_softmax", "new_model", "rows_per_step", "phase_optimizer", "proposal", "train_step", "run_phase", "pair_scores",
            "initial_paths", "mstep", "evaluate", "train_em", "epoch_line", "unfreeze"]

@@ -96,7 +96,7 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
     order = np.argsort(cat_ids)
     pos = np.minimum(np.searchsorted(cat_ids[order], item_ids), len(order) - 1)
     item_cat = np.where(cat_ids[order][pos] == item_ids, codes[order][pos], -1)
-    emb = model.reranker.item_emb.weight.detach().numpy()
+    emb = model.reranker.item_vectors().detach().numpy()
     paths, neighbor, method = assign_cold(emb, assign, item_cat, codes[cold_mask], cfg.model.num_paths)
     log(f"train run {run.run_id} (item_paths v{ip_v}): {len(cold_ids)} catalog items without paths; "
         f"{int((method == 1).sum())} by nearest neighbour in their category, {int((method == 2).sum())} least-loaded")

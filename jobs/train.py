@@ -92,8 +92,12 @@ def embedding_item_paths(wh: Warehouse, cfg: DRConfig, model_state: dict, item_i
 
     from dr_model.init_paths import paths_from_embeddings
 
+    from dr_model.model import DRModel
+
     mc, V = cfg.model, len(item_ids)
-    emb = model_state["reranker.item_emb.weight"].numpy()
+    model = DRModel(mc, V)
+    model.load_state_dict(model_state)
+    emb = model.reranker.item_vectors().detach().numpy()
     target = cfg.search.target_path_size(V, cfg.eval.k)
     assign = paths_from_embeddings(emb, mc.K, mc.D, mc.J, target, cfg.train.seed)
     sizes = np.bincount(assign.ravel())

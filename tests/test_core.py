@@ -230,3 +230,90 @@ def test_proposal_draws_count_power_exactly():
     torch.testing.assert_close(prop.log_q(256).double(), (256 * q_want).log(), rtol=0, atol=1e-5)
     again = Proposal(counts).sample(1000, torch.Generator().manual_seed(1))
     assert torch.equal(again, Proposal(counts).sample(1000, torch.Generator().manual_seed(1)))
+
+
+def test_sparse_item_tables_update_only_the_rows_a_step_touched():
+    """Above full_softmax_max_items the item tables get sparse gradients and lazy Adam: same parameters
+    as the dense model, untouched rows stay bitwise as they were, the loss goes down, the
+    optimizer state survives a state_dict round trip."""
+    from dr_model.optim import HybridAdam, sparse_tables
+    from dr_model.schedule import Phase
+    from dr_model.trainer import new_model, phase_optimizer, proposal, train_step
+
+    cfg = DRConfig.from_dict({"train": {"full_softmax_max_items": 50, "negatives": 16}})
+    V = 400
+    model, dense = new_model(cfg, V), new_model(cfg, 40)
+    assert len(sparse_tables(model)) == 4 and not sparse_tables(dense)     # 3 item tables + the bias
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+           {k: v.shape for k, v in type(model)(cfg.model, V).state_dict().items()}
+    phase = Phase("joint", 1, True, True, 0)
+    opt = phase_optimizer(model, cfg, phase)
+    assert isinstance(opt, HybridAdam) and opt.sparse is not None and opt.dense is not None
+    q, log_q = proposal(torch.randint(1, 9, (V,)), cfg)
+    gen = torch.Generator().manual_seed(0)
+    assign = torch.randint(0, cfg.model.num_paths, (V, cfg.model.J))
+    seq, target = torch.randint(0, 100, (32, cfg.model.seq_len)), torch.randint(0, 100, (32, 2))
+    seq[:, :3] = V                                          # left padding
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = [train_step(model, opt, seq, target, assign, q, log_q, 16, phase, gen) for _ in range(20)]
+    assert losses[-1][0] < losses[0][0] and losses[-1][1] < losses[0][1]
+    after = model.state_dict()
+    for name in ("encoder.emb.weight", "rerank_encoder.emb.weight"):
+        moved = (after[name] != before[name]).any(1)
+        assert moved[:100].any() and not moved[100:].any(), name   # inputs are items < 100, pad row fixed
+    # the reranker's rows: targets (< 100) and sampled negatives only; never the others
+    moved = (after["reranker.item_emb.weight"] != before["reranker.item_emb.weight"]).any(1)
+    assert moved[:100].any() and moved.sum() < V
+    other = phase_optimizer(model, cfg, phase)
+    other.load_state_dict(opt.state_dict())
+    for a, b in zip(opt.optimizers, other.optimizers):
+        for sa, sb in zip(a.state.values(), b.state.values()):
+            assert all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa)
+    with pytest.raises(ValueError, match="sparse=False"):
+        model.reranker.full_softmax_loss(torch.zeros(2, cfg.model.rerank_dim), torch.zeros(2, dtype=torch.long))
+
+
+def test_item_tables_follow_the_row_budget():
+    """Above model.item_rows: exact rows for the most frequent items, a unique remainder + quotient pair
+    for every other one; the parameters stay at the budget and a saved model reloads exactly."""
+    from dr_model.item_table import SplitTable, item_table, keep_frequent_exact
+    from dr_model.model import DRModel
+
+    assert isinstance(item_table(100, 4, 100, 0.5), torch.nn.Embedding)
+    t = item_table(1000, 4, 100, 0.16, sparse=True)
+    assert isinstance(t, SplitTable) and sum(p.numel() for p in t.parameters()) == (100 + 1) * 4   # + zero row
+    counts = torch.zeros(1000, dtype=torch.long)
+    counts[[7, 500, 999]] = torch.tensor([5, 9, 1])
+    keep_frequent_exact(t, counts)
+    assert t.slot[500] == 0 and t.slot[7] == 1 and t.slot[999] == 2 and int((t.slot >= 0).sum()) == 16
+    ids = torch.arange(1000)
+    composed = ids[t.slot[ids] < 0]
+    assert t.n_q == 15 and t.n_r == 84 - 15          # the fewest quotient rows (69 x 15 >= 1000), the rest remainder
+    pairs = (composed % t.n_r) * t.n_q + composed // t.n_r
+    assert len(torch.unique(pairs)) == len(composed)          # no two items share both rows
+    rows = t(ids.view(10, 100))
+    assert rows.shape == (10, 100, 4)
+    torch.testing.assert_close(rows.view(1000, 4)[500], t.main.weight[0])
+    v = 123
+    torch.testing.assert_close(rows.view(1000, 4)[v], t.main.weight[t.n_exact + v % t.n_r] + t.quotient.weight[v // t.n_r])
+    t(torch.tensor([500, 123])).sum().backward()
+    assert t.main.weight.grad.is_sparse
+    assert t.main.weight.grad.coalesce().indices().tolist() == [[0, t.n_exact + 123 % t.n_r]]
+    assert t.quotient.weight.grad.coalesce().indices().tolist() == [[123 // t.n_r]]   # not the zero row
+    with pytest.raises(ValueError, match="item_rows"):
+        item_table(10_000, 4, 100, 0.5)
+
+    cfg = ModelConfig(item_rows=256, item_exact_share=0.5)
+    V = 3000
+    model = DRModel(cfg, V, sparse=True, counts=torch.arange(V))
+    tables = [m for m in model.modules() if isinstance(m, SplitTable)]
+    n_items = sum(p.numel() for m in tables for p in m.parameters())
+    assert len(tables) == 4 and n_items == 257 * (2 * cfg.item_dim + cfg.rerank_dim + 1)
+    seq = torch.randint(0, V, (4, cfg.seq_len))
+    again = DRModel(cfg, V)
+    again.load_state_dict(model.state_dict())
+    a, b = model.eval().brute_force(seq, 20), again.eval().brute_force(seq, 20)
+    np.testing.assert_array_equal(a[0], b[0])
+    index = PathIndex.build(np.random.default_rng(0).integers(0, 30, size=(V, cfg.J)))
+    items, scores, _ = again.retrieve(seq, index, beam=5, k=10)
+    assert items.shape == (4, 10)
