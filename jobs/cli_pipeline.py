@@ -22,6 +22,10 @@ def _cluster_options(p: argparse.ArgumentParser, ray: bool = True) -> None:
         p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers for the E-step (default 2)")
         p.add_argument("--ray-cpus-per-worker", type=float, default=0.5,
                        help="CPUs reserved per Ray Train worker (default 0.5: leaves CPUs for Ray Data readers)")
+        p.add_argument("--ray-batch-per-worker", type=int, default=None,
+                       help="fixed E-step batch per worker: the global batch is workers x this and the learning "
+                            "rate follows sqrt(global / train.batch_size) (default: train.batch_size split over "
+                            "the workers, the single-process run's batch and learning rate)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 
 
@@ -49,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jobs.train import run_train
 
     cfg = _config(args, args.dataset)
-    ray_cfg = RayConfig(address=args.ray_address, num_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker)
+    ray_cfg = RayConfig(address=args.ray_address, num_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                        batch_per_worker=args.ray_batch_per_worker)
     spark, wh = _spark_wh(args)
     if args.dataset and not wh.exists("interactions"):
         from jobs.datasets import movielens

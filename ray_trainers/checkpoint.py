@@ -11,7 +11,6 @@ renamed into place, so a reader never sees half a checkpoint.
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-FORMAT = 1
+FORMAT = 2                      # 2: the reranker bias is a table (reranker.bias.weight), HybridAdam state
 _NAME = re.compile(r"^estep-round-(\d+)(?:\.epoch-(\d+))?$")
 
 
@@ -122,13 +121,12 @@ def save_checkpoint(root: str, meta: CheckpointMeta, model_state: dict[str, torc
     fs.create_dir(base, recursive=True)
     tmp = f"{base}/.tmp-{name}-{uuid.uuid4().hex[:8]}"
     fs.create_dir(tmp, recursive=True)
-    buf = io.BytesIO()
-    # Tensors and plain containers only, so loading works with weights_only=True.
-    torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()},
-                "optimizer": optimizer_state,
-                "item_ids": torch.from_numpy(np.array(item_ids, dtype=np.int64))}, buf)   # a writable copy
+    # Tensors and plain containers only, so loading works with weights_only=True; streamed to the
+    # file (an in-memory copy would double the writer's peak memory for a catalog-sized model).
     with fs.open_output_stream(f"{tmp}/state.pt") as f:
-        f.write(buf.getvalue())
+        torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()},
+                    "optimizer": optimizer_state,
+                    "item_ids": torch.from_numpy(np.array(item_ids, dtype=np.int64))}, f)   # a writable copy
     meta = CheckpointMeta(**{**asdict(meta), "created_at": time.time()})
     with fs.open_output_stream(f"{tmp}/meta.json") as f:
         f.write(json.dumps(asdict(meta), indent=1, sort_keys=True).encode())
@@ -177,6 +175,6 @@ def load_checkpoint(path: str, item_paths_version: int | None, samples_version: 
     meta = read_meta(path)
     check_pairing(meta, path, item_paths_version, samples_version, config_hash)
     fs, p = _fs(path)
-    with fs.open_input_stream(f"{p}/state.pt") as f:
-        state = torch.load(io.BytesIO(f.read()), weights_only=True)
+    with fs.open_input_file(f"{p}/state.pt") as f:        # seekable: torch.load reads it in place
+        state = torch.load(f, weights_only=True)
     return EStepCheckpoint(path, meta, state["model"], state["optimizer"], state["item_ids"].numpy())

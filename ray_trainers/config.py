@@ -42,6 +42,12 @@ class RayConfig:
     # None (default): cache when the shard takes at most cache_shard_max_mb.
     cache_shard: bool | None = None
     cache_shard_max_mb: int = 2048
+    # None: the global batch is train.batch_size, split over the workers (N workers follow the
+    # single-process run: same batch, same learning rate). A number: every worker takes this many
+    # samples per step whatever the cluster size, the global batch is workers x it, and the
+    # learning rate follows sqrt(global / train.batch_size) (the square-root rule for Adam:
+    # Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms").
+    batch_per_worker: int | None = None
     # Only used when this process starts a local Ray (address None and Ray not yet up).
     num_cpus: int | None = None
     object_store_memory: int | None = None
@@ -53,11 +59,20 @@ class RayConfig:
         mb = num_samples / max(self.num_workers, 1) * (seq_len + width + 1) * 8 / 2 ** 20
         return mb <= self.cache_shard_max_mb
 
+    def batch(self, batch_size: int, lr: float, world: int) -> tuple[int, int, float]:
+        """(per-worker batch, global batch, learning rate) for `world` workers."""
+        if self.batch_per_worker is None:
+            return -(-batch_size // world), batch_size, lr
+        total = self.batch_per_worker * world
+        return self.batch_per_worker, total, lr * (total / batch_size) ** 0.5
+
     def __post_init__(self) -> None:
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0", self.num_workers)
         _check(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
         _check(isinstance(self.torch_threads, int) and self.torch_threads >= 1, "torch_threads", "an integer >= 1", self.torch_threads)
         _check(isinstance(self.max_failures, int) and self.max_failures >= -1, "max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
+        _check(self.batch_per_worker is None or (isinstance(self.batch_per_worker, int) and self.batch_per_worker >= 1),
+               "batch_per_worker", "None or an integer >= 1", self.batch_per_worker)
         _check(self.cache_shard in (None, True, False), "cache_shard", "None (auto), true or false", self.cache_shard)
         _check(isinstance(self.cache_shard_max_mb, int) and self.cache_shard_max_mb >= 0, "cache_shard_max_mb",
                "an integer >= 0", self.cache_shard_max_mb)

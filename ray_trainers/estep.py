@@ -3,14 +3,23 @@
 Inputs are pinned Delta versions, and nothing catalog-sized passes through the driver on the way
 in: `samples_train` is streamed to the workers by Ray Data; the training pairs per item (the
 sampled softmax's proposal) are an aggregation (Ray Data groupby) kept in the object store;
-every worker reads the `item_paths` files itself into the model's vocabulary + path table
-[V, J] (8 + 8 J bytes per item per worker, and 24 more for the counts and the proposal: the
-catalog-sized state a worker still holds besides the model, issue #11). Each worker streams its shard once per call into memory and reshuffles
-it fully every epoch when it fits (RayConfig.cache_shard / cache_shard_max_mb), else streams it
+every worker reads the `item_paths` files itself, batch by batch, into the model's vocabulary +
+path table [V, J]. Each worker streams its shard once per call into memory and reshuffles it
+fully every epoch when it fits (RayConfig.cache_shard / cache_shard_max_mb), else streams it
 from Delta every epoch through a local shuffle buffer. Every worker runs
 dr_model.trainer.train_step (the same update as the single-process trainer) on its shard with
 the per-worker batch batch_size / num_workers, and gradients are averaged between backward and
-the optimizer step, so N workers follow the global batch of the single-process loop.
+the optimizer step, so N workers follow the global batch of the single-process loop; with
+RayConfig.batch_per_worker every worker's batch is fixed instead (global batch = workers x it,
+learning rate scaled by sqrt(global / batch_size)).
+
+Per-worker memory: the model's item tables follow model.item_rows, not the catalog (exact rows
+for the most frequent items, quotient-remainder rows for the rest: dr_model.item_table), with
+lazy Adam's two moments per row; what grows with the catalog is 8 (J + 1) bytes per item for the
+vocabulary and paths, 8 for the counts, 16 for the proposal and its log-Q table and 16 for the
+four tables' exact-row maps: 72 bytes per item at J = 3 (0.7 GB at 10^7 items, 7 GB at 10^8).
+A step exchanges the dense layers' gradients and the touched rows of the item tables only
+(grad_sync.GradSync), so its traffic follows the batch.
 
 Phases follow dr_model.schedule: each ends at its most epochs or when the validation users'
 recall@k (computed by rank 0 after every epoch, broadcast to the others so every rank takes
@@ -42,7 +51,9 @@ from dr_model.evaluation import EvalUsers
 from dr_model.model import DRModel
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
 from dr_model.split import csr_segments
-from dr_model.trainer import Validation, Vocab, epoch_line, phase_optimizer, proposal, train_step, unfreeze
+from dr_model.optim import HybridAdam, sparse_tables
+from dr_model.trainer import (Validation, Vocab, epoch_line, new_model, phase_optimizer, proposal, rows_per_step,
+                              train_step, unfreeze)
 
 from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial,
                          load_checkpoint, previous_final, read_meta, check_pairing, run_dir, save_checkpoint)
@@ -87,19 +98,33 @@ class EStepResult:
 
 
 def read_item_paths(files: list[str], J: int, what: str = "item_paths") -> tuple[np.ndarray, np.ndarray]:
-    """The data files of one item_paths version -> (item ids [V] sorted, paths [V, J] int64)."""
-    t = pds.dataset(files, format="parquet").to_table(columns=["item_id", "slot", "path"])
-    item = t.column("item_id").to_numpy()
-    slot = t.column("slot").to_numpy()
-    path = t.column("path").to_numpy()
-    ids, inv, cnt = np.unique(item, return_inverse=True, return_counts=True)
+    """The data files of one item_paths version -> (item ids [V] sorted, paths [V, J] int64).
+
+    Two streaming passes over record batches (the ids of slot 0, then every row into place), so
+    the transient memory is a batch, not the table: the result's 8 (J + 1) bytes per item are
+    what a worker keeps.
+    """
+    data = pds.dataset(files, format="parquet")
+    first = [b.column("item_id").to_numpy() for b in data.to_batches(columns=["item_id"], filter=pc.field("slot") == 0)]
+    ids = np.sort(np.concatenate(first)) if first else np.empty(0, dtype=np.int64)
+    del first
     if len(ids) == 0:
         raise ValueError(f"{what} is empty")
-    if (cnt != J).any() or slot.min() < 0 or slot.max() >= J:
-        raise ValueError(f"{what}: every item needs exactly J={J} slots 0..{J - 1} "
-                         f"(found {int((cnt != J).sum())} items with another count)")
+    if (ids[1:] == ids[:-1]).any():
+        raise ValueError(f"{what}: duplicate (item_id, slot) rows")
     assign = np.full((len(ids), J), -1, dtype=np.int64)
-    assign[inv, slot] = path
+    per_item = np.zeros(len(ids), dtype=np.int64)
+    for b in data.to_batches(columns=["item_id", "slot", "path"]):
+        item, slot = b.column("item_id").to_numpy(), b.column("slot").to_numpy()
+        pos = np.minimum(np.searchsorted(ids, item), len(ids) - 1)
+        if (ids[pos] != item).any() or slot.min() < 0 or slot.max() >= J:
+            raise ValueError(f"{what}: every item needs exactly J={J} slots 0..{J - 1} "
+                             f"(item {int(item[(ids[pos] != item) | (slot < 0) | (slot >= J)][0])} breaks it)")
+        assign[pos, slot] = b.column("path").to_numpy()
+        per_item += np.bincount(pos, minlength=len(ids))
+    if (per_item != J).any():
+        raise ValueError(f"{what}: every item needs exactly J={J} slots 0..{J - 1} "
+                         f"(found {int((per_item != J).sum())} items with another count)")
     if (assign < 0).any():
         raise ValueError(f"{what}: duplicate (item_id, slot) rows")
     return ids, assign
@@ -202,6 +227,14 @@ def shuffled_batches(seq: torch.Tensor, target: torch.Tensor, bs: int, seed: int
 # --------------------------------------------------------------------------------------------
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB (Linux reports KB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -260,7 +293,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         return {"epochs_done": total}           # a restarted worker group after the round finished
 
     torch.manual_seed(cfg.train.seed)
-    model = DRModel(cfg.model, vocab.size)
+    model = new_model(cfg, vocab.size, counts)
     resume, warm = _resolve_start(root, em_round, c)
     epochs_done, opt_state, history, trained = 0, None, [], 0
     if resume is not None:
@@ -283,7 +316,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     q, log_q = proposal(torch.from_numpy(counts), cfg)
     assign_np = np.array(assign)
     assign_t = torch.from_numpy(assign_np)
-    bs = math.ceil(tc.batch_size / world)       # global batch = the single-process batch
+    bs, global_bs, lr = RayConfig(batch_per_worker=c["batch_per_worker"]).batch(tc.batch_size, tc.lr, world)
     shard = ray.train.get_dataset_shard("train")
     L = cfg.model.seq_len
     budget = c["stop_after_epochs"]
@@ -297,18 +330,21 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         if i != cur_phase:
             # A new phase: (un)freeze, fresh Adam over the trainable set (as the single-process
             # trainer does), and a gradient sync over exactly those parameters.
-            opt = phase_optimizer(model, cfg, ph)
+            opt = phase_optimizer(model, cfg, ph, lr)
             if opt_state is not None and ep > 0 and trained == 0:
                 opt.load_state_dict(opt_state)  # resuming inside this phase
             cur_phase = i
             if sync is not None:
                 sync.close()
-            sync = GradSync([p for p in model.parameters() if p.requires_grad]) if distributed else None
+            sync = (GradSync([p for p in model.parameters() if p.requires_grad], tables=sparse_tables(model),
+                             max_rows=rows_per_step(cfg, bs)) if distributed else None)
             if rank == 0 and sync is not None:
-                _stderr(f"[estep] {ph.name} phase: gradient sync over {sync.transport} ({world} workers)")
+                _stderr(f"[estep] {ph.name} phase: gradient sync over {sync.transport} ({world} workers, "
+                        f"at most {sync.capacity_bytes / 2 ** 20:.1f} MB per step and worker)")
         gen = torch.Generator().manual_seed(_seed(ph.seed, ep, rank))
         model.train()
         sums = torch.zeros(3, dtype=torch.float64)   # structure loss * n, rerank loss * n, n
+        sync_at = (sync.steps, sync.bytes_sent) if sync is not None else (0, 0)
         t0 = time.perf_counter()
         if c["cache_shard"]:
             if cache is None:
@@ -326,10 +362,12 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             sums[0] += (s if ph.train_structure else 0.0) * n
             sums[1] += (r if ph.train_reranker else 0.0) * n
             sums[2] += n
+        peak = torch.tensor([_peak_rss_mb()])
         if sync is not None:
             while sync.join(opt):
                 pass
             dist.all_reduce(sums)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         secs = time.perf_counter() - t0
         epochs_done += 1
         trained += 1
@@ -342,8 +380,12 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
                "structure_loss": float(sums[0] / max(sums[2], 1)) if ph.train_structure else None,
                "rerank_loss": float(sums[1] / max(sums[2], 1)) if ph.train_reranker else None,
                "valid_recall": valid, "samples": int(sums[2]), "seconds": secs,
-               "samples_per_s": float(sums[2]) / secs, "workers": world,
-               "grad_sync": None if sync is None else sync.transport}
+               "samples_per_s": float(sums[2]) / secs, "workers": world, "global_batch": global_bs, "lr": lr,
+               "grad_sync": None if sync is None else sync.transport,
+               "sync_bytes_per_step": (None if sync is None else
+                                       (sync.bytes_sent - sync_at[1]) / max(sync.steps - sync_at[0], 1)),
+               "sync_capacity_bytes": None if sync is None else sync.capacity_bytes,
+               "peak_worker_rss_mb": float(peak)}
         history.append(row)
         finished = not remaining(phases, history, tc.patience, tc.min_delta)
         if rank == 0:
@@ -362,7 +404,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     return {"epochs_done": epochs_done}
 
 
-def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: torch.optim.Optimizer, item_ids: np.ndarray,
+def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: HybridAdam, item_ids: np.ndarray,
           epochs_done: int, total: int, history: list[dict[str, Any]], finished: bool = False) -> str:
     meta = CheckpointMeta(run_id=c["run_id"], round=c["round"], item_paths_version=c["item_paths_version"],
                           samples_version=c["samples_version"], config=cfg.to_dict(), config_hash=c["config_hash"],
@@ -416,6 +458,7 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
         "cache_shard": ray_cfg.cache(num_samples, cfg.model.seq_len, cfg.train.rerank_targets),
         "valid_users": ray.put(valid_users),
         "torch_threads": ray_cfg.torch_threads, "prefetch_batches": ray_cfg.prefetch_batches,
+        "batch_per_worker": ray_cfg.batch_per_worker,
         "checkpoint_every_epoch": ray_cfg.checkpoint_every_epoch,
         "shuffle_buffer": max(4 * cfg.train.batch_size, 1024),
         # round 1 is the structure model's first round (round 0 trained the reranker)

@@ -17,53 +17,134 @@ class GradSync:
     """Averages trainable gradients over the workers that had a batch, once per step, between
     backward and the optimizer step.
 
-    All gradients travel as one flat float32 vector [sum of numel + 1] whose last slot flags
-    "had a batch". Transport: shared memory (ShmExchange) when every rank is on this host, else
-    one gloo all_reduce. Both give every rank the same sum; on one host the gloo collective's
-    syscalls and thread hand-offs cost more than the whole forward/backward of a 128-sample
-    batch here (see jobs/benchmarks/estep.py). Built per phase (collective); close() when done.
+    Dense gradients travel as one flat float32 vector [sum of numel + 1] whose last slot flags
+    "had a batch". A sparse item table (`tables`: gradients holding the rows a step touched)
+    travels as its row count then one record [row (int32 bits), gradient [dim]] per touched row;
+    every rank concatenates all ranks' records and sums duplicate rows in rank order, so all apply
+    the same sparse update and what a step moves follows the batch, not the catalog. `max_rows`
+    bounds the rows of one table per step (it sizes the shared segment). Transport: shared memory
+    (ShmExchange) when every rank is on this host, else gloo (all_reduce of the dense part; the
+    records through one all_gather, cut to the step's largest row count). Both give every rank
+    the same result; on one host the gloo collective's syscalls and thread hand-offs cost more
+    than the whole forward/backward of a 128-sample batch here (see jobs/benchmarks/estep.py).
+    Built per phase (collective); close() when done.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], shared_memory: bool = True) -> None:
-        self.params = params
-        # The averaged gradients [sum of numel + 1]; the parameters' .grad become views of it.
-        self.flat = torch.zeros(sum(p.numel() for p in params) + 1)
-        self.views = list(zip(params, _split(self.flat, params)))
-        self.shm: ShmExchange | None = open_exchange(len(self.flat)) if shared_memory else None
+    def __init__(self, params: list[torch.nn.Parameter], shared_memory: bool = True,
+                 tables: list[torch.nn.Parameter] = (), max_rows: int = 0) -> None:
+        table_ids = {id(p) for p in tables}
+        self.params = [p for p in params if id(p) not in table_ids]
+        self.tables = [p for p in params if id(p) in table_ids]
+        for t in self.tables:
+            if t.dim() != 2 or t.shape[0] >= 2 ** 31:
+                raise ValueError(f"a sparse table must be [rows < 2^31, dim], got {tuple(t.shape)}")
+        if self.tables and max_rows < 1:
+            raise ValueError("sparse tables need max_rows >= 1 (the most rows one step touches)")
+        # Per table: (offset of its block after the dense part, capacity in rows, row width).
+        self.blocks, off = [], 0
+        for t in self.tables:
+            cap = min(max_rows, t.shape[0])
+            self.blocks.append((off, cap, t.shape[1]))
+            off += 1 + cap * (1 + t.shape[1])
+        self.n_dense = sum(p.numel() for p in self.params) + 1
+        n = self.n_dense + off
+        # The averaged dense gradients [n_dense]; the parameters' .grad become views of it.
+        self.flat = torch.zeros(self.n_dense)
+        self.views = list(zip(self.params, _split(self.flat, self.params)))
+        self.shm: ShmExchange | None = open_exchange(n) if shared_memory else None
         self.transport = "shm" if self.shm is not None else "gloo"
+        self._own = torch.zeros(n) if self.shm is None else None
+        self.steps, self.bytes_sent = 0, 0
+        self.capacity_bytes = 4 * n             # the most one rank publishes per step
+
+    @property
+    def bytes_per_step(self) -> float:
+        """Mean bytes this rank published per step so far (dense part + the touched rows' records)."""
+        return self.bytes_sent / max(self.steps, 1)
 
     def __call__(self, has_batch: bool = True) -> int:
         import torch.distributed as dist
 
         if self.shm is not None:
             mine = self.shm.slot()              # [n] this rank's slot of this step
-            self._pack(mine, has_batch)
-            # [world, n] every rank's gradients; summed over dim 0 in rank order on every rank.
-            torch.sum(self.shm.publish(), dim=0, out=self.flat)
+            rows = self._pack(mine, has_batch)
+            every = self.shm.publish()          # [world, n] every rank's vector of this step
+            # summed over dim 0 in rank order on every rank
+            torch.sum(every[:, : self.n_dense], dim=0, out=self.flat)
+            blocks = [every[:, self.n_dense + off: self.n_dense + off + 1 + cap * (1 + dim)]
+                      for off, cap, dim in self.blocks]
+            sent = self.n_dense + sum(1 + k * (1 + dim) for k, (_, _, dim) in zip(rows, self.blocks))
         else:
-            self._pack(self.flat, has_batch)
+            rows = self._pack(self._own, has_batch)
+            self.flat.copy_(self._own[: self.n_dense])
             dist.all_reduce(self.flat)
+            blocks, sent = self._gather_records(rows), self.n_dense
+            sent += sum(b.shape[1] for b in blocks) + len(rows)
+        self.steps += 1
+        self.bytes_sent += 4 * sent
         n = int(round(float(self.flat[-1])))
         if n:
             self.flat[:-1] /= n
         for p, v in self.views:
             # A view of the buffer: train_step's zero_grad(set_to_none) drops it before the next backward.
             p.grad = v
+        for t, b in zip(self.tables, blocks):
+            t.grad = _sum_rows(b, t.shape, max(n, 1))
         return n
 
-    def _pack(self, out: torch.Tensor, has_batch: bool) -> None:
-        """This rank's gradients (zeros where a parameter has none) and flag -> out [sum of numel + 1]."""
+    def _gather_records(self, rows: list[int]) -> list[torch.Tensor]:
+        """gloo: every rank's table blocks, each cut to the step's largest row count -> [world, 1 + m (1 + dim)] per table."""
+        import torch.distributed as dist
+
+        if not self.tables:
+            return []
+        world = dist.get_world_size()
+        counts = torch.tensor(rows, dtype=torch.int64)
+        every = [torch.empty_like(counts) for _ in range(world)]
+        dist.all_gather(every, counts)
+        most = torch.stack(every).amax(0).tolist()
+        sizes = [1 + m * (1 + dim) for m, (_, _, dim) in zip(most, self.blocks)]
+        mine = torch.cat([self._own[self.n_dense + off: self.n_dense + off + size]
+                          for size, (off, _, _) in zip(sizes, self.blocks)])
+        got = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(got, mine)
+        return list(torch.stack(got).split(sizes, dim=1))
+
+    def _pack(self, out: torch.Tensor, has_batch: bool) -> list[int]:
+        """This rank's gradients (zeros where a parameter has none), flag and table records -> out [n];
+        returns the rows written per table."""
         for p, v in zip(self.params, _split(out, self.params)):
             if p.grad is None:
                 v.zero_()
             else:
                 v.copy_(p.grad)
-        out[-1] = 1.0 if has_batch else 0.0
+        out[self.n_dense - 1] = 1.0 if has_batch else 0.0
+        written = []
+        for t, (off, cap, dim) in zip(self.tables, self.blocks):
+            block = out[self.n_dense + off: self.n_dense + off + 1 + cap * (1 + dim)]
+            g = t.grad
+            k = 0
+            if g is not None:
+                if not g.is_sparse:
+                    raise ValueError(f"table {tuple(t.shape)} got a dense gradient: build it with sparse=True")
+                g = g.coalesce()
+                k = g.indices().shape[1]
+                if k > cap:
+                    raise RuntimeError(f"a step touched {k} rows of a {tuple(t.shape)} table, more than the "
+                                       f"exchange's capacity {cap} (max_rows): the bound given to GradSync is wrong")
+                rec = block[1: 1 + k * (1 + dim)].view(k, 1 + dim)
+                rec[:, 0].view(torch.int32).copy_(g.indices()[0])
+                rec[:, 1:].copy_(g.values())
+            block[:1].view(torch.int32).fill_(k)
+            written.append(k)
+        return written
 
     def join(self, opt: torch.optim.Optimizer) -> bool:
         """This worker has no batch left: step with the others' average; False once nobody has one."""
         for p in self.params:
             p.grad = torch.zeros_like(p)
+        for t in self.tables:
+            t.grad = None
         n = self(has_batch=False)
         if n:
             opt.step()
@@ -76,6 +157,17 @@ class GradSync:
             self.shm = None
 
 
+def _sum_rows(blocks: torch.Tensor, shape: torch.Size, n: int) -> torch.Tensor:
+    """Every rank's table block [world, >= 1 + k (1 + dim)] (count, then k records) -> the rows' sum / n,
+    coalesced sparse [V, dim]."""
+    dim = shape[1]
+    counts = blocks[:, :1].contiguous().view(torch.int32)[:, 0].tolist()
+    recs = torch.cat([blocks[r, 1: 1 + k * (1 + dim)].view(k, 1 + dim) for r, k in enumerate(counts)])
+    rows = recs[:, 0].contiguous().view(torch.int32).long()
+    g = torch.sparse_coo_tensor(rows.unsqueeze(0), recs[:, 1:], shape, check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(g.indices(), g.values() / n, shape, is_coalesced=True, check_invariants=False)
+
+
 def _split(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Consecutive views of flat [>= sum of numel] shaped like each parameter, in order."""
     views, off = [], 0
@@ -83,7 +175,6 @@ def _split(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.T
         views.append(flat[off: off + p.numel()].view_as(p))
         off += p.numel()
     return views
-
 
 
 __all__ = ["GradSync"]

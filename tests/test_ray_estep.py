@@ -80,6 +80,12 @@ def test_ray_config_is_validated():
     # the shard is cached when n / workers x (L + W + 1) int64 fits cache_shard_max_mb (10^6 samples: 99 MiB)
     assert RayConfig().cache(10 ** 6, 20, 5) and not RayConfig(cache_shard_max_mb=50).cache(10 ** 6, 20, 5)
     assert not RayConfig(cache_shard=False).cache(10, 20, 5)
+    # the global batch and learning rate: the single-process run's, or a fixed per-worker batch
+    assert RayConfig().batch(256, 1e-3, 2) == (128, 256, 1e-3)
+    per, total, lr = RayConfig(batch_per_worker=256).batch(256, 1e-3, 4)
+    assert (per, total) == (256, 1024) and lr == pytest.approx(2e-3)
+    with pytest.raises(ConfigError, match="batch_per_worker"):
+        RayConfig(batch_per_worker=0)
 
 
 def test_item_paths_and_batches_from_delta(inputs):
@@ -153,6 +159,19 @@ def test_streaming_epochs_without_cache_follow_the_cached_run(inputs, baseline):
         assert b["structure_loss"] == pytest.approx(a["structure_loss"], rel=LOSS_RTOL)
 
 
+def test_fixed_batch_per_worker_scales_the_global_batch(inputs, baseline):
+    """batch_per_worker: each worker's batch is fixed; the rows record the global batch and the scaled rate."""
+    wh, cfg, sv, pv, _ = inputs
+    res = run_estep(wh, "per-worker", 0, cfg, RayConfig(num_workers=0, batch_per_worker=64), sv, pv,
+                    phases=PHASES[:1], stop_after_epochs=1)
+    row = res.losses[0]
+    assert row["global_batch"] == 64 and row["lr"] == pytest.approx(cfg.train.lr * 0.5)
+    assert baseline.losses[0]["global_batch"] == cfg.train.batch_size and baseline.losses[0]["lr"] == cfg.train.lr
+    assert row["samples"] == baseline.losses[0]["samples"]
+    # four times the steps of the baseline's epoch, with the same samples: not the same weights
+    assert row["rerank_loss"] != pytest.approx(baseline.losses[0]["rerank_loss"], rel=1e-6)
+
+
 def test_checkpoint_refuses_another_item_paths_version(inputs, baseline):
     wh, cfg, sv, pv, other = inputs
     with pytest.raises(CheckpointMismatch, match=f"item_paths version {pv}, not {other}"):
@@ -203,6 +222,13 @@ def test_two_real_workers_match_one_worker(inputs, baseline):
     assert not torch.equal(two.model_state["structure.out.0.weight"], baseline.model_state["structure.out.0.weight"])
 
 
+def _sparse_grad(step: int, rank: int) -> torch.Tensor:
+    """A rank's sparse table gradient [9, 2] of a step: rows with repeats, as an embedding lookup gives."""
+    gen = torch.Generator().manual_seed(1000 + 100 * step + rank)
+    rows = torch.randint(0, 9, (5,), generator=gen)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), torch.randn(5, 2, generator=gen), (9, 2), check_invariants=True)
+
+
 def _grad_sync_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     """One spawned rank: the same per-rank gradients averaged by GradSync over shared memory, then gloo."""
     import torch.distributed as dist
@@ -210,27 +236,33 @@ def _grad_sync_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=world)
     params = [torch.nn.Parameter(torch.zeros(7, 3)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2, 2))]
+    table = torch.nn.Parameter(torch.zeros(9, 2))
     out = {}
     for shm in (True, False):
-        sync = GradSync(params, shared_memory=shm)
+        sync = GradSync(params + [table], shared_memory=shm, tables=[table], max_rows=5)
         out[shm] = {"transport": sync.transport, "steps": []}
         for step in range(4):
             gen = torch.Generator().manual_seed(100 * step + rank)
             for i, p in enumerate(params):   # rank 1 never has a gradient for params[1]
                 p.grad = None if (i == 1 and rank == 1) else torch.randn(p.shape, generator=gen)
+            table.grad = _sparse_grad(step, rank)
             if step == 3 and rank == 1:      # rank 1 ran out of batches: join with zero gradients
                 for p in params:
                     p.grad = torch.zeros_like(p)
+                table.grad = None
                 n = sync(has_batch=False)
             else:
                 n = sync()
-            out[shm]["steps"].append((n, [p.grad.clone() for p in params]))
+            assert table.grad.is_sparse and table.grad.is_coalesced()
+            out[shm]["steps"].append((n, [p.grad.clone() for p in params] + [table.grad.to_dense()]))
+        out[shm]["bytes"] = sync.bytes_per_step
         sync.close()
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_grad_sync_shared_memory_equals_gloo(tmp_path):
+    """Dense and sparse (item table) gradients: both transports give every rank the workers' average."""
     import torch.multiprocessing as mp
 
     from ray_trainers.shm_exchange import SHM_DIR
@@ -244,19 +276,31 @@ def test_grad_sync_shared_memory_equals_gloo(tmp_path):
     if platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(SHM_DIR):
         assert r0[True]["transport"] == r1[True]["transport"] == "shm"
     assert r0[False]["transport"] == "gloo"
+    # dense 21 + 5 + 4 floats and the flag, then the table's count and one record (row, 2 values)
+    # per row the rank touched (shared memory) or per row of the rank that touched the most and
+    # the counts' exchange (gloo)
+    rows = [[len(torch.unique(_sparse_grad(step, r).coalesce().indices())) if (step, r) != (3, 1) else 0
+             for r in (0, 1)] for step in range(4)]
+    assert r0[True]["bytes"] == pytest.approx(sum(4 * (31 + 1 + 3 * k[0]) for k in rows) / 4)
+    assert r0[False]["bytes"] == pytest.approx(sum(4 * (31 + 1 + 3 * max(k) + 1) for k in rows) / 4)
     for step in range(4):
         g = []                               # each rank's gradients, drawn as _grad_sync_rank draws them
         for r in (0, 1):
             gen = torch.Generator().manual_seed(100 * step + r)
             g.append([torch.zeros(shape) if (i == 1 and r == 1) else torch.randn(shape, generator=gen)
-                      for i, shape in enumerate([(7, 3), (5,), (2, 2)])])
+                      for i, shape in enumerate([(7, 3), (5,), (2, 2)])]
+                     + [torch.zeros(9, 2) if (step == 3 and r == 1) else _sparse_grad(step, r).to_dense()])
         n = 1 if step == 3 else 2
         want = [a if step == 3 else (a + b) / 2 for a, b in zip(g[0], g[1])]
         for res in (r0[True], r1[True], r0[False], r1[False]):
             got_n, got = res["steps"][step]
             assert got_n == n
-            for w, x in zip(want, got):
+            for w, x in zip(want[:3], got[:3]):
                 assert torch.equal(w, x), step
+            assert torch.allclose(want[3], got[3], atol=1e-6), step
+        # every rank applies the bitwise-same sparse update
+        assert torch.equal(r0[True]["steps"][step][1][3], r1[True]["steps"][step][1][3])
+        assert torch.equal(r0[False]["steps"][step][1][3], r1[False]["steps"][step][1][3])
     # the segment's name is unlinked once every rank has mapped it
     if os.path.isdir(SHM_DIR):
         assert not {f for f in os.listdir(SHM_DIR) if f.startswith("dr-gradsync-")} - shm_before

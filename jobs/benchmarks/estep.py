@@ -27,12 +27,11 @@ import pyarrow as pa
 import torch
 
 from dr_model.config import DRConfig
-from dr_model.model import DRModel
 from dr_model.mstep import initial_assignment
 from dr_model.split import paper_split
 from dr_model.synthetic import SyntheticSpec, generate
 from dr_model.schedule import Phase
-from dr_model.trainer import Vocab, run_phase
+from dr_model.trainer import Vocab, new_model, run_phase
 from jobs.tables import CommitMeta, Warehouse, list_array
 
 TARGET_OVERHEAD = 0.20
@@ -88,7 +87,7 @@ def _plain(warehouse: Warehouse, sv: int, pv: int, cfg: DRConfig, epochs: int, t
     seq = vocab.seq(hist.flatten().to_numpy().reshape(len(hist), -1)[:, -L:])
     target = torch.from_numpy(vocab.index(t.column("target").to_numpy()))
     torch.manual_seed(cfg.train.seed)
-    model = DRModel(cfg.model, vocab.size)
+    model = new_model(cfg, vocab.size)
     rows = run_phase(model, seq, target, assign, cfg, Phase("joint", epochs, True, True, cfg.train.seed), None,
                      lambda m: None)
     for r in rows:
@@ -101,26 +100,29 @@ def _ddp_worker(rank: int, world: int, port: int, seq: torch.Tensor, target: tor
     """One process of the plain data-parallel loop: same update and gradient sync as the Ray workers."""
     import torch.distributed as dist
 
-    from dr_model.trainer import phase_optimizer, proposal, train_step
+    from dr_model.optim import sparse_tables
+    from dr_model.trainer import phase_optimizer, proposal, rows_per_step, train_step
     from ray_trainers.estep import GradSync, shuffled_batches
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(cfg.train.seed)
-    model = DRModel(cfg.model, len(assign))
+    model = new_model(cfg, len(assign))
     tc = cfg.train
+    bs = -(-tc.batch_size // world)
     q, log_q = proposal(torch.bincount(target, minlength=len(assign)), cfg)
     phase = Phase("joint", epochs, True, True, cfg.train.seed)
     opt = phase_optimizer(model, cfg, phase)
-    sync = GradSync([p for p in model.parameters() if p.requires_grad], shared_memory=shared_memory)
+    sync = GradSync([p for p in model.parameters() if p.requires_grad], shared_memory=shared_memory,
+                    tables=sparse_tables(model), max_rows=rows_per_step(cfg, bs))
     mine = torch.arange(rank, len(target), world)            # an equal shard per process
     s_seq, s_tgt, assign_t = seq[mine], target[mine], torch.from_numpy(assign)
     gen = torch.Generator().manual_seed(rank)
     rows = []
     for ep in range(epochs):
         t0 = time.perf_counter()
-        for b_seq, b_tgt in shuffled_batches(s_seq, s_tgt, -(-tc.batch_size // world), ep * 31 + rank):
+        for b_seq, b_tgt in shuffled_batches(s_seq, s_tgt, bs, ep * 31 + rank):
             train_step(model, opt, b_seq, b_tgt, assign_t, q, log_q, tc.negatives, phase, gen, sync)
         while sync.join(opt):
             pass
