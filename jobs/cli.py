@@ -6,6 +6,7 @@ overrides; progress goes to stderr, results to stdout (`--json` for machines).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -24,6 +25,10 @@ BENCHMARKS = {
                "share of the catalog scored, largest path, alpha used",
     "structure": "MovieLens-1M top path size vs alpha (the paper's Table 5); a collapsed start recovering on ML-100K",
     "encoders": "MovieLens-1M reranker quality: mean-pool over 20 / 69 items vs the paper's GRU over 69",
+    "estep-scale": "E-step on 2 Ray workers, same samples at 10^4 / 10^6 / 10^7 items: samples/s/core, peak "
+                   "worker RSS, gradient bytes per step",
+    "item-rows": "10^4-item synthetic catalog: every item its own row vs a row budget of a fifth of the catalog, "
+                 "with and without exact rows for the frequent items (DR and brute-force recall)",
     "negatives": "one step's 256 sampled-softmax negatives: torch.multinomial over all items vs the O(1) proposal, 10^4-10^7 items",
 }
 
@@ -47,7 +52,10 @@ def _bench(args: argparse.Namespace) -> int:
     except ModuleNotFoundError:
         log(f"unknown benchmark {args.name!r}; known: {', '.join(sorted(BENCHMARKS))}")
         return 2
-    result = mod.run(quick=args.quick)
+    # stdout carries the result only: engines' forwarded lines (e.g. Ray's raylet warnings, printed
+    # by its log thread on sys.stdout) go to stderr with the progress lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = mod.run(quick=args.quick)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

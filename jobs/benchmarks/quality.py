@@ -32,10 +32,11 @@ def spec_for(items: int) -> SyntheticSpec:
                          events_per_user=30, interests=2, zipf_a=1.1, noise=0.05, seed=0)
 
 
-def measure(items: int, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    """Train and evaluate the default config on one synthetic catalog -> its figures."""
+def measure(items: int, log=lambda m: print(m, file=sys.stderr, flush=True), overrides: tuple[str, ...] = ()) -> dict:
+    """Train and evaluate the default config (+ `section.field=value` overrides) on one synthetic catalog -> its figures."""
     spec = spec_for(items)
-    cfg = DRConfig.from_dict({"split": {"rating_threshold": 0.0}})       # synthetic events have no ratings
+    # synthetic events have no ratings
+    cfg = DRConfig.from_dict({"split": {"rating_threshold": 0.0}}).with_overrides(list(overrides))
     t0 = time.perf_counter()
     split = paper_split(generate(spec), cfg.split, cfg.model.seq_len)
     valid = EvalUsers.of(split, 1)
