@@ -44,6 +44,7 @@ class ModelConfig:
     # and compose the others' from quotient-remainder rows, so memory follows this, not V.
     item_rows: int = 524_288
     item_exact_share: float = 0.5
+    tie_item_tables: bool = False   # the reranker's output table = its encoder's input table (needs item_dim == rerank_dim)
 
     def __post_init__(self) -> None:
         for name in ("K", "D", "J", "item_dim", "user_dim", "node_dim", "hidden", "rerank_dim", "seq_len", "item_rows"):
@@ -53,6 +54,9 @@ class ModelConfig:
         _check(isinstance(self.item_rows, int) and self.item_rows >= 4, "model.item_rows", "an integer >= 4",
                self.item_rows)
         _check(0 <= self.item_exact_share < 1, "model.item_exact_share", "in [0, 1)", self.item_exact_share)
+        _check(isinstance(self.tie_item_tables, bool), "model.tie_item_tables", "true or false", self.tie_item_tables)
+        _check(not self.tie_item_tables or self.item_dim == self.rerank_dim, "model.tie_item_tables",
+               "false unless model.item_dim == model.rerank_dim", self.tie_item_tables)
         _check(self.encoder in ("mean", "gru"), "model.encoder", "'mean' or 'gru'", self.encoder)
         _check(self.K ** self.D < 2 ** 62, "model.K/D", "such that K**D fits in int64", (self.K, self.D))
         _check(self.J <= self.K ** self.D, "model.J", "<= K**D", self.J)

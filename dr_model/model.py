@@ -24,6 +24,9 @@ class DRModel(nn.Module):
     regime, dr_model.optim); the parameters and their names are the same. Item tables follow
     cfg.item_rows (dr_model.item_table); counts [V] (training pairs per item) give the exact
     rows of a budgeted table to the most frequent items (a loaded state carries that choice).
+    cfg.tie_item_tables: the reranker scores items with its encoder's input table (both are
+    reranker parameters, frozen together); the structure encoder keeps its own, which the
+    structure phases train while the reranker stays frozen.
     """
 
     def __init__(self, cfg: ModelConfig, num_items: int, sparse: bool = False,
@@ -34,7 +37,8 @@ class DRModel(nn.Module):
         self.encoder = make_encoder(cfg.encoder, num_items, cfg.item_dim, cfg.user_dim, sparse, rows, share)
         self.structure = StructureModel(cfg.user_dim, cfg.K, cfg.D, cfg.node_dim, cfg.hidden)
         self.rerank_encoder = make_encoder(cfg.encoder, num_items, cfg.item_dim, cfg.rerank_dim, sparse, rows, share)
-        self.reranker = Reranker(num_items, cfg.rerank_dim, sparse, rows, share)
+        self.reranker = Reranker(num_items, cfg.rerank_dim, sparse, rows, share,
+                                 table=self.rerank_encoder.emb if cfg.tie_item_tables else None)
         if counts is not None:
             keep_frequent_exact(self, counts)
 

@@ -17,20 +17,26 @@ class Reranker(nn.Module):
 
     The bias is a one-column table so that, with sparse=True (sampled softmax only: the exact
     softmax touches every row), both tables get gradients on the rows a step used alone. Both
-    follow the row budget `rows` (dr_model.item_table).
+    follow the row budget `rows` (dr_model.item_table). `table`: an item table to share (the
+    reranker encoder's input table, [V + 1, dim] with its pad row last) instead of its own.
     """
 
     def __init__(self, num_items: int, dim: int, sparse: bool = False, rows: int = ROWS,
-                 exact_share: float = 0.5) -> None:
+                 exact_share: float = 0.5, table: nn.Module | None = None) -> None:
         super().__init__()
-        self.item_emb = item_table(num_items, dim, rows, exact_share, sparse)
+        self._num_items = num_items
+        self.item_emb = item_table(num_items, dim, rows, exact_share, sparse) if table is None else table
         self.bias = item_table(num_items, 1, rows, exact_share, sparse)
         init_rows(self.item_emb, 1.0 / math.sqrt(dim))
         init_rows(self.bias, 0.0)
+        pad = getattr(self.item_emb, "padding_idx", None)
+        if pad is not None:
+            with torch.no_grad():
+                self.item_emb.weight[pad].zero_()
 
     @property
     def num_items(self) -> int:
-        return self.item_emb.num_embeddings
+        return self._num_items
 
     @property
     def item_bias(self) -> torch.Tensor:
@@ -39,7 +45,7 @@ class Reranker(nn.Module):
 
     def item_vectors(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Items lo..hi's embeddings [hi - lo, dim] (a view of an exact table)."""
-        return table_rows(self.item_emb, lo, hi)
+        return table_rows(self.item_emb, lo, self.num_items if hi is None else hi)
 
     def vectors(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """items [n] int64 -> (embeddings [n, dim], biases [n])."""

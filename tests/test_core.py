@@ -317,3 +317,33 @@ def test_item_tables_follow_the_row_budget():
     index = PathIndex.build(np.random.default_rng(0).integers(0, 30, size=(V, cfg.J)))
     items, scores, _ = again.retrieve(seq, index, beam=5, k=10)
     assert items.shape == (4, 10)
+
+
+def test_tied_item_tables_share_one_table():
+    """model.tie_item_tables: the reranker scores with its encoder's input table (one table less), trains
+    it as one parameter, and never returns the pad row."""
+    from dr_model.model import DRModel
+    from dr_model.schedule import Phase
+    from dr_model.trainer import new_model, phase_optimizer, proposal, train_step
+
+    with pytest.raises(ConfigError, match="tie_item_tables"):
+        ModelConfig(tie_item_tables=True, item_dim=32, rerank_dim=64)
+    cfg = DRConfig.from_dict({"model": {"tie_item_tables": True}, "train": {"full_softmax_max_items": 50}})
+    V = 200
+    tied, untied = new_model(cfg, V), DRModel(ModelConfig(), V, sparse=True)
+    assert tied.reranker.item_emb is tied.rerank_encoder.emb
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(untied) - n(tied) == V * cfg.model.rerank_dim                           # one V x d table less
+    assert tied.reranker.num_items == V and tied.reranker.item_vectors().shape == (V, cfg.model.rerank_dim)
+    phase = Phase("joint", 1, True, True, 0)
+    opt = phase_optimizer(tied, cfg, phase)
+    q, log_q = proposal(torch.ones(V, dtype=torch.long), cfg)
+    gen = torch.Generator().manual_seed(0)
+    seq, target = torch.randint(0, V, (16, cfg.model.seq_len)), torch.randint(0, V, (16,))
+    assign = torch.randint(0, cfg.model.num_paths, (V, cfg.model.J))
+    losses = [train_step(tied, opt, seq, target, assign, q, log_q, 16, phase, gen)[1] for _ in range(10)]
+    assert losses[-1] < losses[0]
+    again = DRModel(cfg.model, V)
+    again.load_state_dict(tied.state_dict())
+    _, items = again.reranker.brute_force_topk(torch.randn(3, cfg.model.rerank_dim), V)
+    assert int(items.max()) == V - 1
