@@ -4,8 +4,9 @@ Layout: `<warehouse>/checkpoints/<run_id>/`
   estep-round-<r>/                 the round's finished E-step (what retrieval and the M-step use)
   estep-round-<r>.epoch-<e>/       in-progress state after e epochs of round r (finer resume; removed
                                    once the round is finished)
-Each directory holds `state.pt` (tensors only: model, optimizer, vocabulary item ids; loaded with
-`torch.load(weights_only=True)`) and `meta.json` (run, round, table versions, config + hash,
+Each directory holds `state.pt` (tensors only: model and vocabulary item ids; loaded with
+`torch.load(weights_only=True)`), `optimizer.pt` (the optimizer's state, read only to resume inside
+a round: readers of the model never load it) and `meta.json` (run, round, table versions, config + hash,
 epoch counters, per-epoch losses). A directory is written under a hidden temporary name and
 renamed into place, so a reader never sees half a checkpoint.
 """
@@ -56,7 +57,7 @@ class CheckpointMeta:
 
 @dataclass(frozen=True)
 class EStepCheckpoint:
-    """A loaded checkpoint: meta + model state, optimizer state (or None), item ids [V] (model index order)."""
+    """A loaded checkpoint: meta + model state, optimizer state (None unless asked for), item ids [V] (model index order)."""
 
     path: str
     meta: CheckpointMeta
@@ -125,8 +126,10 @@ def save_checkpoint(root: str, meta: CheckpointMeta, model_state: dict[str, torc
     # file (an in-memory copy would double the writer's peak memory for a catalog-sized model).
     with fs.open_output_stream(f"{tmp}/state.pt") as f:
         torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()},
-                    "optimizer": optimizer_state,
                     "item_ids": torch.from_numpy(np.array(item_ids, dtype=np.int64))}, f)   # a writable copy
+    if optimizer_state is not None:
+        with fs.open_output_stream(f"{tmp}/optimizer.pt") as f:
+            torch.save(optimizer_state, f)
     meta = CheckpointMeta(**{**asdict(meta), "created_at": time.time()})
     with fs.open_output_stream(f"{tmp}/meta.json") as f:
         f.write(json.dumps(asdict(meta), indent=1, sort_keys=True).encode())
@@ -170,11 +173,16 @@ def check_pairing(meta: CheckpointMeta, path: str, item_paths_version: int | Non
 
 
 def load_checkpoint(path: str, item_paths_version: int | None, samples_version: int | None = None,
-                    config_hash: str | None = None) -> EStepCheckpoint:
-    """Load and check pairing; item_paths_version=None only for a deliberate warm start."""
+                    config_hash: str | None = None, optimizer: bool = False) -> EStepCheckpoint:
+    """Load and check pairing; item_paths_version=None only for a deliberate warm start. optimizer:
+    also load the optimizer state (resuming a round; None when the checkpoint has none)."""
     meta = read_meta(path)
     check_pairing(meta, path, item_paths_version, samples_version, config_hash)
     fs, p = _fs(path)
     with fs.open_input_file(f"{p}/state.pt") as f:        # seekable: torch.load reads it in place
         state = torch.load(f, weights_only=True)
-    return EStepCheckpoint(path, meta, state["model"], state["optimizer"], state["item_ids"].numpy())
+    opt = None
+    if optimizer and fs.get_file_info(f"{p}/optimizer.pt").type == pafs.FileType.File:
+        with fs.open_input_file(f"{p}/optimizer.pt") as f:
+            opt = torch.load(f, weights_only=True)
+    return EStepCheckpoint(path, meta, state["model"], opt, state["item_ids"].numpy())

@@ -297,7 +297,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     resume, warm = _resolve_start(root, em_round, c)
     epochs_done, opt_state, history, trained = 0, None, [], 0
     if resume is not None:
-        ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"])
+        ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"], optimizer=True)
         model.load_state_dict(ck.model_state)
         epochs_done, opt_state, history = ck.meta.epochs_done, ck.optimizer_state, list(ck.meta.losses)
     elif warm is not None:

@@ -128,8 +128,9 @@ def test_round0_schedule_learns_and_checkpoints(inputs, baseline):
     assert baseline.dropped_samples == 0
     meta = read_meta(baseline.checkpoint_path)
     assert (meta.item_paths_version, meta.samples_version, meta.config_hash) == (pv, sv, cfg.hash())
-    ck = load_checkpoint(baseline.checkpoint_path, pv)
+    ck = load_checkpoint(baseline.checkpoint_path, pv, optimizer=True)
     assert ck.optimizer_state is not None and set(ck.model_state) == set(baseline.model_state)
+    assert load_checkpoint(baseline.checkpoint_path, pv).optimizer_state is None     # readers skip it
     assert baseline.checkpoint_path.endswith("checkpoints/base/estep-round-0000")
 
 
