@@ -27,8 +27,8 @@ BENCHMARKS = {
     "encoders": "MovieLens-1M reranker quality: mean-pool over 20 / 69 items vs the paper's GRU over 69",
     "estep-scale": "E-step on 2 Ray workers, same samples at 10^4 / 10^6 / 10^7 items: samples/s/core, peak "
                    "worker RSS, gradient bytes per step",
-    "item-rows": "10^4-item synthetic catalog: every item its own row vs a row budget of a fifth of the catalog, "
-                 "with and without exact rows for the frequent items (DR and brute-force recall)",
+    "item-rows": "10^4-item synthetic catalog, reranker only: every item its own row vs a row budget of a fifth of "
+                 "the catalog with and without exact rows for the frequent items, and tied item tables",
     "negatives": "one step's 256 sampled-softmax negatives: torch.multinomial over all items vs the O(1) proposal, 10^4-10^7 items",
 }
 
