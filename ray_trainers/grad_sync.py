@@ -40,14 +40,14 @@ class GradSync:
                 raise ValueError(f"a sparse table must be [rows < 2^31, dim], got {tuple(t.shape)}")
         if self.tables and max_rows < 1:
             raise ValueError("sparse tables need max_rows >= 1 (the most rows one step touches)")
-        # Per table: (offset of its block after the dense part, capacity in rows, row width).
-        self.blocks, off = [], 0
+        self.n_dense = sum(p.numel() for p in self.params) + 1
+        # Per table: (where its block starts in the vector, capacity in rows, row width); the block
+        # is [count, cap records of 1 + dim].
+        self.blocks, n = [], self.n_dense
         for t in self.tables:
             cap = min(max_rows, t.shape[0])
-            self.blocks.append((off, cap, t.shape[1]))
-            off += 1 + cap * (1 + t.shape[1])
-        self.n_dense = sum(p.numel() for p in self.params) + 1
-        n = self.n_dense + off
+            self.blocks.append((n, cap, t.shape[1]))
+            n += 1 + cap * (1 + t.shape[1])
         # The averaged dense gradients [n_dense]; the parameters' .grad become views of it.
         self.flat = torch.zeros(self.n_dense)
         self.views = list(zip(self.params, _split(self.flat, self.params)))
@@ -71,8 +71,7 @@ class GradSync:
             every = self.shm.publish()          # [world, n] every rank's vector of this step
             # summed over dim 0 in rank order on every rank
             torch.sum(every[:, : self.n_dense], dim=0, out=self.flat)
-            blocks = [every[:, self.n_dense + off: self.n_dense + off + 1 + cap * (1 + dim)]
-                      for off, cap, dim in self.blocks]
+            blocks = [every[:, start: start + 1 + cap * (1 + dim)] for start, cap, dim in self.blocks]
             sent = self.n_dense + sum(1 + k * (1 + dim) for k, (_, _, dim) in zip(rows, self.blocks))
         else:
             rows = self._pack(self._own, has_batch)
@@ -104,8 +103,7 @@ class GradSync:
         dist.all_gather(every, counts)
         most = torch.stack(every).amax(0).tolist()
         sizes = [1 + m * (1 + dim) for m, (_, _, dim) in zip(most, self.blocks)]
-        mine = torch.cat([self._own[self.n_dense + off: self.n_dense + off + size]
-                          for size, (off, _, _) in zip(sizes, self.blocks)])
+        mine = torch.cat([self._own[start: start + size] for size, (start, _, _) in zip(sizes, self.blocks)])
         got = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(got, mine)
         return list(torch.stack(got).split(sizes, dim=1))
@@ -120,8 +118,8 @@ class GradSync:
                 v.copy_(p.grad)
         out[self.n_dense - 1] = 1.0 if has_batch else 0.0
         written = []
-        for t, (off, cap, dim) in zip(self.tables, self.blocks):
-            block = out[self.n_dense + off: self.n_dense + off + 1 + cap * (1 + dim)]
+        for t, (start, cap, dim) in zip(self.tables, self.blocks):
+            block = out[start: start + 1 + cap * (1 + dim)]
             g = t.grad
             k = 0
             if g is not None:
