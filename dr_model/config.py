@@ -198,6 +198,14 @@ class EvalConfig:
     exclude_history: bool = True    # never recommend an item from the user's input half (all methods)
     beam_sweep: tuple[int, ...] = (5, 10, 25, 50)   # DR recall against beam size
     ease_max_items: int = 10_000    # EASE inverts a dense V x V matrix: skipped above this catalog size
+    # The ANN peer (dr_model.ann): faiss HNSW and IVF over the reranker's own item vectors.
+    # Its HNSW build is O(V log V) graph inserts on the evaluation's threads: skipped above this.
+    ann_max_items: int = 2_000_000
+    ann_hnsw_m: int = 32            # HNSW graph degree
+    ann_ef_construction: int = 128  # HNSW build beam
+    ann_ef_sweep: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)    # HNSW efSearch, increasing
+    ann_nlist: int = 0              # IVF lists; 0 = 4 sqrt(V), at least 39 items per list
+    ann_nprobe_sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # IVF lists probed, increasing
 
     def __post_init__(self) -> None:
         _check(isinstance(self.k, int) and self.k >= 1, "eval.k", "an integer >= 1", self.k)
@@ -206,6 +214,18 @@ class EvalConfig:
         _check(isinstance(self.exclude_history, bool), "eval.exclude_history", "true or false", self.exclude_history)
         object.__setattr__(self, "beam_sweep", tuple(self.beam_sweep))
         _check(all(isinstance(b, int) and b >= 1 for b in self.beam_sweep), "eval.beam_sweep", "a list of integers >= 1", self.beam_sweep)
+        for name in ("ann_max_items", "ann_nlist"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, f"eval.{name}", "an integer >= 0", v)
+        for name in ("ann_hnsw_m", "ann_ef_construction"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 2, f"eval.{name}", "an integer >= 2", v)
+        for name in ("ann_ef_sweep", "ann_nprobe_sweep"):
+            v = tuple(getattr(self, name))
+            object.__setattr__(self, name, v)
+            # increasing, so the first setting that reaches a recall is the cheapest one
+            _check(len(v) > 0 and all(isinstance(x, int) and x >= 1 for x in v) and all(a < b for a, b in zip(v, v[1:])),
+                   f"eval.{name}", "a non-empty increasing list of integers >= 1", v)
 
 
 @dataclass(frozen=True)
