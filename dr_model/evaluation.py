@@ -1,18 +1,23 @@
 """The paper's evaluation protocol over held-out users, for every method, in one report.
 
-DR (beam -> paths -> rerank), brute force (the same reranker over all items), and, when
-the training samples are given, popularity, item-CF and EASE (its lambda chosen on the
+DR (beam -> paths -> rerank), brute force (the same reranker over all items), the ANN peer
+(faiss HNSW / IVF over the same reranker vectors, dr_model.ann) and, when the training
+samples are given, popularity, item-CF and EASE (its lambda chosen on the
 validation users). The neural models read the last L items of each user's input half;
 the baselines read the whole input half; with `eval.exclude_history` no method ever
 recommends an item of the input half.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import torch
 from scipy import sparse
 
+from . import ann
 from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popularity_topk, to_raw, user_item_matrix
 from .config import DRConfig
 from .index import PathIndex, pair_keys
@@ -126,6 +131,44 @@ def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex
     return lo, cost(lo)
 
 
+def ann_peer(model: DRModel, seq: torch.Tensor, cfg: DRConfig, exclude: tuple[np.ndarray, np.ndarray] | None,
+             prf: Callable[[np.ndarray], PRF], target_recall: float) -> tuple[dict, dict, dict]:
+    """HNSW and IVF over the reranker's item vectors, swept -> (methods, summary, sweeps).
+
+    seq [N, L] item indices, prf(items [N, k]) -> PRF; methods = {"hnsw": PRF, "ivf": PRF} at the
+    cheapest setting whose recall reaches `target_recall` (DR's), else the sweep's last;
+    sweeps = {kind: [point, ...]}.
+    """
+    e = cfg.eval
+    acfg = ann.AnnConfig(hnsw_m=e.ann_hnsw_m, ef_construction=e.ann_ef_construction, nlist=e.ann_nlist)
+    k = e.k
+    items = ann.reranker_items(model.reranker)
+
+    def encode() -> np.ndarray:
+        with torch.inference_mode():
+            return ann.user_queries(model.rerank_encoder(seq))
+
+    def judge(pred: np.ndarray) -> dict:
+        return {"recall": prf(pred).recall}
+
+    methods, summary, sweeps = {}, {"threads": ann.use_torch_threads(), "target_recall": target_recall}, {}
+    for kind, build, settings in (("hnsw", ann.build_hnsw, e.ann_ef_sweep), ("ivf", ann.build_ivf, e.ann_nprobe_sweep)):
+        t0 = time.perf_counter()
+        index = build(items, acfg)
+        build_s = time.perf_counter() - t0
+        points = ann.sweep(index, encode, settings, k, exclude, judge)
+        pick = ann.at_recall(points, target_recall)
+        name = ann.setting_name(index)
+        pred, _, _ = ann.search(index, encode(), k, pick[name], exclude)
+        methods[kind] = prf(pred)
+        summary[kind] = {name: pick[name], "reached_target": pick["recall"] >= target_recall, "build_s": build_s,
+                         "users_per_s": pick["users_per_s"], "items_scored_per_user": pick["items_scored_per_user"],
+                         **({"nlist": int(index.nlist)} if kind == "ivf" else {"m": acfg.hnsw_m})}
+        sweeps[kind] = points
+        del index
+    return methods, summary, sweeps
+
+
 def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users: EvalUsers, cfg: DRConfig,
                    train: tuple[np.ndarray, np.ndarray] | None = None, valid: EvalUsers | None = None,
                    beam: int | None = None) -> dict:
@@ -133,7 +176,9 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users
 
     item_ids [V] raw ids of the model's items; train = (train_user [N], train_target [N]) adds
     popularity, item-CF and (catalog up to eval.ease_max_items, `valid` users given to choose its
-    lambda) EASE. `beam` is the retrieval beam (default search.beam).
+    lambda) EASE. `beam` is the retrieval beam (default search.beam). Up to eval.ann_max_items,
+    the ANN peer (HNSW, IVF) at the setting tuned to DR's recall, with its sweeps in "ann_sweep".
+    Users/s are wall-clock on `threads` torch (and faiss) threads, user encoding included.
     """
     k, excl = cfg.eval.k, cfg.eval.exclude_history
     beam = beam or cfg.search.beam
@@ -145,14 +190,22 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users
     def prf(pred_idx: np.ndarray) -> PRF:
         return prf_at_k(to_raw(item_ids, pred_idx), *truth, k)
 
-    def dr_at(b: int) -> tuple[np.ndarray, np.ndarray]:
+    def dr_at(b: int) -> tuple[np.ndarray, np.ndarray, float]:
+        t0 = time.perf_counter()
         pred, _, scored = model.retrieve(seq, index, b, k, exclude=seen)
-        return pred, scored
+        return pred, scored, len(users) / max(time.perf_counter() - t0, 1e-9)
 
-    dr_pred, scored = dr_at(beam)
+    dr_pred, scored, dr_users_per_s = dr_at(beam)
+    t0 = time.perf_counter()
     bf_pred, _ = model.brute_force(seq, k, exclude=seen)
+    bf_users_per_s = len(users) / max(time.perf_counter() - t0, 1e-9)
     methods = {"dr": prf(dr_pred), "brute_force": prf(bf_pred)}
     extra: dict = {}
+    if len(item_ids) <= cfg.eval.ann_max_items:
+        ann_methods, extra["ann"], extra["ann_sweep"] = ann_peer(model, seq, cfg, seen, prf, methods["dr"].recall)
+        methods.update(ann_methods)
+    else:
+        extra["ann"] = {"skipped": f"catalog of {len(item_ids)} items > eval.ann_max_items={cfg.eval.ann_max_items}"}
     if train is not None:
         t_user, t_target = train
         u_idx = np.unique(t_user, return_inverse=True)[1].ravel()
@@ -170,9 +223,10 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users
             extra["ease"] = {"skipped": f"catalog of {vocab.size} items > eval.ease_max_items={cfg.eval.ease_max_items}"}
     by_beam = {}
     for b in cfg.eval.beam_sweep:
-        pred_b, scored_b = dr_at(b)
+        pred_b, scored_b, ups = dr_at(b)
         by_beam[str(b)] = {"recall": prf(pred_b).recall,
-                           "items_scored_per_user": float(scored_b.mean()) if len(scored_b) else 0.0}
+                           "items_scored_per_user": float(scored_b.mean()) if len(scored_b) else 0.0,
+                           "users_per_s": ups}
     bf_recall = methods["brute_force"].recall
     return {
         "k": k,
@@ -184,6 +238,8 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users
         "methods": {name: m.as_dict() for name, m in methods.items()},
         "dr_recall_over_brute_force": methods["dr"].recall / bf_recall if bf_recall > 0 else float("nan"),
         "dr_recall_by_beam": by_beam,
+        "users_per_s": {"dr": dr_users_per_s, "brute_force": bf_users_per_s},
+        "threads": torch.get_num_threads(),
         "path_sizes": path_size_summary(index, cfg.model.num_paths),
         "exclude_history": excl,
         **extra,
@@ -201,6 +257,23 @@ def format_report(report: dict) -> str:
                  f"at beam {report['beam']}; DR recall / brute-force recall = {report['dr_recall_over_brute_force']:.3f}")
     sweep = ", ".join(f"B={b}: R {v['recall']:.4f} ({v['items_scored_per_user']:.0f} items)" for b, v in report["dr_recall_by_beam"].items())
     lines.append(f"DR recall by beam: {sweep}")
+    ups = report.get("users_per_s")
+    if ups:
+        lines.append(f"users/s on {report['threads']} threads (user encoding included): DR {ups['dr']:.0f}, "
+                     f"brute force {ups['brute_force']:.0f}")
+    a = report.get("ann", {})
+    if "skipped" in a:
+        lines.append(f"ANN peer skipped: {a['skipped']}")
+    for kind in ("hnsw", "ivf"):
+        if kind not in a:
+            continue
+        knob = "ef" if kind == "hnsw" else "nprobe"
+        at = a[kind]
+        reach = "reaches" if at["reached_target"] else "largest setting; below"
+        lines.append(f"{kind.upper()} at {knob}={at[knob]} ({reach} DR's recall {a['target_recall']:.4f}): "
+                     f"{at['items_scored_per_user']:.0f} items/user, {at['users_per_s']:.0f} users/s")
+        pts = ", ".join(f"{p[knob]}: R {p['recall']:.4f} ({p['items_scored_per_user']:.0f})" for p in report["ann_sweep"][kind])
+        lines.append(f"  {kind} recall by {knob} (items/user): {pts}")
     ps = report["path_sizes"]
     lines.append(f"paths: {ps['nonempty_paths']} non-empty of {ps['num_paths']}, largest {ps['max']}, mean {ps['mean']:.2f}")
     return "\n".join(lines)
