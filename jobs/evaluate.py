@@ -1,10 +1,11 @@
-"""`dr evaluate`: the paper's protocol on a train run's test users, with a report in the run's folder.
+"""`dr evaluate`: the paper's protocol on a train run's test users, with a report in <warehouse>/reports/<run_id>/.
 
 It reads exactly what the run recorded in `runs` (samples_train / eval_users / item_paths
 versions, the checkpoint trained against that item_paths version, the retrieval beam chosen
-for the budget) and reports P/R/F@k for DR, brute force, popularity, item-CF and EASE (its
-lambda chosen on the validation users), items scored per user, DR recall against beam size,
-the path-size histogram and the M-step objective per EM round.
+for the budget) and reports P/R/F@k for DR, brute force, the ANN peer (HNSW, IVF), popularity,
+item-CF and EASE (its lambda chosen on the validation users), items scored per user, recall
+against items scored (DR's beam sweep beside the ANN sweeps), the path-size histogram and the
+M-step objective per EM round.
 """
 from __future__ import annotations
 
@@ -111,11 +112,98 @@ def _bars(title: str, labels: list[str], values: list[float], fmt: str = "{:.4f}
             f'<text x="4" y="16" font-size="14" font-weight="bold">{html.escape(title)}</text>{"".join(rows)}</svg>')
 
 
+SERIES_COLORS = {"dr": "#4a7bd0", "hnsw": "#d0704a", "ivf": "#4aa05a"}
+
+
+def recall_cost_series(report: dict[str, Any]) -> dict[str, list[tuple[float, float, str]]]:
+    """{series: [(items scored per user, recall, label), ...]}: DR's beam sweep and the ANN sweeps."""
+    out = {"dr": [(v["items_scored_per_user"], v["recall"], f"beam {b}") for b, v in report["dr_recall_by_beam"].items()]}
+    for kind, knob in (("hnsw", "ef"), ("ivf", "nprobe")):
+        pts = (report.get("ann_sweep") or {}).get(kind)
+        if pts:
+            out[kind] = [(p["items_scored_per_user"], p["recall"], f"{knob} {p[knob]}") for p in pts]
+    return out
+
+
+def _lines(title: str, series: dict[str, list[tuple[float, float, str]]], x_label: str, y_label: str,
+           ref: tuple[str, float] | None = None) -> str:
+    """An SVG line chart, log-x, one polyline per series (data-series=name) and a dashed reference line."""
+    w, h, left, right, top, bottom = 640, 360, 60, 110, 30, 46
+    xs = [x for pts in series.values() for x, _, _ in pts]
+    ys = [y for pts in series.values() for _, y, _ in pts] + ([ref[1]] if ref else [])
+    if not xs:
+        return ""
+    # log10 of items scored; a point that scored nothing sits at 1 item (log 0)
+    lx = [np.log10(max(x, 1.0)) for x in xs]
+    x0, x1 = np.floor(min(lx)), np.ceil(max(lx))
+    x1 = x1 if x1 > x0 else x0 + 1
+    y1 = max(max(ys) * 1.05, 1e-6)
+
+    def px(x: float) -> float:
+        return left + (w - left - right) * (np.log10(max(x, 1.0)) - x0) / (x1 - x0)
+
+    def py(y: float) -> float:
+        return h - bottom - (h - top - bottom) * y / y1
+
+    parts = [f'<text x="4" y="18" font-size="14" font-weight="bold">{html.escape(title)}</text>',
+             f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#333"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="#333"/>']
+    for e in range(int(x0), int(x1) + 1):
+        x = px(10.0 ** e)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{h - bottom}" stroke="#ddd"/>'
+                     f'<text x="{x:.1f}" y="{h - bottom + 16}" font-size="11" text-anchor="middle">{10 ** e:g}</text>')
+    for i in range(5):
+        y = y1 * i / 4
+        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" font-size="11" text-anchor="end">{y:.3f}</text>')
+    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 8}" font-size="12" text-anchor="middle">{html.escape(x_label)}</text>'
+                 f'<text x="14" y="{(top + h - bottom) / 2:.0f}" font-size="12" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + h - bottom) / 2:.0f})">{html.escape(y_label)}</text>')
+    if ref:
+        y = py(ref[1])
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{w - right}" y2="{y:.1f}" stroke="#888" stroke-dasharray="5,4"/>'
+                     f'<text x="{w - right + 4}" y="{y + 4:.1f}" font-size="11">{html.escape(ref[0])}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        color = SERIES_COLORS.get(name, "#777")
+        pts = sorted(pts)
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, _ in pts)
+        dots = "".join(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{html.escape(name)} '
+                       f'{html.escape(lab)}: recall {y:.4f}, {x:.0f} items</title></circle>' for x, y, lab in pts)
+        parts.append(f'<g data-series="{html.escape(name)}"><polyline points="{coords}" fill="none" stroke="{color}" '
+                     f'stroke-width="2"/>{dots}</g>'
+                     f'<rect x="{w - right + 8}" y="{top + 18 * i}" width="12" height="3" fill="{color}"/>'
+                     f'<text x="{w - right + 24}" y="{top + 18 * i + 5}" font-size="12">{html.escape(name.upper())}</text>')
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}">{"".join(parts)}</svg>'
+
+
+def _speed_table(report: dict[str, Any]) -> str:
+    """Users/s and items scored per user of DR, brute force and the ANN peer at DR's recall."""
+    a, ups = report.get("ann") or {}, report.get("users_per_s") or {}
+    if "skipped" in a:
+        return f"<p>ANN peer skipped: {html.escape(a['skipped'])}</p>"
+    rows = [("DR", f"beam {report['beam']}", report["items_scored_per_user"], ups.get("dr"), report["methods"]["dr"]["recall"]),
+            ("brute force", "all items", report["catalog_size"], ups.get("brute_force"), report["methods"]["brute_force"]["recall"])]
+    for kind, knob in (("hnsw", "ef"), ("ivf", "nprobe")):
+        if kind in a:
+            at = a[kind]
+            note = "" if at["reached_target"] else " (largest; below DR's recall)"
+            rows.append((kind.upper(), f"{knob} {at[knob]}{note}", at["items_scored_per_user"], at["users_per_s"],
+                         report["methods"][kind]["recall"]))
+    body = "".join(f"<tr><td>{n}</td><td>{html.escape(s)}</td><td>{x:.0f}</td>"
+                   f"<td>{'' if u is None else f'{u:.0f}'}</td><td>{r:.4f}</td></tr>" for n, s, x, u, r in rows)
+    return (f"<p>Speed on {report.get('threads', '?')} threads (users/s include encoding the user); "
+            f"the ANN indexes at their cheapest setting reaching DR's recall.</p>"
+            f"<table border='1' cellpadding='4'><tr><th>method</th><th>setting</th><th>items scored per user</th>"
+            f"<th>users/s</th><th>R@{report['k']}</th></tr>{body}</table>")
+
+
 def render_html(report: dict[str, Any]) -> str:
-    """The report as one self-contained HTML page with bar charts."""
+    """The report as one self-contained HTML page (inline SVG charts: no script, no network)."""
     k = report["k"]
     m = report["methods"]
     charts = [
+        _lines(f"Recall@{k} against items scored per user", recall_cost_series(report),
+               "items scored per user (log scale)", f"recall@{k}",
+               ("brute force", m["brute_force"]["recall"]) if "brute_force" in m else None),
         _bars(f"Recall@{k}", list(m), [v["recall"] for v in m.values()]),
         _bars(f"F-measure@{k}", list(m), [v["f1"] for v in m.values()]),
         _bars(f"DR recall@{k} by beam size", [f"B={b} ({v['items_scored_per_user']:.0f} items)" for b, v in report["dr_recall_by_beam"].items()],
@@ -135,4 +223,4 @@ def render_html(report: dict[str, Any]) -> str:
             f"{report['items_scored_per_user']:.1f} items per user ({report['fraction_of_catalog_scored']:.1%}); "
             f"DR recall / brute force = {report['dr_recall_over_brute_force']:.3f}</p>"
             f"<table border='1' cellpadding='4'><tr><th>method</th><th>P@{k}</th><th>R@{k}</th><th>F@{k}</th></tr>{table}</table>"
-            + "".join(f"<div>{c}</div>" for c in charts) + "</body></html>")
+            + _speed_table(report) + "".join(f"<div>{c}</div>" for c in charts) + "</body></html>")

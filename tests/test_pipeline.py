@@ -94,7 +94,7 @@ def test_train_candidates_evaluate_and_idempotent_reruns(spark, ray_local, ml100
 
     report = run_evaluate(wh, log=lambda m: None)
     m = report["methods"]
-    assert set(m) == {"dr", "brute_force", "popularity", "item_cf", "ease"}
+    assert set(m) == {"dr", "brute_force", "hnsw", "ivf", "popularity", "item_cf", "ease"}
     assert m["brute_force"]["recall"] > m["popularity"]["recall"]
     # 179 test users on ML-100K: DR/brute force at the budget (4 % of the catalog) measured 0.95
     # through this pipeline and 0.98-1.05 in one process (BENCHMARKS.md); the bound catches a
