@@ -174,12 +174,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _cluster_options(p)
     p.set_defaults(func=cmd_candidates, cmd_name="candidates")
 
-    p = sub.add_parser("evaluate", help="the paper's protocol: P/R/F@k for DR, brute force, popularity, item-CF",
+    p = sub.add_parser("evaluate", help="the paper's protocol: P/R/F@k for DR, brute force, HNSW/IVF, popularity, item-CF",
                        description="Evaluate a train run (latest succeeded by default) on its held-out test users: "
-                                   "P/R/F@k for DR, brute force (same reranker over all items), popularity and "
-                                   "item-CF; items scored per user; DR recall by beam size; path-size histogram; "
+                                   "P/R/F@k for DR, brute force (same reranker over all items), the ANN peer "
+                                   "(faiss HNSW and IVF over the same reranker vectors, at DR's recall), popularity, "
+                                   "item-CF and EASE; items scored per user and users/s; recall against items scored "
+                                   "(DR beam sweep, HNSW efSearch and IVF nprobe sweeps); path-size histogram; "
                                    "objective per EM round. Writes evaluation.json and evaluation.html (charts) "
-                                   "into <warehouse>/runs/<run_id>/. --set eval.k=... / search.beam=... apply.")
+                                   "into <warehouse>/reports/<run_id>/. --set eval.k=... / search.beam=... apply.")
     config_options(p)
     p.add_argument("--run-id", default=None, help="train run to evaluate (default: latest succeeded)")
     p.add_argument("--warehouse", default="./warehouse", help="warehouse root (default ./warehouse)")

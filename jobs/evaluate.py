@@ -54,8 +54,10 @@ def retrieval_beam(run: runs.RunRecord, cfg: DRConfig, overrides: list[str] | No
     return int(run.metrics.get("retrieval_beam") or cfg.search.beam)
 
 
-def run_dir(wh: Warehouse, run_id: str) -> Path:
-    return Path(wh.root) / "runs" / run_id
+def report_dir(wh: Warehouse, run_id: str) -> Path:
+    """A run's report folder: <warehouse>/reports/<run_id>, owned by no table (a table's full vacuum
+    deletes every file under its root that its log does not name, so `runs/` would lose it)."""
+    return Path(wh.root) / "reports" / run_id
 
 
 def run_evaluate(wh: Warehouse, run_id: str | None = None, overrides: list[str] | None = None,
@@ -87,13 +89,18 @@ def run_evaluate(wh: Warehouse, run_id: str | None = None, overrides: list[str] 
         {"round": r["round"], "objective": r["mstep"][-1]["objective"], "alpha": r["mstep"][-1].get("alpha"),
          "path_size": r["mstep"][-1].get("path_size"), "max_path_size": r["mstep"][-1]["max_path_size"]}
         for r in run.metrics.get("rounds", []) if r.get("mstep")]
-    out = run_dir(wh, run.run_id)
+    report["report_files"] = write_report(wh, run.run_id, report)
+    log(f"report written to {report_dir(wh, run.run_id)}")
+    return report
+
+
+def write_report(wh: Warehouse, run_id: str, report: dict[str, Any]) -> list[str]:
+    """evaluation.json and evaluation.html into report_dir -> their paths."""
+    out = report_dir(wh, run_id)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (out / "evaluation.html").write_text(render_html(report))
-    report["report_files"] = [str(out / "evaluation.json"), str(out / "evaluation.html")]
-    log(f"report written to {out}")
-    return report
+    return [str(out / "evaluation.json"), str(out / "evaluation.html")]
 
 
 def _bars(title: str, labels: list[str], values: list[float], fmt: str = "{:.4f}") -> str:
