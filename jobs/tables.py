@@ -134,10 +134,16 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
     # Catalog items without interactions given paths by `dr backfill cold-items` (jobs/cold_items.py).
     TableSpec("cold_item_paths", pa.schema([
         _field("item_id", _ID, False), _field("slot", pa.int32(), False), _field("path", pa.int64(), False),
-        _field("method", pa.string(), False),           # neighbor | least_loaded
-        _field("neighbor_item_id", _ID, False),         # the assigned item whose paths it took (-1: none)
+        _field("method", pa.string(), False),           # category | least_loaded (older rows: neighbor)
+        _field("neighbor_item_id", _ID, False),         # its category's item nearest the category mean (-1: none)
         _field("item_paths_version", pa.int64(), False), _field("run_id", pa.string(), False),
     ]), key=("item_id", "slot")),
+    # ... and their reranker vectors (category mean, else global mean); read by the serving bundle.
+    TableSpec("cold_item_vectors", pa.schema([
+        _field("item_id", _ID, False), _field("embedding", pa.list_(pa.float32()), False),
+        _field("bias", pa.float64(), False),
+        _field("item_paths_version", pa.int64(), False), _field("run_id", pa.string(), False),
+    ]), key=("item_id",)),
     # Synthetic ground truth (jobs/datasets.py): user -> planted interest clusters.
     TableSpec("synthetic_truth", pa.schema([
         _field("user_id", _ID, False), _field("slot", pa.int32(), False), _field("cluster", pa.int64(), False),
