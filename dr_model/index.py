@@ -10,11 +10,15 @@ import torch
 
 @dataclass(frozen=True)
 class PathIndex:
-    """CSR over sorted unique paths: keys [P], offsets [P+1], items [J*V] (item indices)."""
+    """CSR over sorted unique paths: keys [P], offsets [P+1], items [J*V] (item indices < num_items).
+
+    The arrays may be memory-mapped (dr_model.serving): nothing here reads all of them per call.
+    """
 
     keys: np.ndarray
     offsets: np.ndarray
     items: np.ndarray
+    num_items: int
 
     @classmethod
     def build(cls, assign: np.ndarray) -> "PathIndex":
@@ -25,7 +29,7 @@ class PathIndex:
         order = np.lexsort((item, path))
         path, item = path[order], item[order]
         keys, start = np.unique(path, return_index=True)
-        return cls(keys, np.append(start, len(path)).astype(np.int64), item)
+        return cls(keys, np.append(start, len(path)).astype(np.int64), item, V)
 
     def sizes(self) -> np.ndarray:
         """Items per non-empty path [P]."""
@@ -44,9 +48,9 @@ class PathIndex:
         within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
         item = self.items[np.repeat(lo, n) + within]
         if len(item) == 0:
-            return row, item
-        key = np.unique(row * (int(self.items.max()) + 1) + item)
-        m = int(self.items.max()) + 1
+            return row, item.astype(np.int64)
+        m = self.num_items + 1
+        key = np.unique(row * m + item)
         return key // m, key % m
 
 

@@ -1,32 +1,36 @@
 """`dr candidates`: top-N candidates for every user (or one date's active users) from a train run.
 
-Each user's last L interactions (pinned interactions version) -> beam search -> the run's path
-index -> rerank -> top N (history items removed) -> `candidates`, partitioned by run date. The
-model checkpoint and the item_paths version come from the same succeeded train run, so they
+Each user's last L interactions (pinned interactions version) -> beam search -> the run's
+`path_index` version (cold items included) -> rerank -> top N (history items removed) ->
+`candidates`, partitioned by run date. Executors read the run's serving bundle (jobs/serving.py:
+the user towers, fp16 item vectors and the path index, memory-mapped; its README section states
+the memory per executor); the driver passes a folder name and counts, never users or items.
+The checkpoint and the item_paths version come from the same succeeded train run, so they
 always pair. Idempotent per candidates run id (watermark); one commit at the end.
 """
 from __future__ import annotations
 
-import io
+import json
 import sys
 import time
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from dr_model.vocab import Vocab
+from dr_model.config import DRConfig
 
 from . import runs
+from .serving import ensure_bundle
 from .tables import CommitMeta, CommitResult, Warehouse
 
 JOB = "candidates"
 OUT_SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("item_id", pa.int64()),
                         ("score", pa.float32()), ("run_id", pa.string()), ("run_date", pa.date32())])
 OUT_DDL = "user_id long, rank int, item_id long, score float, run_id string, run_date date"
-_INDEX: dict[str, Any] = {}
 
 
 def _log(msg: str) -> None:
@@ -64,40 +68,38 @@ def user_histories(spark: Any, wh: Warehouse, interactions_version: int | None, 
     return hist.select("user_id", F.concat(pad, items).alias("hist"))
 
 
-def _index_blob(assign: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, assign)
-    return buf.getvalue()
+_BUNDLES: dict[str, Any] = {}        # bundle folder -> ServingBundle, one per Python worker
 
 
-def candidate_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, index_bc: Any, index_key: str,
-                      beam: int, n: int, run_id: str, run_date: date, batch_size: int) -> Iterator[pa.RecordBatch]:
+def _bundle(path: str) -> Any:
+    """The serving bundle at `path`, opened once per Python worker (a new night's replaces the old)."""
+    from dr_model.serving import ServingBundle
+
+    hit = _BUNDLES.get(path)
+    if hit is None:
+        _BUNDLES.clear()
+        hit = _BUNDLES[path] = ServingBundle.open(path)
+    return hit
+
+
+def candidate_batches(batches: Iterator[pa.RecordBatch], bundle_path: str, beam: int, n: int, run_id: str,
+                      run_date: date, batch_size: int) -> Iterator[pa.RecordBatch]:
     """(user_id, hist[L]) -> (user_id, rank, item_id, score, run_id, run_date), N rows per user."""
-    from dr_model.index import PathIndex
-    from spark_udfs.beam_udf import load_model
+    from spark_udfs.beam_udf import set_task_threads
 
-    model = index = None
+    bundle = None
     for batch in batches:
         if batch.num_rows == 0:
             continue
-        if model is None:
-            model, vocab = load_model(key, payload.value)
-            index = _INDEX.get(index_key)
-            if index is None:
-                _INDEX.clear()
-                index = _INDEX[index_key] = PathIndex.build(np.load(io.BytesIO(index_bc.value)))
+        if bundle is None:
+            set_task_threads()
+            bundle = _bundle(bundle_path)
         users = batch.column(batch.schema.get_field_index("user_id")).to_numpy()
         hc = batch.column(batch.schema.get_field_index("hist"))
         L = len(hc[0])
         hist = hc.flatten().to_numpy().reshape(batch.num_rows, L)
         for lo in range(0, batch.num_rows, batch_size):
-            h = hist[lo:lo + batch_size]
-            seq = vocab.seq(h)
-            s_np = seq.numpy()
-            rows, cols = np.nonzero(s_np < vocab.size)              # known history items
-            seen = (rows, s_np[rows, cols])                         # (row, item index): never recommended
-            idx, sc, _ = model.retrieve(seq, index, beam, n, exclude=seen)
-            items, scores = vocab.raw(idx), sc
+            items, scores, _ = bundle.retrieve(hist[lo:lo + batch_size], beam, n)
             ok = items >= 0
             u = np.repeat(users[lo:lo + batch_size], n).reshape(-1, n)
             rank = np.broadcast_to(np.arange(1, n + 1, dtype=np.int32), items.shape)
@@ -114,10 +116,6 @@ def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, r
 
     beam None: the beam the train run chose for its retrieval budget.
     """
-    from spark_udfs.beam_udf import ModelPayload
-
-    from .evaluate import load_run_model
-
     t0 = time.perf_counter()
     run = runs.latest(wh, "train", train_run_id, status="succeeded")
     if run is None:
@@ -130,19 +128,19 @@ def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, r
         v = wh.committed_version("candidates", JOB, run_id)
         log(f"candidates for run {run_id} already committed (v{v}): nothing to do")
         return CandidatesResult(run_id, run.run_id, 0, 0, v, True, time.perf_counter() - t0)
-    model, item_ids, assign, cfg = load_run_model(wh, run)
-    payload = ModelPayload.from_model(model, Vocab(item_ids))
-    blob = _index_blob(assign)
-    sc = spark.sparkContext
-    pb, ib = sc.broadcast(payload.data), sc.broadcast(blob)
-    ikey = f"{run.run_id}:{run.table_versions['item_paths']}"
+    bundle = ensure_bundle(spark, wh, run, log=log)
+    cfg = DRConfig.from_dict(json.loads((Path(run.checkpoint) / "meta.json").read_text())["config"])
     users = user_histories(spark, wh, run.table_versions.get("interactions"), cfg.model.seq_len, active_on)
     beam = beam or int(run.metrics.get("retrieval_beam") or cfg.search.beam)
-    args = (payload.key, pb, ib, ikey, beam, top_n, run_id, run_date, cfg.search.batch_size)
+    args = (str(bundle), beam, top_n, run_id, run_date, cfg.search.batch_size)
     out = users.mapInArrow(lambda it: candidate_batches(it, *args), OUT_DDL)
     log(f"train run {run.run_id} (item_paths v{run.table_versions['item_paths']}), beam {beam}, "
         f"top {top_n}, {'users active on ' + str(active_on) if active_on else 'all users'}")
     res: CommitResult = wh.write_spark("candidates", out, meta, mode="append")
-    n_users = res.rows // top_n if top_n else 0
-    log(f"committed candidates v{res.version}: {res.rows} rows [{time.perf_counter() - t0:.1f}s]")
+    from pyspark.sql import functions as F
+
+    n_users = (wh.read_spark(spark, "candidates", res.version)
+               .filter((F.col("run_date") == F.lit(run_date)) & (F.col("run_id") == run_id))
+               .select("user_id").distinct().count())
+    log(f"committed candidates v{res.version}: {res.rows} rows for {n_users} users [{time.perf_counter() - t0:.1f}s]")
     return CandidatesResult(run_id, run.run_id, n_users, res.rows, res.version, res.skipped, time.perf_counter() - t0)

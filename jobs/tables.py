@@ -635,6 +635,12 @@ class Warehouse:
         """The table at a pinned version (latest by default) as Arrow."""
         return self._table(table, version).to_pyarrow_table(columns=columns)
 
+    def batches(self, table: str, version: Version = None, columns: list[str] | None = None,
+                filter: Any = None, batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+        """The table at a pinned version, streamed batch by batch (memory: one batch), optionally filtered."""
+        ds = self._table(table, version).to_pyarrow_dataset()
+        yield from ds.to_batches(columns=columns, filter=filter, batch_size=batch_size)
+
     def read_spark(self, spark: Any, table: str, version: Version = None) -> Any:
         """The table at a pinned version as a Spark DataFrame over exactly that version's files."""
         return delta_to_spark(spark, self._table(table, version), self.uri(table))

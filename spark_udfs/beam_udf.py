@@ -90,7 +90,7 @@ def load_model(key: str, data: bytes) -> tuple[Any, Any]:
     return model, vocab
 
 
-def _set_threads() -> None:
+def set_task_threads() -> None:
     """torch threads = the task's CPUs (spark.task.cpus), so tasks do not oversubscribe cores."""
     import torch
     from pyspark import TaskContext
@@ -129,7 +129,7 @@ def _beam_arrays(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: i
         if batch.num_rows == 0:
             continue
         if model is None:
-            _set_threads()
+            set_task_threads()
             model, vocab = load_model(key, payload.value)
         hist_col = batch.column(batch.schema.get_field_index("hist"))
         target = batch.column(batch.schema.get_field_index("target")).to_numpy()
