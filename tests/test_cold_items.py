@@ -217,3 +217,19 @@ def test_run_cold_items_spreads_a_category_and_writes_paths_vectors_and_index(sp
     new = wh.read_arrow("cold_item_paths").to_pandas()
     assert set(new[new.item_id == 1500].path) <= {8, 9, 10, 11}
     assert find_path_index(wh, w.item_paths_version) == more.versions["path_index"] > res.versions["path_index"]
+
+
+def test_a_cold_item_reaches_the_candidates_of_a_user_whose_history_holds_its_category(spark, warehouse):
+    from datetime import date
+
+    from jobs.candidates import run_candidates
+    from jobs.cold_items import run_cold_items
+
+    world = cold_world(warehouse)
+    run_cold_items(spark, warehouse, log=lambda m: None)
+    res = run_candidates(spark, warehouse, run_date=date(2026, 11, 30), top_n=30, log=lambda m: None)
+    c = warehouse.read_arrow("candidates", res.version).to_pandas()
+    mine = set(c[c.user_id == world.user].item_id)
+    assert res.users == 1 and mine & set(world.cold_a)               # a cold A item, recommended
+    assert not mine & set(world.items_b)                            # A's vectors outrank B's for an A user
+    assert not mine & set(world.items_a[:5])                        # history never recommended back
