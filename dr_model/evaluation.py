@@ -202,7 +202,10 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users
     methods = {"dr": prf(dr_pred), "brute_force": prf(bf_pred)}
     extra: dict = {}
     if len(item_ids) <= cfg.eval.ann_max_items:
-        ann_methods, extra["ann"], extra["ann_sweep"] = ann_peer(model, seq, cfg, seen, prf, methods["dr"].recall)
+        # An index over the reranker is not asked to beat the reranker: when DR's recall exceeds
+        # brute force's (it can, by luck of what it leaves out), the ANN is tuned to brute force's.
+        target = min(methods["dr"].recall, methods["brute_force"].recall)
+        ann_methods, extra["ann"], extra["ann_sweep"] = ann_peer(model, seq, cfg, seen, prf, target)
         methods.update(ann_methods)
     else:
         extra["ann"] = {"skipped": f"catalog of {len(item_ids)} items > eval.ann_max_items={cfg.eval.ann_max_items}"}
@@ -270,7 +273,7 @@ def format_report(report: dict) -> str:
         knob = "ef" if kind == "hnsw" else "nprobe"
         at = a[kind]
         reach = "reaches" if at["reached_target"] else "largest setting; below"
-        lines.append(f"{kind.upper()} at {knob}={at[knob]} ({reach} DR's recall {a['target_recall']:.4f}): "
+        lines.append(f"{kind.upper()} at {knob}={at[knob]} ({reach} min(DR, brute force) recall {a['target_recall']:.4f}): "
                      f"{at['items_scored_per_user']:.0f} items/user, {at['users_per_s']:.0f} users/s")
         pts = ", ".join(f"{p[knob]}: R {p['recall']:.4f} ({p['items_scored_per_user']:.0f})" for p in report["ann_sweep"][kind])
         lines.append(f"  {kind} recall by {knob} (items/user): {pts}")

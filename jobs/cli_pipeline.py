@@ -177,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="the paper's protocol: P/R/F@k for DR, brute force, HNSW/IVF, popularity, item-CF",
                        description="Evaluate a train run (latest succeeded by default) on its held-out test users: "
                                    "P/R/F@k for DR, brute force (same reranker over all items), the ANN peer "
-                                   "(faiss HNSW and IVF over the same reranker vectors, at DR's recall), popularity, "
+                                   "(faiss HNSW and IVF over the same reranker vectors, tuned to DR's recall), popularity, "
                                    "item-CF and EASE; items scored per user and users/s; recall against items scored "
                                    "(DR beam sweep, HNSW efSearch and IVF nprobe sweeps); path-size histogram; "
                                    "objective per EM round. Writes evaluation.json and evaluation.html (charts) "

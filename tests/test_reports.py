@@ -59,9 +59,9 @@ def test_html_report_charts_recall_against_items_scored_for_dr_hnsw_and_ivf() ->
     assert {"10", "100", "1000", "10000"} <= ticks
     # the path-size histogram and the objective per EM round are still there
     assert "Paths by number of items" in page and "objective per EM round" in page
-    assert "ef 64" in page and "nprobe 256 (largest; below DR" in page
+    assert "ef 64" in page and "nprobe 256 (largest; below the target)" in page
     text = format_report(_report())     # the console report names the tuned settings and the speeds
-    assert "HNSW at ef=64 (reaches DR's recall 0.1960)" in text and "IVF at nprobe=256 (largest setting" in text
+    assert "HNSW at ef=64 (reaches min(DR, brute force) recall 0.1960)" in text and "IVF at nprobe=256 (largest setting" in text
 
 
 def test_reports_and_checkpoints_survive_a_full_vacuum_of_every_table(tmp_path: Path) -> None:
