@@ -39,15 +39,10 @@ def topk_excluding(score: np.ndarray, seen: sparse.csr_matrix | None, k: int) ->
     return out
 
 
-def popularity_topk(train: sparse.csr_matrix, seen: sparse.csr_matrix, k: int) -> np.ndarray:
-    """Most frequent items among training users, minus each user's input half -> [U, k]."""
-    pop = np.asarray(train.sum(0)).ravel()
-    # enough candidates that k survive any user's exclusions
-    m = min(pop.shape[0], k + int(np.diff(seen.indptr).max(initial=0)))
-    top = np.argsort(-pop, kind="stable")[:m]
-    score = np.broadcast_to(pop[top].astype(np.float64), (seen.shape[0], m)).copy()
-    local = seen[:, top]
-    got = topk_excluding(score, local, k)
+def popular_topk(top: np.ndarray, count: np.ndarray, seen: sparse.csr_matrix, k: int) -> np.ndarray:
+    """The popular items top [m] (falling counts [m]; m >= k + longest input), minus each user's input -> [U, k]."""
+    score = np.broadcast_to(count.astype(np.float64), (seen.shape[0], len(top))).copy()
+    got = topk_excluding(score, seen[:, top], k)
     return np.where(got >= 0, top[np.maximum(got, 0)], -1)
 
 
@@ -83,8 +78,12 @@ class EASE:
 
     @classmethod
     def fit(cls, train: sparse.csr_matrix) -> "EASE":
-        G = (train.T @ train).toarray().astype(np.float64)
-        w, Q = np.linalg.eigh(G)
+        return cls.from_gram((train.T @ train).toarray())
+
+    @classmethod
+    def from_gram(cls, G: np.ndarray) -> "EASE":
+        """G [V, V] = X^T X (computed anywhere: in process or by Spark, jobs/peers.py)."""
+        w, Q = np.linalg.eigh(np.asarray(G, dtype=np.float64))
         return cls(Q, w)
 
     def scores(self, inputs: sparse.csr_matrix, lam: float) -> np.ndarray:
@@ -99,9 +98,9 @@ class EASE:
         return topk_excluding(self.scores(inputs, lam), inputs, k)
 
 
-def ease_lambda_grid(train: sparse.csr_matrix) -> list[float]:
-    """Lambdas to try: a log grid (factor sqrt(10)) around the mean item count, 1/30x to 300x of it."""
-    mean_count = max(float(train.sum()) / max(train.shape[1], 1), 1.0)
+def ease_lambda_grid(ones: float, num_items: int) -> list[float]:
+    """Lambdas to try: a log grid (factor sqrt(10)) around the mean item count (ones of X / V), 1/30x to 300x of it."""
+    mean_count = max(float(ones) / max(num_items, 1), 1.0)
     return [float(mean_count * 10 ** (e / 2)) for e in range(-3, 6)]
 
 
@@ -120,5 +119,5 @@ def choose_ease_lambda(ease: EASE, ids: np.ndarray, valid_inputs: sparse.csr_mat
     return best, {f"{lam:.6g}": v for lam, v in f1.items()}
 
 
-__all__ = ["user_item_matrix", "topk_excluding", "popularity_topk", "item_cf_topk", "EASE", "ease_lambda_grid",
+__all__ = ["user_item_matrix", "topk_excluding", "popular_topk", "item_cf_topk", "EASE", "ease_lambda_grid",
            "choose_ease_lambda", "to_raw"]

@@ -18,7 +18,7 @@ import torch
 from scipy import sparse
 
 from . import ann
-from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popularity_topk, to_raw, user_item_matrix
+from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popular_topk, to_raw, user_item_matrix
 from .config import DRConfig
 from .index import PathIndex, pair_keys
 from .metrics import PRF, prf_at_k
@@ -169,14 +169,38 @@ def ann_peer(model: DRModel, seq: torch.Tensor, cfg: DRConfig, exclude: tuple[np
     return methods, summary, sweeps
 
 
+@dataclass(frozen=True)
+class Peers:
+    """What the classical peers need, however computed: popular items [m] (model indices, falling
+    counts popular_count [m], m >= k + longest input), item-CF's top-k of the users [U, k] (model
+    indices, -1 pad) and EASE's Gram X^T X [V, V] (None above eval.ease_max_items)."""
+
+    popular: np.ndarray
+    popular_count: np.ndarray
+    item_cf: np.ndarray
+    gram: np.ndarray | None
+
+    @classmethod
+    def in_process(cls, train_user: np.ndarray, train_target: np.ndarray, vocab: Vocab, users: EvalUsers, k: int,
+                   with_gram: bool) -> "Peers":
+        """From the training pairs (train_user [N], train_target [N] raw ids) held in memory."""
+        u_idx = np.unique(train_user, return_inverse=True)[1].ravel()
+        X = user_item_matrix(u_idx, vocab.index(train_target), int(u_idx.max(initial=-1)) + 1, vocab.size)
+        H = users.input_matrix(vocab)
+        pop = np.asarray(X.sum(0)).ravel()
+        top = np.argsort(-pop, kind="stable")[: min(vocab.size, k + int(np.diff(H.indptr).max(initial=0)))]
+        return cls(top, pop[top], item_cf_topk(X, H, k), (X.T @ X).toarray() if with_gram else None)
+
+
 def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users: EvalUsers, cfg: DRConfig,
                    train: tuple[np.ndarray, np.ndarray] | None = None, valid: EvalUsers | None = None,
-                   beam: int | None = None) -> dict:
+                   beam: int | None = None, peers: "Peers | None" = None) -> dict:
     """One report for all methods.
 
     item_ids [V] raw ids of the model's items; train = (train_user [N], train_target [N]) adds
     popularity, item-CF and (catalog up to eval.ease_max_items, `valid` users given to choose its
-    lambda) EASE. `beam` is the retrieval beam (default search.beam). Up to eval.ann_max_items,
+    lambda) EASE; `peers` gives the same inputs computed elsewhere (jobs/peers.py: by Spark, so
+    samples_train never reaches the driver). `beam` is the retrieval beam (default search.beam). Up to eval.ann_max_items,
     the ANN peer (HNSW, IVF) at the setting tuned to DR's recall, with its sweeps in "ann_sweep".
     Users/s are wall-clock on `threads` torch (and faiss) threads, user encoding included.
     """
@@ -209,17 +233,17 @@ def evaluate_users(model: DRModel, item_ids: np.ndarray, index: PathIndex, users
         methods.update(ann_methods)
     else:
         extra["ann"] = {"skipped": f"catalog of {len(item_ids)} items > eval.ann_max_items={cfg.eval.ann_max_items}"}
-    if train is not None:
-        t_user, t_target = train
-        u_idx = np.unique(t_user, return_inverse=True)[1].ravel()
-        X = user_item_matrix(u_idx, vocab.index(t_target), int(u_idx.max(initial=-1)) + 1, vocab.size)
+    if train is not None and peers is None:
+        peers = Peers.in_process(*train, vocab, users, k, vocab.size <= cfg.eval.ease_max_items)
+    if peers is not None:
         H = users.input_matrix(vocab)
-        methods["popularity"] = prf(popularity_topk(X, H, k))
-        methods["item_cf"] = prf(item_cf_topk(X, H, k))
-        if valid is not None and vocab.size <= cfg.eval.ease_max_items:
-            ease = EASE.fit(X)
+        methods["popularity"] = prf(popular_topk(peers.popular, peers.popular_count, H, k))
+        methods["item_cf"] = prf(peers.item_cf)
+        if valid is not None and peers.gram is not None:
+            ease = EASE.from_gram(peers.gram)
             lam, by_lam = choose_ease_lambda(ease, item_ids, valid.input_matrix(vocab),
-                                             (valid.truth_offsets, valid.truth_items), k, ease_lambda_grid(X))
+                                             (valid.truth_offsets, valid.truth_items), k,
+                                             ease_lambda_grid(np.trace(peers.gram), vocab.size))
             methods["ease"] = prf(ease.topk(H, lam, k))
             extra["ease"] = {"lambda": lam, "validation_f1_by_lambda": by_lam}
         elif valid is not None:

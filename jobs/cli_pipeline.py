@@ -89,9 +89,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dr_model.evaluation import format_report
 
     from jobs.evaluate import run_evaluate
-    from jobs.tables import Warehouse
 
-    report = run_evaluate(Warehouse(args.warehouse), args.run_id, args.set or None)
+    spark, wh = _spark_wh(args)
+    report = run_evaluate(spark, wh, args.run_id, args.set or None)
     _emit(args, report, format_report(report) + f"\nreport: {report['report_files'][1]}")
     return 0
 
@@ -184,8 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "into <warehouse>/reports/<run_id>/. --set eval.k=... / search.beam=... apply.")
     config_options(p)
     p.add_argument("--run-id", default=None, help="train run to evaluate (default: latest succeeded)")
-    p.add_argument("--warehouse", default="./warehouse", help="warehouse root (default ./warehouse)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _cluster_options(p, ray=False)
     p.set_defaults(func=cmd_evaluate, cmd_name="evaluate")
 
     p = sub.add_parser("backfill", help="index for any item_paths version, past candidates, paths for cold items",

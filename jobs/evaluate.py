@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from dr_model.config import DRConfig
-from dr_model.evaluation import EvalUsers, evaluate_users
+from dr_model.evaluation import evaluate_users
 from dr_model.index import PathIndex
 from dr_model.model import DRModel
+from dr_model.vocab import Vocab
 
 from . import runs
 from .tables import Warehouse
@@ -60,10 +61,15 @@ def report_dir(wh: Warehouse, run_id: str) -> Path:
     return Path(wh.root) / "reports" / run_id
 
 
-def run_evaluate(wh: Warehouse, run_id: str | None = None, overrides: list[str] | None = None,
+def run_evaluate(spark: Any, wh: Warehouse, run_id: str | None = None, overrides: list[str] | None = None,
                  role: int = 2, log=_log) -> dict[str, Any]:
-    """Evaluate `run_id` (default: the latest succeeded train run) -> report dict; writes report files."""
-    from .split import load_split
+    """Evaluate `run_id` (default: the latest succeeded train run) -> report dict; writes report files.
+
+    The driver holds the model and the evaluation users only: the classical peers run on Spark
+    over samples_train (jobs/peers.py) and return their top-k lists.
+    """
+    from .peers import spark_peers
+    from .split import load_eval_users
 
     run = runs.latest(wh, "train", run_id, status="succeeded")
     if run is None:
@@ -74,13 +80,13 @@ def run_evaluate(wh: Warehouse, run_id: str | None = None, overrides: list[str] 
     if overrides:
         cfg = cfg.with_overrides(overrides)
     tv = run.table_versions
-    split = load_split(wh, tv["samples_train"], tv["eval_users"])
-    users, valid = EvalUsers.of(split, role), EvalUsers.of(split, 1)
+    users, valid = load_eval_users(wh, tv["eval_users"], role), load_eval_users(wh, tv["eval_users"], 1)
     beam = retrieval_beam(run, cfg, overrides)
     log(f"run {run.run_id}: {len(users)} {'test' if role == 2 else 'validation'} users, "
         f"{len(item_ids)} items, beam {beam}")
-    report = evaluate_users(model, item_ids, index, users, cfg, train=(split.train_user, split.train_target),
-                            valid=valid, beam=beam)
+    peers = spark_peers(spark, wh.read_spark(spark, "samples_train", tv["samples_train"]), Vocab(item_ids), users,
+                        cfg.eval.k, len(item_ids) <= cfg.eval.ease_max_items)
+    report = evaluate_users(model, item_ids, index, users, cfg, valid=valid, beam=beam, peers=peers)
     report["budget"] = run.metrics.get("budget")
     report["alpha_used"] = run.metrics.get("alpha")
     report["run_id"] = run.run_id

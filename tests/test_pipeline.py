@@ -98,7 +98,7 @@ def test_train_candidates_evaluate_and_idempotent_reruns(spark, ray_local, ml100
     idx = wh.read_arrow("path_index", cold.versions["path_index"]).to_pandas()
     assert {900001, 900002} <= set(idx.item_id) and len(idx) == len(ip) + len(cp)
 
-    report = run_evaluate(wh, log=lambda m: None)
+    report = run_evaluate(spark, wh, log=lambda m: None)
     m = report["methods"]
     assert set(m) == {"dr", "brute_force", "hnsw", "ivf", "popularity", "item_cf", "ease"}
     assert m["brute_force"]["recall"] > m["popularity"]["recall"]
