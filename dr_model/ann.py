@@ -106,22 +106,32 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, setting: int,
            exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """queries [N, d] -> (items [N, k] (-1 pad), scores [N, k] (-inf pad), items scored per user).
 
-    exclude = (row [X], item [X]) pairs never returned: the search asks for k + the longest
-    excluded list per row, then drops them (as DR drops them from its candidates).
-    Items scored = distance computations (HNSW: graph nodes visited; IVF: sizes of the probed lists).
-    HNSW explores with max(efSearch, k asked): a small efSearch costs at least k + excluded.
+    exclude = (row [X], item [X]) pairs never returned: a user is searched for k + the excluded
+    items of the longest list in its group, then they are dropped (as DR drops them from its
+    candidates). Items scored = distance computations (HNSW: graph nodes visited; IVF: sizes of
+    the probed lists). faiss's HNSW keeps max(efSearch, k asked) candidates but expands at most
+    efSearch of them, so a long history widens its user's heap, not the walk.
     """
     N = queries.shape[0]
-    extra = int(np.bincount(exclude[0], minlength=N).max(initial=0)) if exclude is not None and len(exclude[0]) else 0
-    k_search = min(k + extra, index.ntotal)
+    n_excl = np.bincount(exclude[0], minlength=N)[:N] if exclude is not None and len(exclude[0]) else np.zeros(N, np.int64)
+    # faiss takes one k per call: users grouped by the power of two of their history length, so one
+    # long history widens only its group's search (results and heap), in O(log longest) calls
+    group = np.ceil(np.log2(n_excl + 1)).astype(np.int64)
     use_torch_threads()
     _set(index, setting)
     stats = _stats(index)
     stats.reset()
-    scores, items = index.search(np.ascontiguousarray(queries, dtype=np.float32), k_search)
+    rows, items, scores = [], [], []
+    for g in np.unique(group):
+        sel = np.flatnonzero(group == g)
+        k_g = min(k + int(n_excl[sel].max()), index.ntotal)
+        s, i = index.search(np.ascontiguousarray(queries[sel], dtype=np.float32), k_g)
+        rows.append(np.repeat(sel, k_g))
+        items.append(i.ravel().astype(np.int64))
+        scores.append(s.ravel().astype(np.float64))
     scored = stats.ndis / max(N, 1)
-    row = np.repeat(np.arange(N, dtype=np.int64), k_search)
-    item, score = items.ravel().astype(np.int64), scores.ravel().astype(np.float64)
+    row, item, score = (np.concatenate(x) if x else np.zeros(0, t) for x, t in
+                        ((rows, np.int64), (items, np.int64), (scores, np.float64)))
     found = item >= 0
     row, item, score = row[found], item[found], score[found]
     if exclude is not None and len(exclude[0]):

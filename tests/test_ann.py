@@ -76,6 +76,25 @@ def test_exhaustive_setting_equals_brute_force_and_respects_exclusions(kind: str
     assert np.isin(pair_keys(np.repeat(np.arange(N), K), free_i.ravel(), V), pair_keys(*seen, V)).any()
 
 
+def test_one_long_history_changes_only_its_own_search() -> None:
+    """Users are searched in groups by history length (faiss takes one k per call, and N x (k + the longest
+    history) results would follow the longest): a user's results and cost never depend on another's history."""
+    model = _model()
+    seq, seen = _users(np.random.default_rng(4))
+    index = ann.build_hnsw(ann.reranker_items(model.reranker), ann.AnnConfig(hnsw_m=16, ef_construction=64))
+    with torch.inference_mode():
+        q = ann.user_queries(model.rerank_encoder(seq))
+    row3 = seen[0] == 3
+    short = (np.concatenate([seen[0][~row3], [3]]), np.concatenate([seen[1][~row3], seen[1][row3][:1]]))
+    long_i, _, long_cost = ann.search(index, q, K, 16, seen)
+    short_i, _, short_cost = ann.search(index, q, K, 16, short)
+    others = np.arange(N) != 3
+    np.testing.assert_array_equal(long_i[others], short_i[others])
+    _, _, alone_long = ann.search(index, q[3:4], K, 16, (np.zeros(150, np.int64), seen[1][row3]))
+    _, _, alone_short = ann.search(index, q[3:4], K, 16, (np.zeros(1, np.int64), seen[1][row3][:1]))
+    assert long_cost * N - alone_long == pytest.approx(short_cost * N - alone_short)
+
+
 def test_sweep_reports_cost_and_picks_the_cheapest_setting_at_a_recall() -> None:
     model = _model()
     seq, seen = _users(np.random.default_rng(2))
