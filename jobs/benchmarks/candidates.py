@@ -1,0 +1,174 @@
+"""`dr bench candidates`: candidates for every user at catalog scale, DR against brute force and HNSW.
+
+A planted-cluster catalog (`--items`, default 10^6; `--quick` 10^4) goes into a warehouse through
+`dr data synthetic`'s loader; the single-process EM trainer trains a model on its paper split
+(short schedule: the bench measures serving, not model quality) and registers it as a train
+run. Then, on the same test users and 2 torch threads, top-100 recall against their held-out
+halves and users/s for DR (the serving bundle `dr candidates` reads: fp16 vectors, mmapped
+path index), brute force (the reranker over every item) and a faiss HNSW over the same
+reranker vectors at the smallest efSearch reaching DR's recall. Finally `dr candidates` runs
+on local[2] for every user in a fresh process, for its wall time and peak memory: the driver's
+(Python) and the Python workers' (where the bundle is opened), read from /proc.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+K = 100
+THREADS = 2
+EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench candidates] {msg}", file=sys.stderr, flush=True)
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(x.split()[1]) for x in fh if x.startswith("VmHWM")) / 1024
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant process of pid (from /proc: no psutil needed)."""
+    parent: dict[int, int] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def candidates_job(warehouse: str, run_id: str) -> dict:
+    """`dr candidates` for every user on local[2] (run in a fresh process) -> wall time and peak RSS."""
+    from jobs.candidates import run_candidates
+    from jobs.spark import get_spark
+    from jobs.tables import Warehouse
+
+    spark = get_spark("local[2]", app="bench-candidates", conf={"spark.sql.shuffle.partitions": "4"})
+    wh = Warehouse(warehouse)
+    t0 = time.perf_counter()
+    res = run_candidates(spark, wh, train_run_id=run_id, top_n=K, log=_log)
+    wall = time.perf_counter() - t0
+    jvm = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
+    workers = [p for p in _descendants(jvm) if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")]
+    out = {"users": res.users, "rows": res.rows, "seconds": wall,
+           "peak_driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_executor_rss_mb": max((_vm_hwm_mb(p) for p in workers), default=0.0),
+           "peak_jvm_rss_mb": _vm_hwm_mb(jvm)}
+    spark.stop()
+    return out
+
+
+def _timed(fn):  # noqa: ANN001, ANN202
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def measure(items: int, users: int, workdir: Path) -> dict:
+    from dr_model.ann import AnnConfig, at_recall, build_hnsw, reranker_items, sweep, user_queries
+    from dr_model.config import DRConfig
+    from dr_model.evaluation import EvalUsers
+    from dr_model.metrics import prf_at_k
+    from dr_model.serving import ServingBundle
+    from dr_model.split import paper_split
+    from dr_model.synthetic import SyntheticSpec, generate
+    from dr_model.trainer import train_em
+    from jobs.benchmarks import run_module_json
+    from jobs.datasets import synthetic
+    from jobs.serving import ensure_bundle, record_trained_model
+    from jobs.spark import get_spark
+    from jobs.tables import Warehouse
+
+    torch.set_num_threads(THREADS)
+    spec = SyntheticSpec(num_users=users, num_items=items, num_clusters=max(items // 100, 2), events_per_user=30,
+                         interests=2, zipf_a=1.1, noise=0.05, seed=0)
+    cfg = DRConfig.from_dict({"split": {"rating_threshold": 0.0}}).with_overrides(
+        ["train.joint_epochs=1", "train.structure_epochs=1", "train.em_rounds=1"])
+    spark = get_spark("local[2]", app="bench-candidates-setup", conf={"spark.sql.shuffle.partitions": "4"})
+    wh = Warehouse(workdir / "warehouse")
+    t0 = time.perf_counter()
+    loaded = synthetic(spark, wh, spec)
+    split = paper_split(generate(spec), cfg.split, cfg.model.seq_len)
+    valid, test = EvalUsers.of(split, 1), EvalUsers.of(split, 2)
+    res = train_em(split.train_hist, split.train_target, cfg, train_next=split.train_next(cfg.train.rerank_targets),
+                   log=_log, valid=valid)
+    train_s = time.perf_counter() - t0
+    model, vocab = res.model.eval(), res.vocab
+    rec = record_trained_model(spark, wh, "bench", model, vocab.ids, res.assign, cfg,
+                               {"interactions": loaded.versions["interactions"]},
+                               {"retrieval_beam": res.beam, "alpha": res.alpha})
+    bundle = ServingBundle.open(ensure_bundle(spark, wh, rec, log=_log))
+    spark.stop()
+    _log(f"{items} items ({vocab.size} with events), {users} users: trained in {train_s:.0f}s, beam {res.beam}")
+
+    truth = (test.truth_offsets, test.truth_items)
+    recall = lambda raw: prf_at_k(raw, *truth, K).recall  # noqa: E731
+    seq = vocab.seq(test.hist)
+    idx = vocab.index(test.hist)
+    r, c = np.nonzero(idx >= 0)
+    seen = (r.astype(np.int64), idx[r, c])
+    bundle.retrieve(test.hist[:64], res.beam, K)                         # warm-up: first-touch of the mmaps, torch init
+    model.brute_force(seq[:64], K)
+    (dr, _, scored), dr_s = _timed(lambda: bundle.retrieve(test.hist, res.beam, K))
+    (bf, _), bf_s = _timed(lambda: model.brute_force(seq, K, exclude=seen))
+    dr_recall, bf_recall = recall(dr), recall(vocab.raw(bf))
+    hnsw, build_s = _timed(lambda: build_hnsw(reranker_items(model.reranker), AnnConfig()))
+    points = sweep(hnsw, lambda: user_queries(model.rerank_encoder(seq)), EF_SWEEP, K, seen,
+                   lambda pred: {"recall": recall(vocab.raw(pred))})
+    tuned = at_recall(points, dr_recall)
+    n = len(test)
+    job = run_module_json("jobs.benchmarks.candidates", ["--job", str(wh.root), "bench"])
+    return {
+        "items": items, "items_with_events": vocab.size, "users": users, "test_users": n,
+        "beam": res.beam, "items_scored_per_user": float(scored.mean()),
+        "dr_recall": dr_recall, "brute_force_recall": bf_recall,
+        "dr_recall_over_brute_force": dr_recall / bf_recall if bf_recall else float("nan"),
+        "dr_users_per_s_per_core": n / dr_s / THREADS,
+        "brute_force_users_per_s_per_core": n / bf_s / THREADS,
+        "hnsw_ef_search": tuned["ef"], "hnsw_recall_over_brute_force": tuned["recall"] / bf_recall if bf_recall else float("nan"),
+        "hnsw_items_scored_per_user": tuned["items_scored_per_user"],
+        "hnsw_users_per_s_per_core": tuned["users_per_s"] / THREADS, "hnsw_build_seconds": build_s,
+        "hnsw_sweep": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()} for p in points],
+        "job_users": job["users"], "job_users_per_s_per_core": job["users"] / job["seconds"] / THREADS,
+        "peak_driver_rss_mb": job["peak_driver_rss_mb"], "peak_executor_rss_mb": job["peak_executor_rss_mb"],
+        "peak_jvm_rss_mb": job["peak_jvm_rss_mb"], "train_seconds": train_s,
+    }
+
+
+def run(quick: bool = False, items: int | None = None) -> dict:
+    import tempfile
+
+    items = items or (10_000 if quick else 1_000_000)
+    users = 4_000 if quick else max(4_000, min(items // 50, 20_000))
+    with tempfile.TemporaryDirectory(prefix="bench-candidates-") as tmp:
+        m = measure(items, users, Path(tmp))
+    out = {"date": time.strftime("%Y-%m-%d"), "top_n": K, "cores": THREADS,
+           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
+    out["dr_speedup_over_brute_force"] = round(m["dr_users_per_s_per_core"] / m["brute_force_users_per_s_per_core"], 2)
+    out["meets_targets"] = bool(m["dr_recall_over_brute_force"] >= 0.95 and out["dr_speedup_over_brute_force"] >= 25
+                                and m["dr_users_per_s_per_core"] >= m["hnsw_users_per_s_per_core"])
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--job", nargs=2, metavar=("WAREHOUSE", "RUN_ID"), required=True)
+    a = ap.parse_args()
+    print(json.dumps(candidates_job(*a.job)))
