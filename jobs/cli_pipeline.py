@@ -117,7 +117,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
         res = run_cold_items(spark, wh, args.run_id)
         _emit(args, vars(res), f"cold items of train run {res.train_run_id}: {res.cold_items} given paths "
-              f"({res.by_neighbor} by category neighbour, {res.by_least_loaded} least-loaded); {res.versions}")
+              f"({res.by_category} by their category's paths, {res.by_least_loaded} least-loaded, "
+              f"{res.paths_used} paths used); {res.versions}")
     return 0
 
 
@@ -191,9 +192,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="path-index: the path -> items index for any committed item_paths version. "
                                    "candidates: regenerate candidates with a past train run's model (paired with "
                                    "the item_paths version it was trained against), written as run "
-                                   "backfill-<run id>. cold-items: catalog items without interactions get paths "
-                                   "(nearest assigned item of their category in the reranker's embedding space, "
-                                   "else the least-loaded paths), recorded in cold_item_paths and a new path_index.")
+                                   "backfill-<run id>. cold-items: catalog items without interactions get J paths "
+                                   "among their category's most used ones, chosen by the M-step's size penalty "
+                                   "against the live path sizes (no category: the least-loaded paths), and the "
+                                   "category's mean reranker vector, so `dr candidates` can recommend them; "
+                                   "recorded in cold_item_paths, cold_item_vectors and a new path_index.")
     config_options(p)
     p.add_argument("what", choices=["path-index", "candidates", "cold-items"])
     p.add_argument("--item-paths-version", type=int, default=None, help="path-index: item_paths version (default latest)")

@@ -65,11 +65,6 @@ class ColdResult:
     versions: dict[str, int]
     skipped: bool               # every output was already committed for this run and catalog
 
-    @property
-    def by_neighbor(self) -> int:
-        """The former name of by_category (`dr backfill cold-items` prints it)."""
-        return self.by_category
-
 
 def run_alpha(run: runs.RunRecord, cfg: DRConfig, log=_log) -> float:
     """The penalty weight of the run's last M-step (metrics.alpha), else a fixed mstep.alpha, else 0 (logged)."""
