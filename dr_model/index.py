@@ -114,6 +114,9 @@ def drop_pairs(row: np.ndarray, item: np.ndarray, exclude: tuple[np.ndarray, np.
     return row[keep], item[keep]
 
 
+MAX_PAIRS = 1 << 18      # candidate pairs scored at once: bounds the gathered vectors (~100 MB at d = 64)
+
+
 def rerank(w: torch.Tensor, vectors: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], num_items: int,
            row: np.ndarray, item: np.ndarray, k: int,
            exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -121,13 +124,33 @@ def rerank(w: torch.Tensor, vectors: Callable[[torch.Tensor], tuple[torch.Tensor
 
     w [N, dim] user vectors, vectors(items [n]) -> (embeddings [n, dim], biases [n]) (Reranker.vectors)
     -> (items [N, k], scores [N, k]); pairs in `exclude` (row [X], item [X]: e.g. the users' own
-    history) are never returned.
+    history) are never returned. Rows are scored in blocks of about MAX_PAIRS pairs, so memory
+    follows the block, not the batch of users.
     """
     row, item = drop_pairs(row, item, exclude, num_items)
     N = w.shape[0]
     if (np.diff(row) < 0).any():
         order = np.argsort(row, kind="stable")
         row, item = row[order], item[order]
+    if len(row) <= MAX_PAIRS:
+        return _rerank_block(w, vectors, row, item, k)
+    ends = np.searchsorted(row, np.arange(N + 1), side="left")          # pairs of rows < r end at ends[r]
+    cuts = np.unique(np.searchsorted(ends, np.arange(0, len(row), MAX_PAIRS), side="right") - 1)
+    cuts = np.unique(np.r_[cuts[cuts > 0], N])
+    out_i = np.empty((N, k), dtype=np.int64)
+    out_s = np.empty((N, k), dtype=np.float64)
+    lo = 0
+    for hi in cuts:                        # a few blocks per batch, each many rows
+        a, b = ends[lo], ends[hi]
+        out_i[lo:hi], out_s[lo:hi] = _rerank_block(w[lo:hi], vectors, row[a:b] - lo, item[a:b], k)
+        lo = hi
+    return out_i, out_s
+
+
+def _rerank_block(w: torch.Tensor, vectors: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                  row: np.ndarray, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """rerank on pairs sorted by row, history already dropped: w [N, dim] -> (items [N, k], scores [N, k])."""
+    N = w.shape[0]
     counts = np.bincount(row, minlength=N)
     width = int(counts.max(initial=0))
     if len(row) == 0 or N * width > 4 * len(row) + (1 << 20):   # empty, or a padded layout would be mostly padding

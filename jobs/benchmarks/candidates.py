@@ -8,13 +8,13 @@ halves and users/s for DR (the serving bundle `dr candidates` reads: fp16 vector
 path index), brute force (the reranker over every item) and a faiss HNSW over the same
 reranker vectors at the smallest efSearch reaching DR's recall. Finally `dr candidates` runs
 on local[2] for every user in a fresh process, for its wall time and peak memory: the driver's
-(Python) and the Python workers' (where the bundle is opened), read from /proc.
+(Python) and the Python workers' (where the bundle is opened), their VmHWM read from /proc.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +68,9 @@ def candidates_job(warehouse: str, run_id: str) -> dict:
     jvm = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
     workers = [p for p in _descendants(jvm) if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")]
     out = {"users": res.users, "rows": res.rows, "seconds": wall,
-           "peak_driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a process started from the
+           # bench's own (model-holding) interpreter would report its parent's peak
+           "peak_driver_rss_mb": _vm_hwm_mb(os.getpid()),
            "peak_executor_rss_mb": max((_vm_hwm_mb(p) for p in workers), default=0.0),
            "peak_jvm_rss_mb": _vm_hwm_mb(jvm)}
     spark.stop()
