@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log(f"dr: config error: {e}")
         return 2
+    except (LookupError, FileNotFoundError) as e:
+        if isinstance(e, (KeyError, IndexError)):      # LookupError's subclasses are bugs, not user errors
+            raise
+        # a missing run, table or file: what the user must do first, without a traceback
+        log(f"dr {args.command}: {e.args[0] if e.args else e}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -124,7 +124,11 @@ COMMANDS: dict[str, str] = {
         f'set -euo pipefail; "$DR_BIN" candidates --run-id "$DR_RUN_ID" --date "$DR_DATE" {_COMMON}'
         ' --spark-master "$DR_SPARK_MASTER"'
     ),
-    "evaluate": f'set -euo pipefail; "$DR_BIN" evaluate --run-id "$DR_RUN_ID" --json {_COMMON}',
+    # evaluate's classical peers (popularity, item-CF, EASE's Gram) run on Spark over samples_train
+    "evaluate": (
+        f'set -euo pipefail; "$DR_BIN" evaluate --run-id "$DR_RUN_ID" --json {_COMMON}'
+        ' --spark-master "$DR_SPARK_MASTER"'
+    ),
 }
 
 # Sized for catalog scale on a cluster; a task past its timeout is killed and retried.
