@@ -1,14 +1,15 @@
 """`dr bench candidates`: candidates for every user at catalog scale, DR against brute force and HNSW.
 
 A planted-cluster catalog (`--items`, default 10^6; `--quick` 10^4) goes into a warehouse through
-`dr data synthetic`'s loader; the single-process EM trainer trains a model on its paper split
+`dr data synthetic`'s loader and `dr split`; the single-process EM trainer trains a model on that split
 (short schedule: the bench measures serving, not model quality) and registers it as a train
 run. Then, on the same test users and 2 torch threads, top-100 recall against their held-out
 halves and users/s for DR (the serving bundle `dr candidates` reads: fp16 vectors, mmapped
 path index), brute force (the reranker over every item) and a faiss HNSW over the same
 reranker vectors at the smallest efSearch reaching DR's recall. Finally `dr candidates` runs
 on local[2] for every user in a fresh process, for its wall time and peak memory: the driver's
-(Python) and the Python workers' (where the bundle is opened), their VmHWM read from /proc.
+(Python) and the Python workers' (where the bundle is opened), their VmHWM read from /proc; and
+`dr evaluate` of the run (every peer) in another, for its wall time, methods and driver peak.
 """
 from __future__ import annotations
 
@@ -77,6 +78,23 @@ def candidates_job(warehouse: str, run_id: str) -> dict:
     return out
 
 
+def evaluate_job(warehouse: str, run_id: str) -> dict:
+    """`dr evaluate` of the run (local[2] for its Spark peers), in a fresh process -> wall time, methods, peak RSS."""
+    from jobs.evaluate import run_evaluate
+    from jobs.spark import get_spark
+    from jobs.tables import Warehouse
+
+    torch.set_num_threads(THREADS)
+    spark = get_spark("local[2]", app="bench-candidates-evaluate", conf={"spark.sql.shuffle.partitions": "4"})
+    t0 = time.perf_counter()
+    report = run_evaluate(spark, Warehouse(warehouse), run_id, log=_log)
+    out = {"seconds": time.perf_counter() - t0, "methods": sorted(report["methods"]),
+           "recall": {m: round(v["recall"], 4) for m, v in report["methods"].items()},
+           "peak_driver_rss_mb": _vm_hwm_mb(os.getpid())}
+    spark.stop()
+    return out
+
+
 def _timed(fn):  # noqa: ANN001, ANN202
     t0 = time.perf_counter()
     out = fn()
@@ -89,13 +107,13 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     from dr_model.evaluation import EvalUsers
     from dr_model.metrics import prf_at_k
     from dr_model.serving import ServingBundle
-    from dr_model.split import paper_split
-    from dr_model.synthetic import SyntheticSpec, generate
+    from dr_model.synthetic import SyntheticSpec
     from dr_model.trainer import train_em
     from jobs.benchmarks import run_module_json
     from jobs.datasets import synthetic
     from jobs.serving import ensure_bundle, record_trained_model
     from jobs.spark import get_spark
+    from jobs.split import load_split, run_split
     from jobs.tables import Warehouse
 
     torch.set_num_threads(THREADS)
@@ -107,14 +125,15 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     wh = Warehouse(workdir / "warehouse")
     t0 = time.perf_counter()
     loaded = synthetic(spark, wh, spec)
-    split = paper_split(generate(spec), cfg.split, cfg.model.seq_len)
+    sp = run_split(spark, wh, cfg.split, cfg.model.seq_len, next_items=cfg.train.rerank_targets)
+    split = load_split(wh, sp.versions["samples_train"], sp.versions["eval_users"])
     valid, test = EvalUsers.of(split, 1), EvalUsers.of(split, 2)
     res = train_em(split.train_hist, split.train_target, cfg, train_next=split.train_next(cfg.train.rerank_targets),
                    log=_log, valid=valid)
     train_s = time.perf_counter() - t0
     model, vocab = res.model.eval(), res.vocab
     rec = record_trained_model(spark, wh, "bench", model, vocab.ids, res.assign, cfg,
-                               {"interactions": loaded.versions["interactions"]},
+                               {"interactions": loaded.versions["interactions"], **sp.versions},
                                {"retrieval_beam": res.beam, "alpha": res.alpha})
     bundle = ServingBundle.open(ensure_bundle(spark, wh, rec, log=_log))
     spark.stop()
@@ -137,6 +156,7 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     tuned = at_recall(points, min(dr_recall, bf_recall))     # an index over the reranker cannot beat it
     n = len(test)
     job = run_module_json("jobs.benchmarks.candidates", ["--job", str(wh.root), "bench"])
+    ev = run_module_json("jobs.benchmarks.candidates", ["--evaluate", str(wh.root), "bench"])
     return {
         "items": items, "items_with_events": vocab.size, "users": users, "test_users": n,
         "beam": res.beam, "items_scored_per_user": float(scored.mean()),
@@ -151,6 +171,8 @@ def measure(items: int, users: int, workdir: Path) -> dict:
         "job_users": job["users"], "job_users_per_s_per_core": job["users"] / job["seconds"] / THREADS,
         "peak_driver_rss_mb": job["peak_driver_rss_mb"], "peak_executor_rss_mb": job["peak_executor_rss_mb"],
         "peak_jvm_rss_mb": job["peak_jvm_rss_mb"], "train_seconds": train_s,
+        "evaluate_seconds": ev["seconds"], "evaluate_methods": ev["methods"],
+        "evaluate_recall_at_10": ev["recall"], "evaluate_peak_driver_rss_mb": ev["peak_driver_rss_mb"],
     }
 
 
@@ -171,6 +193,8 @@ def run(quick: bool = False, items: int | None = None) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--job", nargs=2, metavar=("WAREHOUSE", "RUN_ID"), required=True)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--job", nargs=2, metavar=("WAREHOUSE", "RUN_ID"))
+    what.add_argument("--evaluate", nargs=2, metavar=("WAREHOUSE", "RUN_ID"))
     a = ap.parse_args()
-    print(json.dumps(candidates_job(*a.job)))
+    print(json.dumps(candidates_job(*a.job) if a.job else evaluate_job(*a.evaluate)))
