@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from .index import pair_keys, top_k_per_row
-from .item_table import table_rows
 from .reranker import Reranker
 
 
@@ -42,13 +41,10 @@ def use_torch_threads() -> int:
 @torch.inference_mode()
 def reranker_items(reranker: Reranker, chunk: int = 65536) -> np.ndarray:
     """[V, dim + 1] float32 rows [e_v, b_v], read chunk by chunk (composed tables are never whole in torch)."""
-    V = reranker.num_items
-    dim = reranker.item_vectors(0, min(1, V)).shape[1]
-    out = np.empty((V, dim + 1), dtype=np.float32)
-    for lo in range(0, V, chunk):
-        hi = min(lo + chunk, V)
-        out[lo:hi, :dim] = reranker.item_vectors(lo, hi).float().numpy()
-        out[lo:hi, dim] = table_rows(reranker.bias, lo, hi)[:, 0].float().numpy()
+    out = np.empty((reranker.num_items, reranker.item_emb.embedding_dim + 1), dtype=np.float32)
+    for lo, emb, bias in reranker.chunks(chunk):
+        out[lo:lo + len(bias), :-1] = emb.float().numpy()
+        out[lo:lo + len(bias), -1] = bias.float().numpy()
     return out
 
 

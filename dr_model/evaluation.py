@@ -148,19 +148,22 @@ def ann_peer(model: DRModel, seq: torch.Tensor, cfg: DRConfig, exclude: tuple[np
         with torch.inference_mode():
             return ann.user_queries(model.rerank_encoder(seq))
 
+    judged: list[PRF] = []          # one per sweep point, in order: the chosen point's PRF without a second search
+
     def judge(pred: np.ndarray) -> dict:
-        return {"recall": prf(pred).recall}
+        judged.append(prf(pred))
+        return {"recall": judged[-1].recall}
 
     methods, summary, sweeps = {}, {"threads": ann.use_torch_threads(), "target_recall": target_recall}, {}
     for kind, build, settings in (("hnsw", ann.build_hnsw, e.ann_ef_sweep), ("ivf", ann.build_ivf, e.ann_nprobe_sweep)):
         t0 = time.perf_counter()
         index = build(items, acfg)
         build_s = time.perf_counter() - t0
+        judged.clear()
         points = ann.sweep(index, encode, settings, k, exclude, judge)
         pick = ann.at_recall(points, target_recall)
         name = ann.setting_name(index)
-        pred, _, _ = ann.search(index, encode(), k, pick[name], exclude)
-        methods[kind] = prf(pred)
+        methods[kind] = judged[points.index(pick)]
         summary[kind] = {name: pick[name], "reached_target": pick["recall"] >= target_recall, "build_s": build_s,
                          "users_per_s": pick["users_per_s"], "items_scored_per_user": pick["items_scored_per_user"],
                          **({"nlist": int(index.nlist)} if kind == "ivf" else {"m": acfg.hnsw_m})}

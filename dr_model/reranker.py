@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 
@@ -46,6 +47,15 @@ class Reranker(nn.Module):
     def item_vectors(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Items lo..hi's embeddings [hi - lo, dim] (a view of an exact table)."""
         return table_rows(self.item_emb, lo, self.num_items if hi is None else hi)
+
+    def chunks(self, chunk: int = 1 << 16) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(first item, embeddings [n, dim], biases [n]) over all items, no grad, `chunk` at a time (a
+        composed table is never materialised whole)."""
+        for lo in range(0, self.num_items, chunk):
+            hi = min(lo + chunk, self.num_items)
+            with torch.no_grad():       # per chunk: a decorator would not cover the caller's use of the yield
+                emb, bias = self.item_vectors(lo, hi).detach(), table_rows(self.bias, lo, hi)[:, 0].detach()
+            yield lo, emb, bias
 
     def vectors(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """items [n] int64 -> (embeddings [n, dim], biases [n])."""

@@ -67,6 +67,15 @@ def tower_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v for k, v in model_state.items() if k.startswith(TOWER_PREFIXES)}
 
 
+def catalog_index(model_vocab: Vocab, cold_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """raw ids [...] -> catalog indices [...]: the model's items first, then the cold ids [C] (sorted); -1: neither."""
+    idx = model_vocab.index(raw)
+    if len(cold_ids) == 0:
+        return idx
+    cold = Vocab(cold_ids).index(raw)
+    return np.where(idx >= 0, idx, np.where(cold >= 0, cold + model_vocab.size, -1))
+
+
 @dataclass(frozen=True)
 class ServingBundle:
     """An opened bundle: towers in memory, everything catalog-sized memory-mapped."""
@@ -104,11 +113,7 @@ class ServingBundle:
 
     def catalog_index(self, raw: np.ndarray) -> np.ndarray:
         """raw ids [...] -> catalog indices [...] (-1: not in the catalog)."""
-        idx = self.model_vocab.index(raw)
-        if len(self.cold_ids) == 0:
-            return idx
-        cold = Vocab(self.cold_ids).index(raw)
-        return np.where(idx >= 0, idx, np.where(cold >= 0, cold + self.model_vocab.size, -1))
+        return catalog_index(self.model_vocab, self.cold_ids, raw)
 
     def raw(self, idx: np.ndarray) -> np.ndarray:
         """catalog indices [...] (-1 = nothing) -> raw ids [...] (-1 kept)."""
@@ -139,4 +144,4 @@ class ServingBundle:
         return self.raw(items), scores, np.bincount(row, minlength=len(hist))
 
 
-__all__ = ["UserTowers", "ServingBundle", "tower_state", "FORMAT", "TOWER_PREFIXES"]
+__all__ = ["UserTowers", "ServingBundle", "catalog_index", "tower_state", "FORMAT", "TOWER_PREFIXES"]

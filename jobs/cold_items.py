@@ -34,17 +34,15 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from dr_model.cold import assign_cold, category_means, category_neighbors, category_paths
 from dr_model.config import DRConfig
-from dr_model.item_table import table_rows
 from dr_model.mstep import path_sizes
 from dr_model.scores import EMPTY
 from dr_model.vocab import Vocab
 
 from . import runs
-from .tables import CommitMeta, Warehouse
+from .tables import CommitMeta, Warehouse, list_array
 
 JOB = "cold_items"
 CHUNK = 1 << 16                 # assigned items per pass over the reranker tables
@@ -113,19 +111,8 @@ def catalog_codes(spark: Any, wh: Warehouse, ip_v: int) -> tuple[np.ndarray, np.
 
 def _vector_chunks(model: Any, item_cat: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """(first row, codes [n], reranker embeddings [n, d], biases [n]) over the model's items, CHUNK at a time."""
-    rr = model.reranker
-    with torch.no_grad():
-        for lo in range(0, rr.num_items, CHUNK):
-            hi = min(rr.num_items, lo + CHUNK)
-            yield (lo, item_cat[lo:hi], rr.item_vectors(lo, hi).float().numpy(),
-                   table_rows(rr.bias, lo, hi)[:, 0].double().numpy())
-
-
-def _list_array(mat: np.ndarray) -> pa.ListArray:
-    """[n, d] float32 -> list<float32> of n rows."""
-    n, d = mat.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * d),
-                                    pa.array(np.ascontiguousarray(mat, dtype=np.float32).ravel()))
+    for lo, emb, bias in model.reranker.chunks(CHUNK):
+        yield lo, item_cat[lo:lo + len(bias)], emb.float().numpy(), bias.double().numpy()
 
 
 def _watermark(wh: Warehouse, table: str, label: str) -> int:
@@ -198,7 +185,7 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
     def vector_rows() -> Iterator[pa.Table]:
         for lo in range(0, max(C, 1), CHUNK):         # one (maybe empty) table at least: the schema
             rows = g[lo:lo + CHUNK]
-            yield pa.table({"item_id": cold_ids[lo:lo + CHUNK], "embedding": _list_array(emb_g[rows]),
+            yield pa.table({"item_id": cold_ids[lo:lo + CHUNK], "embedding": list_array(emb_g[rows], dtype=np.float32),
                             "bias": bias_g[rows], "item_paths_version": np.full(len(rows), ip_v, dtype=np.int64),
                             "run_id": pa.array([run.run_id] * len(rows), pa.string())})
     vv = wh.write_arrow("cold_item_vectors", vector_rows(),

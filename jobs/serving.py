@@ -28,8 +28,8 @@ import torch
 
 from dr_model.config import DRConfig
 from dr_model.reranker import Reranker
-from dr_model.item_table import item_table, table_rows
-from dr_model.serving import FORMAT, tower_state
+from dr_model.item_table import item_table
+from dr_model.serving import FORMAT, catalog_index, tower_state
 from dr_model.vocab import Vocab
 
 from . import runs
@@ -104,11 +104,8 @@ def _write_item_vectors(state: dict[str, torch.Tensor], cfg: DRConfig, V: int, c
     C = len(cold_bias)
     vec = np.lib.format.open_memmap(out / "item_vec.npy", "w+", np.float16, (V + C, m.rerank_dim))
     bias = np.lib.format.open_memmap(out / "item_bias.npy", "w+", np.float32, (V + C,))
-    with torch.inference_mode():
-        for lo in range(0, V, CHUNK):
-            hi = min(lo + CHUNK, V)
-            vec[lo:hi] = rr.item_vectors(lo, hi).numpy()
-            bias[lo:hi] = table_rows(rr.bias, lo, hi)[:, 0].numpy()
+    for lo, emb, b in rr.chunks(CHUNK):
+        vec[lo:lo + len(b)], bias[lo:lo + len(b)] = emb.numpy(), b.numpy()
     vec[V:], bias[V:] = cold_emb, cold_bias
     vec.flush()
     bias.flush()
@@ -137,16 +134,9 @@ def ensure_bundle(spark: Any, wh: Warehouse, run: runs.RunRecord, log: Callable[
         np.save(tmp / "cold_ids.npy", cold_ids)
         torch.save(tower_state(ck.model_state), tmp / "towers.pt")
         _write_item_vectors(ck.model_state, cfg, V, cold_emb, cold_bias, tmp)
-        model_vocab, cold_vocab = Vocab(ck.item_ids), Vocab(cold_ids)
-
-        def to_index(raw: np.ndarray) -> np.ndarray:
-            idx = model_vocab.index(raw)
-            if len(cold_ids):
-                c = cold_vocab.index(raw)
-                idx = np.where(idx >= 0, idx, np.where(c >= 0, c + V, -1))
-            return idx
-
-        paths, rows, dropped = _write_path_index(wh, pi_v, cfg.model.num_paths, to_index, tmp)
+        model_vocab = Vocab(ck.item_ids)
+        paths, rows, dropped = _write_path_index(wh, pi_v, cfg.model.num_paths,
+                                                 lambda raw: catalog_index(model_vocab, cold_ids, raw), tmp)
         meta = {"format": FORMAT, "train_run_id": run.run_id, "item_paths_version": ip_v,
                 "path_index_version": pi_v, "model_items": V, "cold_items": len(cold_ids),
                 "nonempty_paths": paths, "index_rows": rows, "index_rows_without_vector": dropped,

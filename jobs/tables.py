@@ -349,9 +349,9 @@ class _FileSink:
         return self.done
 
 
-def list_array(rows: np.ndarray, pad: int | None = None) -> pa.ListArray:
-    """[n, w] matrix -> list<int64> array of n rows; with `pad`, the pad entries are left out."""
-    rows = np.asarray(rows, dtype=np.int64)
+def list_array(rows: np.ndarray, pad: int | None = None, dtype: Any = np.int64) -> pa.ListArray:
+    """[n, w] matrix -> list<dtype> array of n rows (int64 by default); with `pad`, the pad entries are left out."""
+    rows = np.asarray(rows, dtype=dtype)
     keep = np.ones(rows.shape, dtype=bool) if pad is None else rows != pad
     offsets = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep]))
