@@ -117,7 +117,6 @@ class MStepConfig:
     penalty_power: float = 4.0
     rounds: int = 5             # coordinate-descent sweeps per M-step
     block_size: int = 4096      # items updated together by the fast kernel
-    decay: float = 0.999        # eta, streaming merge of s[v,c] across nights
     damping: bool = True        # undo in-block moves that earlier block moves made losing (see mstep.py)
     # Keep an item's current paths unless the greedy picks strictly improve the objective.
     # The paper's J greedy picks can pick a worse set than the item already has (J >= 2,
@@ -132,7 +131,6 @@ class MStepConfig:
         _check(self.penalty_power > 1, "mstep.penalty_power", "> 1 (f must be strictly convex)", self.penalty_power)
         _check(isinstance(self.rounds, int) and self.rounds >= 1, "mstep.rounds", "an integer >= 1", self.rounds)
         _check(isinstance(self.block_size, int) and self.block_size >= 1, "mstep.block_size", "an integer >= 1", self.block_size)
-        _check(0 < self.decay <= 1, "mstep.decay", "in (0, 1]", self.decay)
         _check(isinstance(self.explore, int) and self.explore >= 0, "mstep.explore", "an integer >= 0", self.explore)
         _check(0 < self.explore_score < 1, "mstep.explore_score", "in (0, 1)", self.explore_score)
 
@@ -250,6 +248,32 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class IncrementalConfig:
+    """`dr train --mode incremental`: what a night learns from the interactions since the last run.
+
+    s[v,c] and n_v decay by decay_per_day ** (days between the data ends of the two runs), so
+    forgetting follows time, not the number of nights (0.98: a day-old score weighs 0.98, a
+    month-old one 0.55). An item whose last interaction is older than item_ttl_days before the
+    night's data end leaves the vocabulary, item_paths and s[v,c] (0 = items never age out).
+    Each tower trains `epochs` epochs on the night's samples (a joint phase, then the structure
+    model against the night's new paths).
+    """
+
+    decay_per_day: float = 0.98
+    item_ttl_days: float = 365.0
+    epochs: int = 2
+
+    def __post_init__(self) -> None:
+        _check(0 < self.decay_per_day <= 1, "incremental.decay_per_day", "in (0, 1]", self.decay_per_day)
+        _check(self.item_ttl_days >= 0, "incremental.item_ttl_days", ">= 0 (0 = never)", self.item_ttl_days)
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "incremental.epochs", "an integer >= 1", self.epochs)
+
+    def decay(self, days: float) -> float:
+        """eta for a merge across `days` days of data (at least one day's worth)."""
+        return float(self.decay_per_day ** max(days, 0.0))
+
+
+@dataclass(frozen=True)
 class DRConfig:
     """Everything the core needs; one section per concern."""
 
@@ -259,6 +283,7 @@ class DRConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
 
     def __post_init__(self) -> None:
         _check(self.search.score_paths >= self.model.J, "search.score_paths", f">= model.J ({self.model.J})", self.search.score_paths)
@@ -322,5 +347,5 @@ def _parse_value(raw: str) -> Any:
 
 __all__ = [
     "ConfigError", "ModelConfig", "SearchConfig", "MStepConfig", "TrainConfig",
-    "EvalConfig", "SplitConfig", "DRConfig", "replace",
+    "EvalConfig", "SplitConfig", "IncrementalConfig", "DRConfig", "replace",
 ]

@@ -61,10 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         _log(f"[train] empty warehouse: loading {args.dataset}")
         movielens(spark, wh, args.dataset)
-    res = run_train(spark, wh, cfg, ray_cfg, args.run_id)
+    res = run_train(spark, wh, cfg, ray_cfg, args.run_id, mode=args.mode)
     _emit(args, {"run_id": res.run_id, "skipped": res.skipped, "table_versions": res.table_versions,
-                 "checkpoint": res.checkpoint, "seconds": round(res.seconds, 1)},
-          f"train run {res.run_id}: {'already done' if res.skipped else 'succeeded'}; tables {res.table_versions}; "
+                 "checkpoint": res.checkpoint, "seconds": round(res.seconds, 1), "mode": res.metrics.get("mode")},
+          f"train run {res.run_id} ({res.metrics.get('mode', 'full')}): "
+          f"{'already done' if res.skipped else 'succeeded'}; tables {res.table_versions}; "
           f"checkpoint {res.checkpoint}")
     return 0
 
@@ -151,9 +152,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "checkpoint], a final E-step against the final paths, the retrieval beam that fits the "
                     "budget, the path index, and a row in `runs`. "
                     "Idempotent per --run-id: a finished run changes nothing; a failed run resumes at its "
-                    "last committed round.")
+                    "last committed round. --mode incremental learns only from the interactions ingested since "
+                    "the last succeeded run (jobs/incremental.py): the last model warm-started over the grown "
+                    "vocabulary, s[v,c] merged with a decay per day of data, the M-step on the merged scores.")
     config_options(p)
     p.add_argument("--run-id", required=True, help="idempotency key of this night's run, e.g. nightly-20261124")
+    p.add_argument("--mode", choices=["full", "incremental", "auto"], default="full",
+                   help="full: retrain on the whole history (default); incremental: the interactions since the "
+                        "last succeeded run, on top of it (fails if there is none); auto: incremental once a "
+                        "run has succeeded, else full (the nightly DAG's choice)")
     p.add_argument("--dataset", choices=["ml-1m", "ml-100k"], default=None,
                    help="load this MovieLens set first when the warehouse has no interactions")
     _cluster_options(p)

@@ -33,7 +33,7 @@ def _scores(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     spark, wh, run_id = _session(args, "dr-scores")
     res = compute_path_scores(spark, wh, load_payload(str(args.checkpoint), cfg), cfg, args.samples_version,
-                              run_id, args.round, previous_version=args.previous_version)
+                              run_id, args.round, previous_version=args.previous_version, days=args.days)
     _print({"table": res.table, "version": res.version, "rows": res.rows, "run_id": run_id})
     return 0
 
@@ -67,11 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Beam search (beam S = search.score_paths, batches of search.batch_size) over "
                                    "samples_train with an E-step checkpoint's model; s[v,c] = summed p(c|x), top S per "
                                    "item, committed as one path_scores version. With --previous-version: streaming "
-                                   "merge into that version (decay mstep.decay, min_score seeding).")
+                                   "merge into that version (decay incremental.decay_per_day ** --days, min_score seeding).")
     _common(s)
     s.add_argument("--checkpoint", type=Path, required=True, help="E-step checkpoint directory (ray_trainers layout)")
     s.add_argument("--samples-version", type=int, default=None, help="samples_train version (default latest)")
     s.add_argument("--previous-version", type=int, default=None, help="path_scores version to merge into (streaming)")
+    s.add_argument("--days", type=float, default=1.0,
+                   help="streaming: days of data between the previous version and these samples (default 1)")
     s.set_defaults(func=_scores)
 
     m = sub.add_parser("mstep", help="distributed penalized coordinate descent -> an item_paths version",

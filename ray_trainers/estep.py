@@ -52,6 +52,7 @@ from dr_model.model import DRModel
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
 from dr_model.split import csr_segments
 from dr_model.optim import HybridAdam, sparse_tables
+from dr_model.warm_start import grow_state
 from dr_model.trainer import (Validation, Vocab, epoch_line, new_model, phase_optimizer, proposal, rows_per_step,
                               train_step, unfreeze)
 
@@ -250,7 +251,7 @@ def _resolve_start(root: str, em_round: int, c: dict[str, Any]) -> tuple[str | N
             raise CheckpointMismatch(f"checkpoint {part} belongs to a {meta.epochs_total}-epoch schedule, "
                                      f"this run asks for {total} epochs")
         return part, None
-    return None, previous_final(root, em_round)
+    return None, previous_final(root, em_round) or c.get("warm_from")
 
 
 def _agree(value: float | None, distributed: bool) -> float | None:
@@ -300,6 +301,13 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"], optimizer=True)
         model.load_state_dict(ck.model_state)
         epochs_done, opt_state, history = ck.meta.epochs_done, ck.optimizer_state, list(ck.meta.losses)
+    elif warm is not None and warm == c.get("warm_from"):
+        # Another run's model (an incremental night): its items keep their rows, new items start fresh.
+        ck = load_checkpoint(warm, None)
+        moved = grow_state(model, ck.model_state, ck.item_ids, item_ids, torch.from_numpy(counts))
+        if rank == 0:
+            _stderr(f"[estep] round {em_round}: warm start from {warm} ({len(ck.item_ids)} -> {len(item_ids)} items; "
+                    f"tensors {moved})")
     elif warm is not None:
         # The previous round's model, trained against the previous paths: an initialisation only.
         ck = load_checkpoint(warm, None)
@@ -421,7 +429,7 @@ def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: HybridAdam, ite
 def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_cfg: RayConfig,
               samples_version: int, item_paths_version: int, phases: list[Phase] | None = None,
               stop_after_epochs: int | None = None, valid_users: EvalUsers | None = None,
-              log: Log = _stderr) -> EStepResult:
+              warm_from: str | None = None, log: Log = _stderr) -> EStepResult:
     """Train round `em_round`'s E-step (or resume it) and return its checkpoint + per-epoch losses.
 
     valid_users: the held-out users whose recall@k ends each phase (dr_model.schedule); without
@@ -431,7 +439,8 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
     latest in-progress checkpoint of this round is continued; otherwise the previous round's
     finished model is the starting point (warm start) or, in round 0, a fresh seeded model.
     Both refuse (CheckpointMismatch) state trained against another item_paths/samples version
-    or config. `stop_after_epochs` stops after that many epochs (time-boxed runs, tests).
+    or config. warm_from: another run's finished checkpoint to start from when this run has none
+    (an incremental night; item rows follow the vocabulary, dr_model.warm_start). `stop_after_epochs` stops after that many epochs (time-boxed runs, tests).
     """
     root = run_dir(warehouse.root, run_id)
     phases = schedule(cfg, em_round) if phases is None else phases
@@ -462,7 +471,8 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
         "checkpoint_every_epoch": ray_cfg.checkpoint_every_epoch,
         "shuffle_buffer": max(4 * cfg.train.batch_size, 1024),
         # round 1 is the structure model's first round (round 0 trained the reranker)
-        "seed_structure_encoder": em_round == 1,
+        "seed_structure_encoder": em_round == 1 and warm_from is None,
+        "warm_from": warm_from,
     }
     resume, warm = _resolve_start(root, em_round, conf)
     prev = 0 if resume is None else read_meta(resume).epochs_done    # read now: finishing removes partials

@@ -99,7 +99,7 @@ def test_own_paths_join_the_lists_as_in_process(spark, warehouse):
 
 def test_streaming_merge_across_two_versions_equals_in_process(spark, warehouse):
     res, hist, target, user = trained_ml100k()
-    S, bs, eta = CFG.search.score_paths, CFG.search.batch_size, CFG.mstep.decay
+    S, bs, eta = CFG.search.score_paths, CFG.search.batch_size, CFG.incremental.decay(1.0)
     payload = ModelPayload.from_model(res.model, res.vocab)
     night1 = user % 3 != 0                 # two "nights" with overlapping and disjoint items
     v1 = write_samples(warehouse, hist[night1], target[night1], user[night1], "n1")
