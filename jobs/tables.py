@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
 Mode = Literal["append", "overwrite"]
@@ -108,7 +108,15 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
         _field("user_id", _ID, False), _field("rank", pa.int32(), False), _field("item_id", _ID, False),
         _field("score", pa.float32()), _field("run_id", pa.string(), False),
         _field("run_date", pa.date32(), False),
+        _field("user_key", pa.string()), _field("item_key", pa.string()),   # original ids (null: integer ids)
     ]), partition_by=("run_date",), key=("run_id", "user_id", "rank")),
+    # String user / item keys -> dense int64 ids, per kind from 0 (jobs/id_dictionary.py); never rewritten.
+    TableSpec("id_dictionary", pa.schema([
+        _field("kind", pa.string(), False),         # user | item
+        _field("key", pa.string(), False),          # the original id, trimmed
+        _field("id", _ID, False),
+        _field("batch_id", pa.string(), False),     # ingest batch that brought the key
+    ]), key=("kind", "key")),
     TableSpec("runs", pa.schema([
         _field("run_id", pa.string(), False), _field("job", pa.string(), False),
         _field("status", pa.string(), False),       # started | succeeded | failed
@@ -166,6 +174,10 @@ def spec(table: str) -> TableSpec:
 
 class CommitError(RuntimeError):
     """A commit was refused before touching the log (e.g. a staged file is missing)."""
+
+
+class VersionConflict(CommitError):
+    """A commit made on top of an expected version found the table moved on; nothing was committed."""
 
 
 @dataclass(frozen=True)
@@ -512,14 +524,26 @@ class Warehouse:
             raise CommitError(f"table {staged.table}: {len(bad)} staged file(s) missing or of the wrong size, "
                               f"nothing committed; first: {bad[0][0]} (expected {bad[0][1]} bytes, found {bad[0][2]})")
 
-    def commit(self, staged: Staged, meta: CommitMeta, mode: Mode = "append") -> CommitResult:
-        """Verify the staged files and commit them as ONE Delta transaction; returns its version."""
+    def commit(self, staged: Staged, meta: CommitMeta, mode: Mode = "append",
+               expected_version: int | None = None) -> CommitResult:
+        """Verify the staged files and commit them as ONE Delta transaction; returns its version.
+
+        With `expected_version` (-1: the table must not exist yet) the commit lands only as the
+        version right after it: delta-rs's conflict retries are off, and a table that has moved
+        on raises VersionConflict with nothing committed (optimistic concurrency, see
+        jobs/id_dictionary.py). Without it, concurrent appends are rebased as before.
+        """
         if mode not in ("append", "overwrite"):
             raise ValueError(f"mode must be 'append' or 'overwrite', got {mode!r}")
         table = staged.table
         if self._already_done(table, meta):
             return self._skipped(table, meta)
         self._verify(staged)
+        if expected_version is not None and (expected_version < 0) == self.exists(table):
+            # The table exists where it should not, or vanished; a version that moved on is
+            # delta-rs's to find (below), at the commit itself.
+            raise VersionConflict(f"table {table}: expected version {expected_version}, found "
+                                  f"{self.version(table)}; nothing committed")
         sp = spec(table)
         now = int(time.time() * 1000)
         actions = [AddAction(f.path, f.size, dict(f.partition_values), now, True, f.stats) for f in staged.files]
@@ -537,10 +561,33 @@ class Warehouse:
             except Exception:
                 if not self.exists(table):   # a real failure, not a concurrent creator winning
                     raise
-        if not created:
+                if expected_version is not None:
+                    raise VersionConflict(f"table {table}: created by a concurrent writer; nothing committed") from None
+        if not created and expected_version is None:
+            self._add_missing_columns(table)
             DeltaTable(uri).create_write_transaction(actions, mode, sp.schema, partition_by=list(sp.partition_by) or None,
                                                      commit_properties=self._props(meta, commit_id))
+        elif not created:
+            try:
+                DeltaTable(uri, version=expected_version).create_write_transaction(
+                    actions, mode, sp.schema, partition_by=list(sp.partition_by) or None,
+                    commit_properties=self._props(meta, commit_id, retries=0))
+            except CommitFailedError:
+                if self.version(table) == expected_version:   # not a lost race: a real failure
+                    raise
+                raise VersionConflict(f"table {table}: version {expected_version + 1} was committed by a "
+                                      f"concurrent writer; nothing committed") from None
         return CommitResult(table, self._find_commit(table, commit_id), False, len(actions), staged.rows)
+
+    def _add_missing_columns(self, table: str) -> None:
+        # A nullable column added to a spec after the table was created: delta-rs would commit
+        # files carrying it but keep the old schema, and readers would drop the column.
+        dt = self._table(table)
+        have = set(pa.schema(dt.schema().to_arrow()).names)
+        missing = [f for f in spec(table).schema if f.name not in have and f.nullable]
+        if missing:
+            dt.alter.add_columns(list(Schema.from_arrow(pa.schema(missing)).fields), commit_properties=CommitProperties(
+                custom_metadata={"dr.job": "schema", "dr.run_id": "add_columns:" + ",".join(f.name for f in missing)}))
 
     @staticmethod
     def _props(meta: CommitMeta, commit_id: str, retries: int | None = None) -> CommitProperties:
@@ -626,6 +673,19 @@ class Warehouse:
         """Rows of a table version, from its Delta log's file statistics (no data read)."""
         acts = pa.table(self._table(table, version).get_add_actions(flatten=True))
         return int(pc.sum(acts.column("num_records")).as_py() or 0)
+
+    def column_max(self, table: str, column: str, version: Version = None) -> Any:
+        """Largest non-null value of a column (None: no rows), from the log's file statistics when all have it."""
+        acts = pa.table(self._table(table, version).get_add_actions(flatten=True))
+        stat = f"max.{column}"
+        if stat in acts.column_names and not acts.column(stat).null_count:
+            return pc.max(acts.column(stat)).as_py()
+        # Files written without statistics (another writer): read the column, one batch at a time.
+        best = None
+        for b in self.batches(table, version, columns=[column]):
+            m = pc.max(b.column(0)).as_py()
+            best = m if best is None or (m is not None and m > best) else best
+        return best
 
     def files(self, table: str, version: Version = None) -> list[str]:
         """Absolute URIs of the data files of one version."""
