@@ -24,6 +24,7 @@ import pyarrow as pa
 from dr_model.config import DRConfig
 
 from . import runs
+from .id_dictionary import with_keys
 from .serving import ensure_bundle
 from .tables import CommitMeta, CommitResult, Warehouse
 
@@ -134,6 +135,7 @@ def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, r
     beam = beam or int(run.metrics.get("retrieval_beam") or cfg.search.beam)
     args = (str(bundle), beam, top_n, run_id, run_date, cfg.search.batch_size)
     out = users.mapInArrow(lambda it: candidate_batches(it, *args), OUT_DDL)
+    out = with_keys(spark, wh, out)     # the original user / item ids (null with integer ids)
     log(f"train run {run.run_id} (item_paths v{run.table_versions['item_paths']}), beam {beam}, "
         f"top {top_n}, {'users active on ' + str(active_on) if active_on else 'all users'}")
     res: CommitResult = wh.write_spark("candidates", out, meta, mode="append")

@@ -1,4 +1,4 @@
-"""CLI for the data layer: `dr data movielens|synthetic`, `dr ingest`, `dr split`.
+"""CLI for the data layer: `dr data movielens|synthetic`, `dr ingest`, `dr ids`, `dr split`.
 
 `register(subparsers)` adds the commands to the `dr` parser; each sets `func(args) -> int`
 (exit code). Progress goes to stderr, the result summary to stdout (`--json` for a dict).
@@ -38,10 +38,11 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     """Known failures (bad input, bad config, missing table) -> one clear line and exit code 2."""
     def run(args: argparse.Namespace) -> int:
         from dr_model.config import ConfigError
+        from .id_dictionary import IdDictionaryError
         from .ingest import IngestError
         try:
             return fn(args)
-        except (IngestError, ConfigError, FileNotFoundError, ValueError) as e:
+        except (IngestError, IdDictionaryError, ConfigError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_ERROR
     return run
@@ -72,6 +73,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import ColumnMap, IngestConfig, IngestError, ingest_path
     cfg = IngestConfig(ts_unit=args.ts_unit, extra_columns=args.extra_columns, default_event=args.default_event,
+                       ids=args.ids, no_timestamps=args.no_timestamps or "error",
                        **({"events": tuple(args.events.split(","))} if args.events else {}))
     if "://" not in args.path and not Path(args.path).exists():   # fail before starting Spark
         raise IngestError(f"cannot read input {args.path}: no such file or folder (no table was changed)")
@@ -80,6 +82,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                       cols=ColumnMap.parse(args.map), cfg=cfg)
     _emit(args, res)
     return 0
+
+
+@_guard
+def cmd_ids(args: argparse.Namespace) -> int:
+    from .id_dictionary import lookup
+    from .tables import Warehouse
+    asked = args.key or args.id
+    found = lookup(Warehouse(args.warehouse), args.kind, keys=args.key or (), ids=args.id or ()).to_pylist()
+    by = "key" if args.key else "id"
+    hits = {r[by]: r for r in found}
+    missing = [a for a in ((k.strip() for k in asked) if args.key else asked) if a not in hits]
+    if args.json:
+        print(json.dumps({"found": found, "missing": missing}), flush=True)
+    else:
+        for r in found:
+            print(f"{r['kind']}\t{r['key']}\t{r['id']}\t{r['batch_id']}", flush=True)
+        for a in missing:
+            print(f"{args.kind} {by} {a!r}: not in the dictionary", file=sys.stderr, flush=True)
+    return 1 if missing else 0
 
 
 @_guard
@@ -99,7 +120,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add `data`, `ingest` and `split` to the `dr` CLI."""
+    """Add `data`, `ingest`, `ids` and `split` to the `dr` CLI."""
     data = subparsers.add_parser("data", help="load a dataset (MovieLens or synthetic) into the warehouse",
                                  description="Load a dataset into the warehouse tables (interactions, items, ...).")
     dsub = data.add_subparsers(dest="dataset", required=True)
@@ -134,7 +155,11 @@ def register(subparsers: Any) -> None:
                                 description="Validate a batch of interactions: good rows are appended to "
                                             "`interactions` (partitioned by UTC date), bad rows go to "
                                             "`interactions_quarantine` with the rule they broke. Counts always "
-                                            "add up to the input. Re-ingesting the same batch id adds nothing.")
+                                            "add up to the input. Re-ingesting the same batch id adds nothing. "
+                                            "With --ids string, user and item ids may be any strings (ASINs, "
+                                            "ISBNs, UUIDs): each is mapped to a dense integer id kept in "
+                                            "`id_dictionary` (`dr ids` looks them up; candidates carry the "
+                                            "original ids).")
     ing.add_argument("path", help="input file or folder (Parquet, CSV, or a Delta table folder)")
     ing.add_argument("--format", choices=["parquet", "csv", "delta"], default=None,
                      help="input format (default: detected from the path)")
@@ -149,9 +174,31 @@ def register(subparsers: Any) -> None:
     ing.add_argument("--default-event", default="rating", help="event type when the input has no event column")
     ing.add_argument("--extra-columns", choices=["error", "ignore"], default="error",
                      help="unmapped input columns (schema drift): refuse the batch, or drop them (default: error)")
+    ing.add_argument("--ids", choices=["integer", "string"], default="integer",
+                     help="integer: ids must be integers (others are quarantined as non_integer_id). string: every "
+                          "user_id / item_id value is a key (trimmed; empty -> null_id), mapped to a dense int64 id "
+                          "per kind in `id_dictionary`: known keys keep their id, new ones get the next ids in key "
+                          "order. A warehouse holds one kind: mixing them is refused (default: integer)")
+    ing.add_argument("--no-timestamps", choices=["file-order"], default=None,
+                     help="accept an input without a ts column: file-order orders each batch's events by their "
+                          "position in the input (files sorted by path, rows in file order) and numbers them "
+                          "1 second apart after the warehouse's latest ts, so later batches sort after earlier "
+                          "ones; these ts are an order, not times (no time rule applies). Without this flag a "
+                          "missing ts column is schema drift")
     _common(ing)
     config_options(ing)   # accepted like every job (the nightly DAG passes one config to all)
     ing.set_defaults(func=cmd_ingest, app_name="dr-ingest")
+
+    ids = subparsers.add_parser("ids", help="look up original (string) ids <-> dense ids in id_dictionary",
+                                description="Print the id_dictionary rows (kind, key, id, batch_id) of some keys "
+                                            "or ids of one kind; exit code 1 when one is not in it. No Spark.")
+    ids.add_argument("--kind", choices=["user", "item"], required=True, help="user or item ids")
+    which = ids.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", action="append", help="an original id, e.g. B000123 (repeatable)")
+    which.add_argument("--id", type=int, action="append", help="a dense id, e.g. 5 (repeatable)")
+    ids.add_argument("--warehouse", default="./warehouse", help="warehouse root URI (default: ./warehouse)")
+    ids.add_argument("--json", action="store_true", help="print one JSON object {found, missing}")
+    ids.set_defaults(func=cmd_ids)
 
     sp = subparsers.add_parser("split", help="the paper's train/validation/test split -> samples_train, eval_users",
                                description="Spark job: ratings >= threshold, users with >= min-events events, "
