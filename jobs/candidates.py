@@ -1,6 +1,6 @@
 """`dr candidates`: top-N candidates for every user (or one date's active users) from a train run.
 
-Each user's last L interactions (pinned interactions version) -> beam search -> the run's
+Each user's last L kept interactions (the run's user_state version) -> beam search -> the run's
 `path_index` version (cold items included) -> rerank -> top N (history items removed) ->
 `candidates`, partitioned by run date. Executors read the run's serving bundle (jobs/serving.py:
 the user towers, fp16 item vectors and the path index, memory-mapped; its README section states
@@ -49,16 +49,27 @@ class CandidatesResult:
     seconds: float
 
 
-def user_histories(spark: Any, wh: Warehouse, interactions_version: int | None, L: int,
+def user_histories(spark: Any, wh: Warehouse, versions: dict[str, int], L: int,
                    active_on: date | None = None) -> Any:
-    """One row per user: (user_id, hist array<bigint> of the last L items in time order, left-padded -1)."""
+    """One row per user: (user_id, hist array<bigint> of the last L kept items in time order, left-padded -1).
+
+    From the run's user_state (jobs/user_state.py: no history scan; --date reads that day's
+    partition of interactions for the active users); runs without state scan interactions.
+    """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    inter = wh.read_spark(spark, "interactions", interactions_version)
+    inter = wh.read_spark(spark, "interactions", versions.get("interactions"))
     users = None
     if active_on is not None:
         users = inter.filter(F.col("date") == F.lit(active_on)).select("user_id").distinct()
+    if "user_state" in versions:
+        state = wh.read_spark(spark, "user_state", versions["user_state"])
+        if users is not None:
+            state = state.join(users, "user_id", "left_semi")
+        items = F.slice("items", F.greatest(F.lit(1), F.size("items") - L + 1), L)
+        pad = F.array_repeat(F.lit(-1).cast("bigint"), F.lit(L) - F.size(items))
+        return state.select("user_id", F.concat(pad, items).alias("hist"))
     w = Window.partitionBy("user_id").orderBy(F.col("ts").desc(), F.col("item_id").desc())
     last = inter.select("user_id", "item_id", "ts").withColumn("rn", F.row_number().over(w)).filter(F.col("rn") <= L)
     if users is not None:
@@ -131,7 +142,7 @@ def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, r
         return CandidatesResult(run_id, run.run_id, 0, 0, v, True, time.perf_counter() - t0)
     bundle = ensure_bundle(spark, wh, run, log=log)
     cfg = DRConfig.from_dict(json.loads((Path(run.checkpoint) / "meta.json").read_text())["config"])
-    users = user_histories(spark, wh, run.table_versions.get("interactions"), cfg.model.seq_len, active_on)
+    users = user_histories(spark, wh, run.table_versions, cfg.model.seq_len, active_on)
     beam = beam or int(run.metrics.get("retrieval_beam") or cfg.search.beam)
     args = (str(bundle), beam, top_n, run_id, run_date, cfg.search.batch_size)
     out = users.mapInArrow(lambda it: candidate_batches(it, *args), OUT_DDL)

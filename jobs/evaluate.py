@@ -84,7 +84,9 @@ def run_evaluate(spark: Any, wh: Warehouse, run_id: str | None = None, overrides
     beam = retrieval_beam(run, cfg, overrides)
     log(f"run {run.run_id}: {len(users)} {'test' if role == 2 else 'validation'} users, "
         f"{len(item_ids)} items, beam {beam}")
-    peers = spark_peers(spark, wh.read_spark(spark, "samples_train", tv["samples_train"]), Vocab(item_ids), users,
+    # an incremental run's samples_train is one night's: the peers learn from the last full night's
+    sv = tv.get("full_samples_train", tv["samples_train"])
+    peers = spark_peers(spark, wh.read_spark(spark, "samples_train", sv), Vocab(item_ids), users,
                         cfg.eval.k, len(item_ids) <= cfg.eval.ease_max_items)
     report = evaluate_users(model, item_ids, index, users, cfg, valid=valid, beam=beam, peers=peers)
     report["budget"] = run.metrics.get("budget")

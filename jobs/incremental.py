@@ -130,6 +130,15 @@ def run_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
     end_ts = user_state.data_end_ts(spark, wh, versions["item_state"])
     days = max(end_ts - int(pm.get("data_end_ts") or end_ts), 0) / 86400
     sv = versions["samples_train"]
+    if wh.rows("samples_train", sv) == 0:
+        # nothing to learn (no new batch, or only events that make no sample): the last model and
+        # paths stay, paired as they were; the state moves on
+        log(f"incremental: no new training sample since run {prev.run_id}: its model and paths carry over")
+        carried = {**pv, "user_state": versions["user_state"], "item_state": versions["item_state"],
+                   "interactions": interactions_version}
+        # data_end_ts stays the scores' own: the next merge decays them from there
+        return carried, prev.checkpoint, {**pm, "mode": "incremental", "previous_run": prev.run_id,
+                                          "days": days, "new_samples": 0}
     log(f"incremental: samples_train v{sv} ({wh.rows('samples_train', sv)} samples of new events), data end "
         f"{end_ts} ({days:.2f} days after run {prev.run_id}'s)")
     ip_v = init_night_paths(spark, wh, cfg, run_id, prev, versions, end_ts, log)
@@ -155,7 +164,10 @@ def run_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
                       phases=[Phase("structure", epochs, False, True, seed + 1)], valid_users=valid, log=log)
     retrieval = choose_retrieval_beam(wh, cfg, final, new_ip, valid, log)
     pi = build_path_index(spark, wh, new_ip, run_id, log=log)
-    versions = {**versions, "eval_users": pv["eval_users"], "item_paths": new_ip, "path_index": pi.version,
+    # the classical peers of `dr evaluate` learn from the last full night's samples, not one night's
+    full_sv = pv.get("full_samples_train", pv["samples_train"])
+    versions = {**versions, "full_samples_train": full_sv, "eval_users": pv["eval_users"], "item_paths": new_ip,
+                "path_index": pi.version,
                 "path_scores": ps_v, "interactions": interactions_version}
     metrics = {"mode": "incremental", "previous_run": prev.run_id, "alpha": alpha, "data_end_ts": end_ts,
                "days": days, "decay": cfg.incremental.decay(days), "estep": estep_losses,

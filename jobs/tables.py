@@ -152,6 +152,15 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
         _field("bias", pa.float64(), False),
         _field("item_paths_version", pa.int64(), False), _field("run_id", pa.string(), False),
     ]), key=("item_id",)),
+    # Activity state kept night over night (jobs/user_state.py): last L kept events per user, last event per item.
+    TableSpec("user_state", pa.schema([
+        _field("user_id", _ID, False), _field("items", _IDS, False),   # last <= L kept items, time order
+        _field("ts", pa.list_(pa.int64()), False),                       # their event times
+        _field("n_events", pa.int64(), False), _field("last_ts", pa.int64(), False),
+    ]), key=("user_id",)),
+    TableSpec("item_state", pa.schema([
+        _field("item_id", _ID, False), _field("last_ts", pa.int64(), False), _field("n_events", pa.int64(), False),
+    ]), key=("item_id",)),
     # Synthetic ground truth (jobs/datasets.py): user -> planted interest clusters.
     TableSpec("synthetic_truth", pa.schema([
         _field("user_id", _ID, False), _field("slot", pa.int32(), False), _field("cluster", pa.int64(), False),

@@ -35,11 +35,14 @@ param          Airflow Variable     default                         meaning
 warehouse      dr_warehouse         ./warehouse                     local folder or object-store URI (s3://...)
 spark_master   dr_spark_master      local[2]                        Spark master URL (spark://..., yarn, k8s://...)
 ray_address    dr_ray_address       local                           Ray address (ray://head:10001, auto, local)
+ray_workers    dr_ray_workers       2                               Ray Train workers of the E-step (0: in the driver)
 config         dr_config            (empty: the CLI's default)      path of the TOML job config
 input_path     dr_input_path        ./incoming/interactions/dt={ds} new interactions; ``{ds}``/``{ds_nodash}``
                                                                     are replaced by the run date
 dr_bin         dr_bin               dr                              the ``dr`` executable (absolute path if it
                                                                     is not on the worker's PATH)
+train_mode     dr_train_mode        auto                            ``dr train --mode``: auto = incremental once a
+                                                                    night has succeeded (first night full)
 run_id         (none)               nightly-YYYYMMDD                override the derived run id (manual re-runs)
 =============  ===================  ==============================  ==========================================
 
@@ -74,10 +77,13 @@ SETTINGS: list[tuple[str, str, str, str]] = [
     ("warehouse", "dr_warehouse", "./warehouse", "Warehouse: local folder or object-store URI."),
     ("spark_master", "dr_spark_master", "local[2]", "Spark master URL."),
     ("ray_address", "dr_ray_address", "local", "Ray cluster address (ray://host:10001, auto, local)."),
+    ("ray_workers", "dr_ray_workers", "2", "Ray Train workers of the E-step (0: the training loop in the driver)."),
     ("config", "dr_config", "", "Path of the job config (TOML); empty = the CLI's default."),
     ("input_path", "dr_input_path", INPUT_PATH_DEFAULT,
      "New interactions to ingest; {ds} / {ds_nodash} are replaced by the run date."),
     ("dr_bin", "dr_bin", "dr", "The dr executable (absolute path if not on PATH)."),
+    ("train_mode", "dr_train_mode", "auto",
+     "dr train --mode: auto (incremental once a night has succeeded, else full), full or incremental."),
 ]
 
 
@@ -117,8 +123,8 @@ _COMMON = '--warehouse "$DR_WAREHOUSE" ${DR_CONFIG:+--config "$DR_CONFIG"}'
 COMMANDS: dict[str, str] = {
     "ingest": f'set -euo pipefail; "$DR_BIN" ingest "$DR_INPUT_PATH" --batch-id "$DR_RUN_ID" {_COMMON}',
     "train": (
-        f'set -euo pipefail; "$DR_BIN" train --run-id "$DR_RUN_ID" {_COMMON}'
-        ' --spark-master "$DR_SPARK_MASTER" --ray-address "$DR_RAY_ADDRESS"'
+        f'set -euo pipefail; "$DR_BIN" train --run-id "$DR_RUN_ID" --mode "$DR_TRAIN_MODE" {_COMMON}'
+        ' --spark-master "$DR_SPARK_MASTER" --ray-address "$DR_RAY_ADDRESS" --ray-workers "$DR_RAY_WORKERS"'
     ),
     "candidates": (
         f'set -euo pipefail; "$DR_BIN" candidates --run-id "$DR_RUN_ID" --date "$DR_DATE" {_COMMON}'

@@ -169,3 +169,13 @@ def test_candidates_for_one_day_read_the_state(spark, nights):
     st = wh.read_arrow("user_state", r2.table_versions["user_state"]).to_pandas().set_index("user_id")
     u = int(c.user_id.iloc[0])
     assert not set(c[c.user_id == u].item_id) & set(st.loc[u, "items"])       # history never recommended back
+
+
+def test_a_night_without_new_interactions_carries_the_model_over(spark, nights):
+    wh, cfg, first, second, r1, r2, _, _ = nights
+    r3 = run_train(spark, wh, cfg, RAY, "night-3", log=QUIET, mode="incremental")
+    assert r3.metrics["mode"] == "incremental" and r3.metrics["new_samples"] == 0
+    assert r3.checkpoint == r2.checkpoint
+    for t in ("item_paths", "path_index", "path_scores", "interactions"):
+        assert r3.table_versions[t] == r2.table_versions[t], t
+    assert r3.metrics["data_end_ts"] == r2.metrics["data_end_ts"]
