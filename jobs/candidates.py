@@ -53,16 +53,16 @@ def user_histories(spark: Any, wh: Warehouse, versions: dict[str, int], L: int,
                    active_on: date | None = None) -> Any:
     """One row per user: (user_id, hist array<bigint> of the last L kept items in time order, left-padded -1).
 
-    From the run's user_state (jobs/user_state.py: no history scan; --date reads that day's
-    partition of interactions for the active users); runs without state scan interactions.
+    From the run's user_state (jobs/user_state.py: no history scan; --date lists only that day's
+    partition of interactions, for the active users); runs without state scan interactions.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    inter = wh.read_spark(spark, "interactions", versions.get("interactions"))
     users = None
     if active_on is not None:
-        users = inter.filter(F.col("date") == F.lit(active_on)).select("user_id").distinct()
+        day = wh.read_spark(spark, "interactions", versions.get("interactions"), [("date", "=", str(active_on))])
+        users = day.filter(F.col("date") == F.lit(active_on)).select("user_id").distinct()
     if "user_state" in versions:
         state = wh.read_spark(spark, "user_state", versions["user_state"])
         if users is not None:
@@ -70,6 +70,7 @@ def user_histories(spark: Any, wh: Warehouse, versions: dict[str, int], L: int,
         items = F.slice("items", F.greatest(F.lit(1), F.size("items") - L + 1), L)
         pad = F.array_repeat(F.lit(-1).cast("bigint"), F.lit(L) - F.size(items))
         return state.select("user_id", F.concat(pad, items).alias("hist"))
+    inter = wh.read_spark(spark, "interactions", versions.get("interactions"))
     w = Window.partitionBy("user_id").orderBy(F.col("ts").desc(), F.col("item_id").desc())
     last = inter.select("user_id", "item_id", "ts").withColumn("rn", F.row_number().over(w)).filter(F.col("rn") <= L)
     if users is not None:

@@ -710,18 +710,20 @@ class Warehouse:
         ds = self._table(table, version).to_pyarrow_dataset()
         yield from ds.to_batches(columns=columns, filter=filter, batch_size=batch_size)
 
-    def read_spark(self, spark: Any, table: str, version: Version = None) -> Any:
-        """The table at a pinned version as a Spark DataFrame over exactly that version's files."""
-        return delta_to_spark(spark, self._table(table, version), self.uri(table))
+    def read_spark(self, spark: Any, table: str, version: Version = None,
+                   partitions: list[tuple[str, str, Any]] | None = None) -> Any:
+        """The table at a pinned version as a Spark DataFrame over exactly that version's files (only
+        those of the matching partitions, e.g. [("date", "=", "2026-11-03")]: the rest are never listed)."""
+        return delta_to_spark(spark, self._table(table, version), self.uri(table), partitions)
 
 
-def delta_to_spark(spark: Any, dt: DeltaTable, uri: str) -> Any:
+def delta_to_spark(spark: Any, dt: DeltaTable, uri: str, partitions: list[tuple[str, str, Any]] | None = None) -> Any:
     """A loaded (pinned) DeltaTable as a Spark DataFrame over exactly its files; any Delta table."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
     arrow_schema = pa.schema(dt.schema().to_arrow())
     sschema = from_arrow_schema(arrow_schema)
-    files = dt.file_uris()
+    files = dt.file_uris(file_pruning_predicate=partitions) if partitions else dt.file_uris()
     if not files:
         return spark.createDataFrame([], sschema)
     # basePath makes Spark read partition values (date=...) from the paths, typed by sschema.

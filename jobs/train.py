@@ -1,4 +1,6 @@
-"""`dr train`: the nightly job. split -> initial paths -> R EM rounds -> final E-step -> path index -> runs row.
+"""`dr train`: the nightly job. A full night: split -> initial paths -> R EM rounds -> final E-step -> path
+index -> user/item state -> runs row; an incremental night (--mode incremental, or auto once a run
+with state has succeeded) learns from the interactions since the last run instead (jobs/incremental.py).
 
 Each EM round r: E-step on Ray Train against item_paths v_r (checkpointed) -> s[v,c] on Spark
 (path_scores version) -> penalized M-step on Spark (item_paths v_{r+1}). A last E-step
@@ -8,7 +10,8 @@ item_paths version always belong together (retrieval pairs them).
 Idempotent per run id: a succeeded run changes nothing when re-run; a failed run resumes at
 its last committed round (every table write carries the run id, the round and a watermark;
 the E-step resumes from its checkpoints). A failure records a `failed` row and leaves every
-table at the versions its committed rounds made.
+table at the versions its committed rounds made; the interactions version the first attempt read
+is recorded with its `started` row, so a rerun trains on the same data.
 """
 from __future__ import annotations
 

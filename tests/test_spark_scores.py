@@ -20,7 +20,8 @@ CFG = DRConfig.from_dict({
     "model": {"K": 10, "D": 2, "J": 3, "item_dim": 16, "user_dim": 16, "node_dim": 8, "hidden": 32,
               "rerank_dim": 16, "seq_len": 10},
     "search": {"score_paths": 16, "batch_size": 300},
-    "mstep": {"alpha": 3e-6, "rounds": 3, "block_size": 64, "decay": 0.9},
+    "mstep": {"alpha": 3e-6, "rounds": 3, "block_size": 64},
+    "incremental": {"decay_per_day": 0.9},
     "train": {"em_rounds": 1, "joint_epochs": 1, "structure_epochs": 1, "batch_size": 512},
     "split": {"test_users": 100, "valid_users": 100},
 })
@@ -99,13 +100,14 @@ def test_own_paths_join_the_lists_as_in_process(spark, warehouse):
 
 def test_streaming_merge_across_two_versions_equals_in_process(spark, warehouse):
     res, hist, target, user = trained_ml100k()
-    S, bs, eta = CFG.search.score_paths, CFG.search.batch_size, CFG.incremental.decay(1.0)
+    # the second night's data ends 2.5 days after the first's: eta = decay_per_day ** 2.5
+    S, bs, eta = CFG.search.score_paths, CFG.search.batch_size, CFG.incremental.decay_per_day ** 2.5
     payload = ModelPayload.from_model(res.model, res.vocab)
     night1 = user % 3 != 0                 # two "nights" with overlapping and disjoint items
     v1 = write_samples(warehouse, hist[night1], target[night1], user[night1], "n1")
     p1 = compute_path_scores(spark, warehouse, payload, CFG, v1, "run-n1", 0)
     v2 = write_samples(warehouse, hist[~night1], target[~night1], user[~night1], "n2")
-    p2 = compute_path_scores(spark, warehouse, payload, CFG, v2, "run-n2", 1, previous_version=p1.version)
+    p2 = compute_path_scores(spark, warehouse, payload, CFG, v2, "run-n2", 1, previous_version=p1.version, days=2.5)
     seq = res.vocab.seq(hist)
     old = pair_scores(res.model, seq[night1], target[night1], S, bs)
     new = pair_scores(res.model, seq[~night1], target[~night1], S, bs)
