@@ -67,9 +67,10 @@ def user_histories(spark: Any, wh: Warehouse, versions: dict[str, int], L: int,
         state = wh.read_spark(spark, "user_state", versions["user_state"])
         if users is not None:
             state = state.join(users, "user_id", "left_semi")
-        items = F.slice("items", F.greatest(F.lit(1), F.size("items") - L + 1), L)
-        pad = F.array_repeat(F.lit(-1).cast("bigint"), F.lit(L) - F.size(items))
-        return state.select("user_id", F.concat(pad, items).alias("hist"))
+        from .split import _pad_left
+
+        last = F.slice("items", F.greatest(F.lit(1), F.size("items") - L + 1), L)
+        return state.select("user_id", _pad_left(last, L).alias("hist"))
     inter = wh.read_spark(spark, "interactions", versions.get("interactions"))
     w = Window.partitionBy("user_id").orderBy(F.col("ts").desc(), F.col("item_id").desc())
     last = inter.select("user_id", "item_id", "ts").withColumn("rn", F.row_number().over(w)).filter(F.col("rn") <= L)

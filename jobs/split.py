@@ -81,7 +81,9 @@ def split_frames(events: Any, cfg: SplitConfig, seq_len: int, eligible: int | No
     from pyspark.sql import functions as F
 
     L = seq_len
-    kept = events.filter(F.col("rating").isNull() | (F.col("rating") >= F.lit(cfg.rating_threshold)))
+    from .user_state import kept as kept_events
+
+    kept = kept_events(events, cfg)
     # One ordered sequence per user: sorting structs orders by (ts, item_id).
     seqs = (kept.groupBy("user_id")
             .agg(F.sort_array(F.collect_list(F.struct("ts", "item_id"))).alias("ev"))
