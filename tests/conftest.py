@@ -27,6 +27,8 @@ def ray_local():
     from ray_trainers.config import ray_environment
 
     ray_environment()
+    if ray.is_initialized():  # a job under test started its own Ray: replace it with the session's settings
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2 ** 20, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -37,7 +37,7 @@ def _cfg() -> DRConfig:
 
 
 @pytest.fixture(scope="module")
-def nights(spark, tmp_path_factory):
+def nights(spark, ray_local, tmp_path_factory):
     """(warehouse, events of night 1, events of night 2, night-1 result, night-2 result, night-2 logs)."""
     base = tmp_path_factory.mktemp("incremental")
     src = Warehouse(base / "source")
