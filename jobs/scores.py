@@ -105,12 +105,14 @@ def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelP
     log(f"beam S={cfg.search.score_paths}" + (f" + own paths of item_paths@{item_paths_version}" if ip is not None else "")
         + f", batch {cfg.search.batch_size}, samples_train@{samples_version}, {mode}")
     df = path_scores_frame(spark, samples, model, cfg, previous, opts, ip, decay)
-    meta = CommitMeta(JOB, run_id, round, cfg.hash(), extra={
+    # watermark = the round: a rerun after a crash between this commit and the M-step's reuses it
+    meta = CommitMeta(JOB, run_id, round, cfg.hash(), watermark=round if round is not None else 1, extra={
         "samples_version": samples_version, "previous_version": previous_version, "model_key": model.key,
         "item_paths_version": item_paths_version, "width": cfg.search.score_paths + (cfg.model.J if ip is not None else 0),
         "mode": "batch" if previous is None else "streaming", "decay": decay if previous is not None else None})
     res = warehouse.write_spark("path_scores", df, meta, mode="overwrite")
-    log(f"committed path_scores v{res.version}: {res.rows} rows in {res.files} files [{time.perf_counter() - t0:.1f}s]")
+    log(f"path_scores v{res.version} already committed by run {run_id} round {round}: reused" if res.skipped else
+        f"committed path_scores v{res.version}: {res.rows} rows in {res.files} files [{time.perf_counter() - t0:.1f}s]")
     return res
 
 
