@@ -13,6 +13,7 @@ import json
 import sys
 
 from dr_model.config import ConfigError, DRConfig
+from jobs import faults
 from jobs.cli_common import config_options
 
 BENCHMARKS = {
@@ -38,7 +39,7 @@ BENCHMARKS = {
 }
 
 # Command modules that add their own subcommands (each has register(subparsers)).
-COMMAND_MODULES = ["jobs.cli_pipeline", "jobs.cli_spark", "jobs.cli_data", "jobs.local_train"]
+COMMAND_MODULES = ["jobs.cli_pipeline", "jobs.cli_spark", "jobs.cli_data", "jobs.local_train", "jobs.cli_plan"]
 
 
 def log(msg: str) -> None:
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    faults.set_command(args.command)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
