@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+# Sections of the config file that size the engines, read by the jobs, outside DRConfig and its hash.
+CLUSTER_SECTIONS = ("spark",)
+
+
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message names the field."""
 
@@ -319,7 +323,8 @@ class DRConfig:
         data: dict[str, dict[str, Any]] = {}
         if path is not None:
             with open(path, "rb") as fh:
-                data = {k: dict(v) for k, v in tomllib.load(fh).items()}
+                # [spark] holds cluster settings (jobs.cli_common.spark_conf), not the model's
+                data = {k: dict(v) for k, v in tomllib.load(fh).items() if k not in CLUSTER_SECTIONS}
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             section, dot, name = key.strip().partition(".")

@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.cli_common import config_options
+from jobs.cli_common import config_options, spark_options, spark_session
 
 EXIT_ERROR = 2
 
@@ -20,14 +20,13 @@ EXIT_ERROR = 2
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warehouse", default="./warehouse",
                    help="warehouse root URI holding all Delta tables (default: ./warehouse)")
-    p.add_argument("--spark-master", default="local[2]", help="Spark master URL (default: local[2])")
+    spark_options(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def _session(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .spark import get_spark
     from .tables import Warehouse
-    return get_spark(args.spark_master, app=args.app_name), Warehouse(args.warehouse)
+    return spark_session(args, args.app_name), Warehouse(args.warehouse)
 
 
 def _emit(args: argparse.Namespace, result: Any) -> None:

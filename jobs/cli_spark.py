@@ -7,19 +7,20 @@ import sys
 import uuid
 from pathlib import Path
 
+from jobs.cli_common import spark_options, spark_session
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warehouse", type=Path, required=True, help="warehouse root (folder or URI) holding the Delta tables")
-    p.add_argument("--spark-master", default="local[2]", help="Spark master URL (default local[2])")
+    spark_options(p)
     p.add_argument("--run-id", default=None, help="run id recorded with the commit (default: a new uuid)")
     p.add_argument("--round", type=int, default=None, help="EM round recorded with the commit")
 
 
 def _session(args: argparse.Namespace, app: str):  # noqa: ANN202
-    from jobs.spark import get_spark
     from jobs.tables import Warehouse
 
-    return get_spark(args.spark_master, app=app), Warehouse(args.warehouse), args.run_id or uuid.uuid4().hex[:12]
+    return spark_session(args, app), Warehouse(args.warehouse), args.run_id or uuid.uuid4().hex[:12]
 
 
 def _print(obj: dict) -> None:
