@@ -6,7 +6,7 @@ import json
 import sys
 from datetime import date
 
-from jobs.cli_common import config_options
+from jobs.cli_common import config_options, spark_options, spark_session
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -15,13 +15,17 @@ def _log(msg: str) -> None:
 def _cluster_options(p: argparse.ArgumentParser, ray: bool = True) -> None:
     p.add_argument("--warehouse", default="./warehouse",
                    help="warehouse root holding every Delta table and checkpoint (default ./warehouse)")
-    p.add_argument("--spark-master", default="local[2]", help="Spark master URL (default local[2])")
+    spark_options(p)
     if ray:
         p.add_argument("--ray-address", default=None,
                        help="Ray address ('auto', ray://host:10001); default: start a local Ray")
         p.add_argument("--ray-workers", type=int, default=2, help="Ray Train workers for the E-step (default 2)")
         p.add_argument("--ray-cpus-per-worker", type=float, default=0.5,
                        help="CPUs reserved per Ray Train worker (default 0.5: leaves CPUs for Ray Data readers)")
+        p.add_argument("--ray-max-failures", type=int, default=None,
+                       help="E-step worker-group restarts after a lost worker or node, each resuming from the last "
+                            "checkpoint (-1: unlimited; default 3 with --ray-address, 0 on a local Ray, where a "
+                            "failure is a bug, not a lost node)")
         p.add_argument("--ray-batch-per-worker", type=int, default=None,
                        help="fixed E-step batch per worker: the global batch is workers x this and the learning "
                             "rate follows sqrt(global / train.batch_size) (default: train.batch_size split over "
@@ -37,10 +41,9 @@ def _config(args: argparse.Namespace, dataset: str | None = None):
 
 
 def _spark_wh(args: argparse.Namespace):
-    from jobs.spark import get_spark
     from jobs.tables import Warehouse
 
-    return get_spark(args.spark_master, app=f"dr-{args.cmd_name}"), Warehouse(args.warehouse)
+    return spark_session(args, f"dr-{args.cmd_name}"), Warehouse(args.warehouse)
 
 
 def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
@@ -53,7 +56,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jobs.train import run_train
 
     cfg = _config(args, args.dataset)
+    failures = args.ray_max_failures if args.ray_max_failures is not None else (3 if args.ray_address else 0)
     ray_cfg = RayConfig(address=args.ray_address, num_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                        max_failures=failures,
                         batch_per_worker=args.ray_batch_per_worker)
     spark, wh = _spark_wh(args)
     if args.dataset and not wh.exists("interactions"):

@@ -62,6 +62,8 @@ from .config import RayConfig, ensure_ray
 from .grad_sync import GradSync
 
 Log = Callable[[str], None]
+# a long epoch prints where it is at most this often (rank 0)
+PROGRESS_EVERY_S = 60.0
 
 
 class Tables(Protocol):
@@ -301,6 +303,8 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"], optimizer=True)
         model.load_state_dict(ck.model_state)
         epochs_done, opt_state, history = ck.meta.epochs_done, ck.optimizer_state, list(ck.meta.losses)
+        if rank == 0:
+            _stderr(f"[estep] round {em_round}: resuming from {resume} after {epochs_done} of {total} epochs")
     elif warm is not None and warm == c.get("warm_from"):
         # Another run's model (an incremental night): its items keep their rows, new items start fresh.
         ck = load_checkpoint(warm, None)
@@ -362,7 +366,8 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             batches = (batch_tensors(b, vocab, L, tc.rerank_targets)[:2] for b in shard.iter_batches(
                 batch_size=bs, batch_format="pyarrow", prefetch_batches=c["prefetch_batches"],
                 local_shuffle_buffer_size=c["shuffle_buffer"], local_shuffle_seed=_seed(ph.seed, ep, 7)))
-        for seq, target in batches:
+        next_note = t0 + PROGRESS_EVERY_S
+        for step, (seq, target) in enumerate(batches):
             if len(target) == 0:
                 continue
             s, r = train_step(model, opt, seq, target, assign_t, q, log_q, tc.negatives, ph, gen, sync)
@@ -370,6 +375,13 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             sums[0] += (s if ph.train_structure else 0.0) * n
             sums[1] += (r if ph.train_reranker else 0.0) * n
             sums[2] += n
+            if rank == 0 and step % 64 == 0 and time.perf_counter() > next_note:
+                # a long epoch says where it is: rank 0's share of the samples, the rate, the time left
+                next_note = time.perf_counter() + PROGRESS_EVERY_S
+                share, rate = c["num_samples"] / world, float(sums[2]) / (time.perf_counter() - t0)
+                _stderr(f"[estep] round {em_round} {ph.name} epoch {ep + 1}: {int(sums[2]):,} of ~{int(share):,} "
+                        f"samples ({rate:.0f}/s per worker), ~{max(share - float(sums[2]), 0) / rate / 60:.1f} min "
+                        f"left in the epoch")
         peak = torch.tensor([_peak_rss_mb()])
         if sync is not None:
             while sync.join(opt):
@@ -400,7 +412,9 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             ended = phase_finished([h for h in history if h.get("phase_index") == i], ph, tc.patience, tc.min_delta)
             _stderr(f"[estep] round {em_round} {epoch_line(row)}, {row['samples']} samples "
                     f"({row['samples_per_s']:.0f}/s, {world} worker(s))"
-                    + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else ""))
+                    + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else "")
+                    + ("" if finished else f"; at most {total - epochs_done} epochs left in the round "
+                                           f"(~{(total - epochs_done) * secs / 60:.1f} min)"))
             if c["checkpoint_every_epoch"] or finished:
                 _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished)
     if sync is not None:
