@@ -1,4 +1,4 @@
-"""The Delta table layer (DESIGN.md §3, §7): schemas, atomic commits with metadata, pinned reads.
+"""The Delta table layer (DESIGN.md §3, §7): atomic commits with metadata, pinned reads.
 
 Writes are two-phase. *Stage*: Parquet data files are written into the table folder (by
 Spark executors in `mapInArrow`, or by the driver for small Arrow data); staged files are
@@ -14,169 +14,29 @@ Reads pin a version through delta-rs and hand Spark exactly that version's files
 from __future__ import annotations
 
 import json
-import math
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
 from jobs import faults
+# schemas and staging live in their own modules; their names stay importable from here
+from jobs.staging import Staged, StagedFile, _FileSink, _stage_task, conform, list_array  # noqa: F401
+from jobs.table_specs import TABLES, TableSpec, spec  # noqa: F401
 
 Mode = Literal["append", "overwrite"]
 Version = int | datetime | None
-
-
-def _field(name: str, typ: pa.DataType, nullable: bool = True) -> pa.Field:
-    return pa.field(name, typ, nullable=nullable)
-
-
-_ID = pa.int64()
-_IDS = pa.list_(pa.int64())
-
-# ---------------------------------------------------------------------------------------
-# Schemas (DESIGN.md §3). Times are int64 seconds since the epoch (UTC) unless typed.
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """A table's name, Arrow schema, partition column (at most one) and row key."""
-
-    name: str
-    schema: pa.Schema
-    partition_by: tuple[str, ...] = ()
-    key: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if len(self.partition_by) > 1:
-            raise ValueError(f"table {self.name}: at most one partition column is supported")
-        missing = [c for c in (*self.partition_by, *self.key) if c not in self.schema.names]
-        if missing:
-            raise ValueError(f"table {self.name}: columns {missing} are not in its schema")
-
-    @property
-    def file_schema(self) -> pa.Schema:
-        """Schema of the data files: partition columns live in the path, not in the file."""
-        return pa.schema([f for f in self.schema if f.name not in self.partition_by])
-
-
-TABLES: dict[str, TableSpec] = {t.name: t for t in [
-    TableSpec("interactions", pa.schema([
-        _field("user_id", _ID, False), _field("item_id", _ID, False),
-        _field("ts", pa.int64(), False),            # event time, seconds since epoch (UTC)
-        _field("event", pa.string(), False),        # view | click | cart | purchase | rating
-        _field("weight", pa.float32(), False),
-        _field("rating", pa.float32()),             # explicit rating when the source has one
-        _field("batch_id", pa.string(), False),     # ingest batch that brought the row
-        _field("date", pa.date32(), False),         # UTC day of ts (partition)
-    ]), partition_by=("date",)),
-    TableSpec("interactions_quarantine", pa.schema([
-        _field("batch_id", pa.string(), False),
-        _field("rule", pa.string(), False),         # the first validation rule the row broke
-        _field("field", pa.string(), False),        # the input column that broke it
-        _field("detail", pa.string()),              # the offending value / reason
-        _field("raw", pa.string(), False),          # the whole input row as JSON
-        _field("source", pa.string()),              # input file
-    ])),
-    TableSpec("items", pa.schema([
-        _field("item_id", _ID, False), _field("title", pa.string()), _field("category", pa.string()),
-    ]), key=("item_id",)),
-    TableSpec("path_scores", pa.schema([
-        _field("item_id", _ID, False), _field("path", pa.int64(), False),
-        _field("score", pa.float64(), False), _field("n_v", pa.float64(), False),   # decayed in streaming mode
-    ]), key=("item_id", "path")),
-    TableSpec("item_paths", pa.schema([
-        _field("item_id", _ID, False), _field("slot", pa.int32(), False),
-        _field("path", pa.int64(), False), _field("score", pa.float64()),
-    ]), key=("item_id", "slot")),
-    TableSpec("path_index", pa.schema([
-        _field("path", pa.int64(), False), _field("item_id", _ID, False),
-        _field("slot", pa.int32(), False), _field("score", pa.float64()),
-    ]), key=("path", "item_id")),
-    TableSpec("candidates", pa.schema([
-        _field("user_id", _ID, False), _field("rank", pa.int32(), False), _field("item_id", _ID, False),
-        _field("score", pa.float32()), _field("run_id", pa.string(), False),
-        _field("run_date", pa.date32(), False),
-        _field("user_key", pa.string()), _field("item_key", pa.string()),   # original ids (null: integer ids)
-    ]), partition_by=("run_date",), key=("run_id", "user_id", "rank")),
-    # String user / item keys -> dense int64 ids, per kind from 0 (jobs/id_dictionary.py); never rewritten.
-    TableSpec("id_dictionary", pa.schema([
-        _field("kind", pa.string(), False),         # user | item
-        _field("key", pa.string(), False),          # the original id, trimmed
-        _field("id", _ID, False),
-        _field("batch_id", pa.string(), False),     # ingest batch that brought the key
-    ]), key=("kind", "key")),
-    TableSpec("runs", pa.schema([
-        _field("run_id", pa.string(), False), _field("job", pa.string(), False),
-        _field("status", pa.string(), False),       # started | succeeded | failed
-        _field("ts", pa.timestamp("us", tz="UTC"), False),
-        _field("config_hash", pa.string()),
-        _field("table_versions", pa.string()),      # JSON {table: version}
-        _field("checkpoint", pa.string()),          # URI of the model checkpoint
-        _field("metrics", pa.string()),             # JSON
-    ])),
-    # Split (jobs/split.py): histories are the <= L previous items, left-padded with -1 to L.
-    TableSpec("samples_train", pa.schema([
-        _field("user_id", _ID, False), _field("pos", pa.int32(), False),   # 0-based event index
-        _field("hist", _IDS, False), _field("target", _ID, False),
-        _field("next", _IDS, False),                # target + the user's next items (<= train.rerank_targets)
-    ]), key=("user_id", "pos")),
-    TableSpec("eval_users", pa.schema([
-        _field("user_id", _ID, False), _field("role", pa.int8(), False),   # 1 validation, 2 test
-        _field("hist", _IDS, False),                # last <= L items of the first half
-        _field("n_input", pa.int32(), False),       # events in the first half (n // 2)
-        _field("input", _IDS, False),               # the whole first half, in time order (baselines)
-        _field("truth", _IDS, False),               # second half, in time order
-    ]), key=("user_id",)),
-    # Catalog items without interactions given paths by `dr backfill cold-items` (jobs/cold_items.py).
-    TableSpec("cold_item_paths", pa.schema([
-        _field("item_id", _ID, False), _field("slot", pa.int32(), False), _field("path", pa.int64(), False),
-        _field("method", pa.string(), False),           # category | least_loaded (older rows: neighbor)
-        _field("neighbor_item_id", _ID, False),         # its category's item nearest the category mean (-1: none)
-        _field("item_paths_version", pa.int64(), False), _field("run_id", pa.string(), False),
-    ]), key=("item_id", "slot")),
-    # ... and their reranker vectors (category mean, else global mean); read by the serving bundle.
-    TableSpec("cold_item_vectors", pa.schema([
-        _field("item_id", _ID, False), _field("embedding", pa.list_(pa.float32()), False),
-        _field("bias", pa.float64(), False),
-        _field("item_paths_version", pa.int64(), False), _field("run_id", pa.string(), False),
-    ]), key=("item_id",)),
-    # Activity state kept night over night (jobs/user_state.py): last L kept events per user, last event per item.
-    TableSpec("user_state", pa.schema([
-        _field("user_id", _ID, False), _field("items", _IDS, False),   # last <= L kept items, time order
-        _field("ts", pa.list_(pa.int64()), False),                       # their event times
-        _field("n_events", pa.int64(), False), _field("last_ts", pa.int64(), False),
-    ]), key=("user_id",)),
-    TableSpec("item_state", pa.schema([
-        _field("item_id", _ID, False), _field("last_ts", pa.int64(), False), _field("n_events", pa.int64(), False),
-    ]), key=("item_id",)),
-    # Synthetic ground truth (jobs/datasets.py): user -> planted interest clusters.
-    TableSpec("synthetic_truth", pa.schema([
-        _field("user_id", _ID, False), _field("slot", pa.int32(), False), _field("cluster", pa.int64(), False),
-    ]), key=("user_id", "slot")),
-]}
-
-
-def spec(table: str) -> TableSpec:
-    """The TableSpec of a known table (clear error otherwise)."""
-    try:
-        return TABLES[table]
-    except KeyError:
-        raise KeyError(f"unknown table {table!r}; known: {sorted(TABLES)}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,29 +80,6 @@ class CommitMeta:
 
 
 @dataclass(frozen=True)
-class StagedFile:
-    """One data file written into a table folder, not yet committed."""
-
-    path: str                       # relative to the table root
-    size: int
-    partition_values: Mapping[str, str | None]
-    num_records: int
-    stats: str                      # Delta stats JSON
-
-
-@dataclass(frozen=True)
-class Staged:
-    """The files staged for one table by one write."""
-
-    table: str
-    files: tuple[StagedFile, ...]
-
-    @property
-    def rows(self) -> int:
-        return sum(f.num_records for f in self.files)
-
-
-@dataclass(frozen=True)
 class CommitResult:
     """Outcome of a write: the table version it made (or found, when skipped)."""
 
@@ -265,162 +102,6 @@ class VersionInfo:
     round: int | None
     config_hash: str | None
     metadata: Mapping[str, Any]
-
-
-# ---------------------------------------------------------------------------------------
-# Staging: write Parquet files into a table folder (executor- and driver-side, same code)
-# ---------------------------------------------------------------------------------------
-
-_META_SCHEMA = pa.schema([
-    ("table", pa.string()), ("path", pa.string()), ("size", pa.int64()),
-    ("partition_values", pa.string()), ("num_records", pa.int64()), ("stats", pa.string()),
-])
-_MAX_ROWS_PER_FILE = 4_000_000
-
-
-def _partition_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, (date, datetime)):
-        return value.isoformat()
-    return str(value)
-
-
-class _StatsAcc:
-    """Delta per-file statistics (numRecords, nullCount, min/max of numeric and date columns)."""
-
-    def __init__(self, schema: pa.Schema) -> None:
-        self.schema = schema
-        self.rows = 0
-        self.nulls = {f.name: 0 for f in schema}
-        self.mins: dict[str, Any] = {}
-        self.maxs: dict[str, Any] = {}
-
-    def add(self, tbl: pa.Table) -> None:
-        self.rows += tbl.num_rows
-        for f in self.schema:
-            col = tbl.column(f.name)
-            self.nulls[f.name] += col.null_count
-            t = f.type
-            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_date32(t)):
-                continue
-            mm = pc.min_max(col).as_py()
-            lo, hi = mm["min"], mm["max"]
-            if lo is None or (isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi))):
-                continue
-            self.mins[f.name] = lo if f.name not in self.mins else min(self.mins[f.name], lo)
-            self.maxs[f.name] = hi if f.name not in self.maxs else max(self.maxs[f.name], hi)
-
-    def json(self) -> str:
-        enc = {k: _partition_str(v) if isinstance(v, date) else v for k, v in self.mins.items()}
-        enc_max = {k: _partition_str(v) if isinstance(v, date) else v for k, v in self.maxs.items()}
-        return json.dumps({"numRecords": self.rows, "minValues": enc, "maxValues": enc_max, "nullCount": self.nulls})
-
-
-class _FileSink:
-    """Writes conforming Arrow data into one table folder: one open file per partition value."""
-
-    def __init__(self, table: str, uri: str, tag: str) -> None:
-        self.spec = spec(table)
-        self.table = table
-        self.fs, self.root = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-        self.tag = tag
-        self.open: dict[str | None, tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]] = {}
-        self.done: list[StagedFile] = []
-
-    def _new_file(self, pvalues: dict[str, str | None]) -> tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]:
-        parts = [f"{k}={urllib.parse.quote(v if v is not None else '__HIVE_DEFAULT_PARTITION__', safe='-_.')}"
-                 for k, v in pvalues.items()]
-        rel = "/".join([*parts, f"part-{self.tag}-{uuid.uuid4().hex[:12]}.parquet"])
-        full = f"{self.root.rstrip('/')}/{rel}"
-        self.fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
-        writer = pq.ParquetWriter(full, self.spec.file_schema, filesystem=self.fs, compression="snappy")
-        return writer, rel, _StatsAcc(self.spec.file_schema), pvalues
-
-    def write(self, tbl: pa.Table) -> None:
-        """tbl must already have the table's schema (see conform)."""
-        if tbl.num_rows == 0:
-            return
-        if not self.spec.partition_by:
-            self._write_part(None, {}, tbl)
-            return
-        pcol = self.spec.partition_by[0]
-        col = tbl.column(pcol)
-        for value in pc.unique(col).to_pylist():
-            sub = tbl.filter(pc.is_null(col) if value is None else pc.equal(col, pa.scalar(value, col.type)))
-            pv = _partition_str(value)
-            self._write_part(pv, {pcol: pv}, sub)
-
-    def _write_part(self, key: str | None, pvalues: dict[str, str | None], tbl: pa.Table) -> None:
-        data = tbl.select(self.spec.file_schema.names)
-        if key not in self.open:
-            self.open[key] = self._new_file(pvalues)
-        writer, rel, acc, pv = self.open[key]
-        writer.write_table(data)
-        acc.add(data)
-        if acc.rows >= _MAX_ROWS_PER_FILE:
-            self._close(key)
-
-    def _close(self, key: str | None) -> None:
-        writer, rel, acc, pv = self.open.pop(key)
-        writer.close()
-        size = self.fs.get_file_info(f"{self.root.rstrip('/')}/{rel}").size
-        self.done.append(StagedFile(rel, int(size), dict(pv), acc.rows, acc.json()))
-
-    def close(self) -> list[StagedFile]:
-        for key in list(self.open):
-            self._close(key)
-        return self.done
-
-
-def list_array(rows: np.ndarray, pad: int | None = None, dtype: Any = np.int64) -> pa.ListArray:
-    """[n, w] matrix -> list<dtype> array of n rows (int64 by default); with `pad`, the pad entries are left out."""
-    rows = np.asarray(rows, dtype=dtype)
-    keep = np.ones(rows.shape, dtype=bool) if pad is None else rows != pad
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows[keep]))
-
-
-def conform(table: str, data: pa.Table | pa.RecordBatch | pd.DataFrame) -> pa.Table:
-    """Select and cast data to the table's exact schema (clear error on missing columns / nulls)."""
-    sch = spec(table).schema
-    if isinstance(data, pd.DataFrame):
-        data = pa.Table.from_pandas(data, preserve_index=False)
-    elif isinstance(data, pa.RecordBatch):
-        data = pa.Table.from_batches([data])
-    missing = [n for n in sch.names if n not in data.column_names]
-    if missing:
-        raise ValueError(f"table {table}: input lacks columns {missing} (has {data.column_names})")
-    data = data.select(sch.names)
-    for f in sch:
-        if not f.nullable and data.column(f.name).null_count:
-            raise ValueError(f"table {table}: column {f.name!r} has {data.column(f.name).null_count} nulls but is NOT NULL")
-    return data.cast(sch)
-
-
-def _stage_task(batches: Iterator[pa.RecordBatch], targets: Mapping[str, tuple[str, str]],
-                route_col: str | None, tag: str) -> Iterator[pa.RecordBatch]:
-    """Executor body: route each batch's rows to their tables' sinks; yield one row per file."""
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    task_tag = f"{tag}-{ctx.partitionId():05d}-{ctx.attemptNumber()}" if ctx else tag
-    sinks = {value: _FileSink(table, uri, task_tag) for value, (table, uri) in targets.items()}
-    for batch in batches:
-        if route_col is None:
-            (value,) = sinks
-            sinks[value].write(conform(sinks[value].table, batch))
-            continue
-        route = batch.column(route_col)
-        for value, sink in sinks.items():
-            sub = batch.filter(pc.equal(route, value))
-            if sub.num_rows:
-                sink.write(conform(sink.table, sub))
-    rows = [(s.table, f.path, f.size, json.dumps(dict(f.partition_values)), f.num_records, f.stats)
-            for s in sinks.values() for f in s.close()]
-    if rows:
-        yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), _META_SCHEMA)],
-                                         schema=_META_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------
