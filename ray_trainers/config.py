@@ -132,7 +132,9 @@ def ensure_ray(cfg: RayConfig) -> None:
     ray_environment()
     if ray.is_initialized():
         return
-    ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
+    # without an address: a new local Ray, never one found on the machine (ray.init(None) attaches to the
+    # last cluster started here, /tmp/ray/ray_current_cluster, even a dead one: a job then hangs)
+    ray.init(address=cfg.address or "local", num_cpus=cfg.num_cpus if cfg.address is None else None,
              object_store_memory=cfg.object_store_memory if cfg.address is None else None,
              include_dashboard=False, configure_logging=False,
              logging_config=ray.LoggingConfig(log_level="ERROR"))
