@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test system-test venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ demo: $(STAMP)
 	$(VENV)/bin/dr evaluate --warehouse warehouse --run-id demo-ml-1m
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not system"
+
+# Real `dr` processes: killed at every commit point of ingest/train/candidates/evaluate, and the
+# nightly job on a Spark standalone cluster + a 2-node Ray cluster on loopback (~25 min).
+system-test: $(STAMP)
+	$(PY) -m pytest -q -m system
 
 clean:
 	rm -rf $(VENV) .data warehouse

@@ -23,6 +23,8 @@ from jobs.tables import Warehouse
 
 from test_airflow_dags import ROOT, ensure_airflow_venv
 
+pytestmark = pytest.mark.system        # ~7.5 min of real `dr` processes: make system-test
+
 NIGHTS = ("2026-11-02", "2026-11-03")
 
 

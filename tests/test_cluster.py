@@ -1,0 +1,119 @@
+"""The nightly job on real clusters: a Spark standalone Master + 2 Workers and a Ray head + 1 worker node.
+
+Both clusters run on loopback, started by the launchers that ship with pyspark and ray
+(tests/clusters.py). `dr train` -> `dr candidates` -> `dr evaluate` on MovieLens-100K runs
+once in local mode (local[2], a local Ray) and once with --spark-master spark://... and
+--ray-address against the clusters, with the same short schedule and 2 E-step workers. While
+the cluster E-step trains, the Ray worker node is killed (SIGKILL to its process group) and a
+new one joins: Ray Train restarts the worker group, which resumes from the last checkpoint.
+While the cluster writes candidates, a Spark worker is killed: its tasks are retried on the other.
+
+Tolerances (stated in README "Clusters"): the split, the vocabulary and the candidate users are
+equal; DR's recall@k and F@k within 15 % of local mode (the E-step's all-reduce sums in another
+order on another topology, and the killed epoch is re-trained from its checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.tables import Warehouse
+from clusters import RAY_ENV, RayCluster, SparkStandalone
+
+pytestmark = pytest.mark.system
+
+DR = [sys.executable, "-m", "jobs.cli"]
+SCHEDULE = ["--set", "train.em_rounds=1", "--set", "train.joint_epochs=3", "--set", "train.structure_epochs=2"]
+TOLERANCE = 0.15
+
+
+def _dr(args: list[str], on_line=None) -> tuple[int, str, str]:
+    """Run `dr ARGS`; on_line(line) sees each stderr line as it comes. -> (rc, stdout, stderr)."""
+    p = subprocess.Popen([*DR, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1", "SPARK_LOCAL_IP": "127.0.0.1"})
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
+    reader.start()
+    err: list[str] = []
+    for line in p.stderr:
+        err.append(line)
+        if on_line is not None:
+            on_line(line)
+    p.wait(timeout=1800)
+    reader.join(30)
+    return p.returncode, "".join(out), "".join(err)
+
+
+def _nightly(wh: Path, cluster: list[str], train_line=None, candidates_line=None) -> dict:
+    common = ["--warehouse", str(wh), *cluster]
+    rc, _, err = _dr(["train", "--dataset", "ml-100k", "--run-id", "night-1", *SCHEDULE, *common,
+                      "--ray-workers", "2"], train_line)
+    assert rc == 0, err[-4000:]
+    rc, out, err2 = _dr(["candidates", "--train-run-id", "night-1", "--top-n", "50", "--json", *common],
+                        candidates_line)
+    assert rc == 0, err2[-4000:]
+    rc, out3, err3 = _dr(["evaluate", "--run-id", "night-1", "--json", *common])
+    assert rc == 0, err3[-4000:]
+    return {"train_log": err, "candidates": json.loads(out), "evaluation": json.loads(out3)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cluster")
+    local = _nightly(base / "local", ["--spark-master", "local[2]"])
+    logs = base / "logs"
+    logs.mkdir()
+    with SparkStandalone(logs, workers=2, cores=1) as spark, RayCluster(logs, workers=1, cpus=3) as ray:
+        killed: dict[str, float] = {}
+
+        def kill_ray_node(line: str) -> None:
+            # the first finished epoch of the first E-step: the next epoch runs on both nodes
+            if "ray-node" not in killed and "[estep] round 0" in line and "epoch 1:" in line:
+                killed["ray-node"] = time.time()
+                ray.procs[1].kill()
+                ray.add_worker(1)
+
+        def kill_spark_worker(line: str) -> None:
+            # the line logged as the candidates stage starts: the worker dies with its tasks running
+            if "spark-worker" not in killed and ", top 50," in line:
+                killed["spark-worker"] = time.time()
+                threading.Timer(1.0, spark.worker(0).kill).start()
+
+        cluster = _nightly(base / "cluster", ["--spark-master", spark.url, "--ray-address", ray.address,
+                                              "--ray-cpus-per-worker", "2"], kill_ray_node, kill_spark_worker)
+        master_log = spark.procs[0].text()
+    return local, cluster, killed, master_log, Warehouse(base / "local"), Warehouse(base / "cluster")
+
+
+def test_the_cluster_run_used_both_clusters_and_survived_the_kills(runs):
+    _, cluster, killed, master_log, _, _ = runs
+    assert set(killed) == {"ray-node", "spark-worker"}
+    assert "resuming from" in cluster["train_log"]          # Ray Train restarted the group from a checkpoint
+    assert "Registering app dr-train" in master_log and "Removing worker" in master_log
+
+
+def test_cluster_results_equal_local_within_tolerance(runs):
+    local, cluster, _, _, wl, wc = runs
+    for table in ("interactions", "samples_train", "eval_users"):
+        assert wl.rows(table) == wc.rows(table), table
+    il = wl.read_arrow("item_paths").column("item_id").unique().to_pylist()
+    ic = wc.read_arrow("item_paths").column("item_id").unique().to_pylist()
+    assert sorted(il) == sorted(ic)
+    assert local["candidates"]["users"] == cluster["candidates"]["users"]
+    assert local["candidates"]["rows"] == cluster["candidates"]["rows"]
+    dl, dc = local["evaluation"]["methods"]["dr"], cluster["evaluation"]["methods"]["dr"]
+    for key in ("recall", "f1"):
+        assert abs(dc[key] - dl[key]) <= TOLERANCE * dl[key], (key, dl[key], dc[key])
+
+
+def test_no_doubled_rows_after_the_spark_worker_was_lost(runs):
+    _, _, _, _, _, wc = runs
+    cand = wc.read_arrow("candidates").to_pandas()
+    assert not cand.duplicated(["run_id", "user_id", "rank"]).any()
