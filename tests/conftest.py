@@ -29,6 +29,6 @@ def ray_local():
     ray_environment()
     if ray.is_initialized():  # a job under test started its own Ray: replace it with the session's settings
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2 ** 20, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 * 2 ** 20, log_to_driver=False)
     yield ray
     ray.shutdown()

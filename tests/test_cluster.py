@@ -51,9 +51,9 @@ def _dr(args: list[str], on_line=None) -> tuple[int, str, str]:
     return p.returncode, "".join(out), "".join(err)
 
 
-def _nightly(wh: Path, cluster: list[str], train_line=None, candidates_line=None) -> dict:
-    common = ["--warehouse", str(wh), *cluster]
-    rc, _, err = _dr(["train", "--dataset", "ml-100k", "--run-id", "night-1", *SCHEDULE, *common,
+def _nightly(wh: Path, spark: list[str], ray: list[str], train_line=None, candidates_line=None) -> dict:
+    common = ["--warehouse", str(wh), *spark]
+    rc, _, err = _dr(["train", "--dataset", "ml-100k", "--run-id", "night-1", *SCHEDULE, *common, *ray,
                       "--ray-workers", "2"], train_line)
     assert rc == 0, err[-4000:]
     rc, out, err2 = _dr(["candidates", "--train-run-id", "night-1", "--top-n", "50", "--json", *common],
@@ -67,7 +67,7 @@ def _nightly(wh: Path, cluster: list[str], train_line=None, candidates_line=None
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
-    local = _nightly(base / "local", ["--spark-master", "local[2]"])
+    local = _nightly(base / "local", ["--spark-master", "local[2]"], [])
     logs = base / "logs"
     logs.mkdir()
     with SparkStandalone(logs, workers=2, cores=1) as spark, RayCluster(logs, workers=1, cpus=3) as ray:
@@ -86,8 +86,8 @@ def runs(tmp_path_factory):
                 killed["spark-worker"] = time.time()
                 threading.Timer(1.0, spark.worker(0).kill).start()
 
-        cluster = _nightly(base / "cluster", ["--spark-master", spark.url, "--ray-address", ray.address,
-                                              "--ray-cpus-per-worker", "2"], kill_ray_node, kill_spark_worker)
+        cluster = _nightly(base / "cluster", ["--spark-master", spark.url],
+                           ["--ray-address", ray.address, "--ray-cpus-per-worker", "2"], kill_ray_node, kill_spark_worker)
         master_log = spark.procs[0].text()
     return local, cluster, killed, master_log, Warehouse(base / "local"), Warehouse(base / "cluster")
 

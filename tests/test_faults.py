@@ -11,7 +11,6 @@ table: its report is a file written last, rewritten whole by a rerun.)
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
