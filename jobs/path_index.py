@@ -30,13 +30,11 @@ def build_path_index(spark: SparkSession, warehouse: Warehouse, item_paths_versi
     v = warehouse.version("item_paths") if item_paths_version is None else item_paths_version
     if v is None:
         raise FileNotFoundError("table 'item_paths' does not exist: run the M-step first")
-    if frame is None and warehouse.exists("path_index"):
+    done = find_path_index(warehouse, v, run_id) if frame is None else None
+    if done is not None:
         # a rerun after a crash past this commit: the index of (this run, this version) is already there
-        done = [x.version for x in warehouse.versions("path_index") if (x.job, x.run_id) == (JOB, run_id)
-                and x.metadata.get("dr.item_paths_version") == v]
-        if done:
-            log(f"path_index v{done[-1]} for item_paths v{v} already committed by run {run_id}: reused")
-            return CommitResult("path_index", done[-1], True, 0, 0)
+        log(f"path_index v{done} for item_paths v{v} already committed by run {run_id}: reused")
+        return CommitResult("path_index", done, True, 0, 0)
     n = partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
     src = warehouse.read_spark(spark, "item_paths", v) if frame is None else frame
     df = (src.select("path", "item_id", "slot", "score")
@@ -47,12 +45,13 @@ def build_path_index(spark: SparkSession, warehouse: Warehouse, item_paths_versi
     return res
 
 
-def find_path_index(warehouse: Warehouse, item_paths_version: int) -> int | None:
-    """The latest path_index version built from item_paths@item_paths_version, or None."""
+def find_path_index(warehouse: Warehouse, item_paths_version: int, run_id: str | None = None) -> int | None:
+    """The latest path_index version built from item_paths@item_paths_version (by this job for run_id), or None."""
     if not warehouse.exists("path_index"):
         return None
     hits = [x.version for x in warehouse.versions("path_index")
-            if x.metadata.get("dr.item_paths_version") == item_paths_version]
+            if x.metadata.get("dr.item_paths_version") == item_paths_version
+            and (run_id is None or (x.job, x.run_id) == (JOB, run_id))]
     return hits[-1] if hits else None
 
 
