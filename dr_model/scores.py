@@ -51,27 +51,56 @@ class PathScores:
         return aggregate_pairs(item_id, path, score, S, n_v=n_v, n_v_is_per_item=True)
 
 
+def _pair_order(item: np.ndarray, path: np.ndarray) -> np.ndarray:
+    """Stable order of rows by (item, path): one int64 radix-sortable key when the id ranges allow it."""
+    if item.size and path.min() >= 0:
+        lo, hi, top = int(item.min()), int(item.max()), int(path.max()) + 1
+        if (hi - lo + 1) * top < 2 ** 63:
+            return np.argsort((item - lo) * top + path, kind="stable")
+    return np.lexsort((path, item))
+
+
 def _top_s_per_item(item: np.ndarray, path: np.ndarray, score: np.ndarray, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unique (item, path) rows -> items [V], paths [V,S], scores [V,S] keeping the S largest per item."""
-    # Sort by item, then score descending; ties broken by path for determinism.
-    order = np.lexsort((path, -score, item))
-    item, path, score = item[order], path[order], score[order]
-    items, start, counts = np.unique(item, return_index=True, return_counts=True)
-    rank = np.arange(item.shape[0]) - np.repeat(start, counts)
-    keep = rank < S
-    row = np.repeat(np.arange(items.shape[0]), counts)[keep]
+    """Unique (item, path) rows sorted by (item, path) -> items [V], paths [V,S], scores [V,S], the S largest per item.
+
+    Order within an item: score descending, ties by path. Items holding a few rows each (the
+    path_scores case) are ranked in a [V, widest] matrix, row by row; otherwise one global sort.
+    """
+    n = item.shape[0]
+    starts = np.flatnonzero(np.r_[True, item[1:] != item[:-1]]) if n else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[starts, n])
+    items = item[starts]
     out_p = np.full((items.shape[0], S), EMPTY, dtype=np.int64)
     out_s = np.zeros((items.shape[0], S), dtype=np.float64)
-    out_p[row, rank[keep]] = path[keep]
-    out_s[row, rank[keep]] = score[keep]
+    rank = np.arange(n) - np.repeat(starts, counts)
+    row = np.repeat(np.arange(items.shape[0]), counts)
+    widest = int(counts.max()) if n else 0
+    if items.shape[0] * widest <= 4 * n:
+        neg = np.full((items.shape[0], widest), np.inf)
+        neg[row, rank] = -score
+        by_score = np.argsort(neg, axis=1, kind="stable")[:, :S]      # stable: ties stay in path order
+        w = by_score.shape[1]
+        keep = by_score < counts[:, None]
+        src = np.minimum(starts[:, None] + by_score, max(n - 1, 0))
+        out_p[:, :w] = np.where(keep, path[src], EMPTY)
+        out_s[:, :w] = np.where(keep, score[src], 0.0)
+        return items, out_p, out_s
+    order = np.lexsort((path, -score, item))
+    path, score = path[order], score[order]
+    keep = rank < S
+    out_p[row[keep], rank[keep]] = path[keep]
+    out_s[row[keep], rank[keep]] = score[keep]
     return items, out_p, out_s
 
 
-def _sum_duplicates(item: np.ndarray, path: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    keys = np.stack([item, path], axis=1)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    sums = np.bincount(inv.ravel(), weights=score, minlength=uniq.shape[0])
-    return uniq[:, 0], uniq[:, 1], sums
+def _sum_duplicates(item: np.ndarray, path: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rows -> unique (item, path) sorted by (item, path), scores summed in input order; + first input row of each."""
+    order = _pair_order(item, path)
+    item, path = item[order], path[order]
+    new = np.ones(item.shape[0], dtype=bool)
+    new[1:] = (item[1:] != item[:-1]) | (path[1:] != path[:-1])
+    sums = np.bincount(np.cumsum(new) - 1, weights=score[order], minlength=int(new.sum()))
+    return item[new], path[new], sums, order[new]
 
 
 def aggregate_pairs(item: np.ndarray, path: np.ndarray, prob: np.ndarray, S: int,
@@ -94,13 +123,12 @@ def aggregate_pairs(item: np.ndarray, path: np.ndarray, prob: np.ndarray, S: int
     valid = path != EMPTY
     if np.any(prob[valid] < 0) or not np.all(np.isfinite(prob[valid])):
         raise ValueError("path scores must be finite and >= 0")
-    u_item, u_path, u_score = _sum_duplicates(item[valid], path[valid], prob[valid])
+    u_item, u_path, u_score, first = _sum_duplicates(item[valid], path[valid], prob[valid])
     items, paths, scores = _top_s_per_item(u_item, u_path, u_score, S)
     if n_v_is_per_item:
-        # one n_v per input row: take it per item (rows of one item carry the same value)
-        idx = np.searchsorted(items, item[valid])
-        nv = np.zeros(items.shape[0])
-        nv[idx] = np.asarray(n_v, dtype=np.float64)[valid]
+        # one n_v per input row, the same for every row of an item: take its first pair's
+        item_first = np.r_[True, u_item[1:] != u_item[:-1]] if u_item.size else np.zeros(0, bool)
+        nv = np.asarray(n_v, dtype=np.float64)[valid][first[item_first]]
     elif pair_items is not None:
         nv = np.bincount(np.searchsorted(items, pair_items[np.isin(pair_items, items)]), minlength=items.shape[0]).astype(np.float64)
     else:
@@ -148,7 +176,7 @@ def streaming_merge(old: PathScores, new: PathScores, decay: float) -> PathScore
     item = np.concatenate([o_item, n_item])
     path = np.concatenate([o_path, n_path])
     score = np.concatenate([o_score, n_score])
-    u_item, u_path, u_score = _sum_duplicates(item, path, score)
+    u_item, u_path, u_score, _ = _sum_duplicates(item, path, score)
     items, paths, scores = _top_s_per_item(u_item, u_path, u_score, S)
 
     nv = np.zeros(items.shape[0])
@@ -158,10 +186,16 @@ def streaming_merge(old: PathScores, new: PathScores, decay: float) -> PathScore
 
 
 def _rows_in(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """For each row of a [n, 2] int64: is it a row of b [m, 2]?"""
-    if b.shape[0] == 0:
+    """For each row of a [n, 2] int64 (item, path >= 0): is it a row of b [m, 2]?"""
+    if b.shape[0] == 0 or a.shape[0] == 0:
         return np.zeros(a.shape[0], dtype=bool)
     both = np.concatenate([b, a])
+    lo, hi, top = int(both[:, 0].min()), int(both[:, 0].max()), int(both[:, 1].max()) + 1
+    if both[:, 1].min() >= 0 and (hi - lo + 1) * top < 2 ** 63:
+        kb = np.sort((b[:, 0] - lo) * top + b[:, 1])
+        ka = (a[:, 0] - lo) * top + a[:, 1]
+        pos = np.minimum(np.searchsorted(kb, ka), kb.shape[0] - 1)
+        return kb[pos] == ka
     _, inv = np.unique(both, axis=0, return_inverse=True)
     inv = inv.ravel()
     present = np.zeros(inv.max() + 1, dtype=bool)
