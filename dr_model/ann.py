@@ -7,12 +7,15 @@ items scored per user compare with DR's beam on equal terms.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import faiss
+# faiss's loader logs six INFO lines per process while it probes CPU features (Ray workers log INFO)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+import faiss  # noqa: E402
 import numpy as np
 import torch
 
