@@ -48,7 +48,56 @@ class PathScores:
     @classmethod
     def from_long(cls, item_id: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: np.ndarray, S: int) -> "PathScores":
         """Flat (item, path, score, n_v) rows -> fixed-width top-S layout (sums duplicate pairs)."""
-        return aggregate_pairs(item_id, path, score, S, n_v=n_v, n_v_is_per_item=True)
+        fast = _grouped_lists(item_id, path, score, n_v, S)
+        return fast if fast is not None else aggregate_pairs(item_id, path, score, S, n_v=n_v, n_v_is_per_item=True)
+
+
+def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: np.ndarray, S: int) -> "PathScores | None":
+    """The rows of a `path_scores` table as written (each item's rows together, at most S, distinct paths)
+    -> the same layout as aggregate_pairs, in O(rows) + a sort of the items; None when the rows are not so.
+    """
+    item = np.asarray(item, dtype=np.int64)
+    path = np.asarray(path, dtype=np.int64)
+    score = np.asarray(score, dtype=np.float64)
+    n = item.shape[0]
+    if n == 0 or (path < 0).any() or not (np.isfinite(score).all() and (score >= 0).all()):
+        return None
+    starts = np.r_[0, np.flatnonzero(item[1:] != item[:-1]) + 1]
+    counts = np.diff(np.r_[starts, n])
+    width, m = int(counts.max()), starts.shape[0]
+    if width > S:
+        return None
+    runs = item[starts]
+    if np.unique(runs).shape[0] != m:                         # an item's rows are not together
+        return None
+    if (counts == width).all():                               # every item holds the same number of rows
+        paths, scores = path.reshape(m, width), score.reshape(m, width)
+    else:
+        rank = np.arange(n) - np.repeat(starts, counts)
+        row = np.repeat(np.arange(m), counts)
+        paths = np.full((m, width), EMPTY, dtype=np.int64)
+        scores = np.zeros((m, width))
+        paths[row, rank] = path
+        scores[row, rank] = score
+    ordered = np.sort(paths, axis=1)
+    if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)).any():   # a path twice: sum them
+        return None
+    # per item: score descending, ties by path, empty slots last (aggregate_pairs' order); the
+    # scores job writes them so, then nothing moves
+    nxt_empty, cur_empty = paths[:, 1:] == EMPTY, paths[:, :-1] == EMPTY
+    in_order = nxt_empty | (~cur_empty & ((scores[:, 1:] < scores[:, :-1])
+                                          | ((scores[:, 1:] == scores[:, :-1]) & (paths[:, 1:] > paths[:, :-1]))))
+    if not in_order.all():
+        o = np.lexsort((paths, -scores, paths == EMPTY), axis=-1)
+        paths, scores = np.take_along_axis(paths, o, 1), np.take_along_axis(scores, o, 1)
+    nv = np.asarray(n_v, dtype=np.float64)[starts]
+    if not (runs[1:] > runs[:-1]).all():
+        by_item = np.argsort(runs, kind="stable")
+        runs, paths, scores, nv = runs[by_item], paths[by_item], scores[by_item], nv[by_item]
+    out_p = np.full((m, S), EMPTY, dtype=np.int64)
+    out_s = np.zeros((m, S))
+    out_p[:, :width], out_s[:, :width] = paths, scores
+    return PathScores(runs, out_p, out_s, nv)
 
 
 def _pair_order(item: np.ndarray, path: np.ndarray) -> np.ndarray:
