@@ -170,11 +170,24 @@ def with_exploration(ps: PathScores, K: int, D: int, n: int, score_frac: float, 
     for j in range(n):
         dup[:, j] = (ps.paths == sib[:, j:j + 1]).any(1) | (sib[:, :j] == sib[:, j:j + 1]).any(1)
     sib[dup] = EMPTY
-    paths = np.concatenate([ps.paths, sib], axis=1)
-    scores = np.concatenate([ps.scores, np.where(sib != EMPTY, score_frac * ps.scores[:, :1], 0.0)], axis=1)
-    # descending by score, empty slots last (stable: real candidates stay ahead of equal siblings)
-    order = np.argsort(np.where(paths == EMPTY, np.inf, -scores), axis=1, kind="stable")
-    return PathScores(ps.items, np.take_along_axis(paths, order, 1), np.take_along_axis(scores, order, 1), ps.n_v)
+    # siblings score score_frac x the item's best; a row is already descending, so each sibling
+    # goes right after the real candidates scoring at least as much (a stable sort's order), the
+    # dropped ones (EMPTY) at the very end: columns computed, not sorted
+    m, S = ps.paths.shape
+    valid = sib != EMPTY
+    sib_score = score_frac * ps.scores[:, :1]
+    pos = ((ps.paths != EMPTY) & (ps.scores >= sib_score)).sum(1, keepdims=True)
+    nv = valid.sum(1, keepdims=True)
+    k = np.arange(S)[None, :]
+    real_cols = k + (k >= pos) * nv
+    sib_cols = np.where(valid, pos + np.cumsum(valid, 1) - 1, S + nv + np.cumsum(~valid, 1) - 1)
+    paths = np.empty((m, S + n), dtype=ps.paths.dtype)
+    scores = np.empty((m, S + n), dtype=ps.scores.dtype)
+    np.put_along_axis(paths, real_cols, ps.paths, 1)
+    np.put_along_axis(scores, real_cols, ps.scores, 1)
+    np.put_along_axis(paths, sib_cols, sib, 1)
+    np.put_along_axis(scores, sib_cols, np.where(valid, sib_score, 0.0), 1)
+    return PathScores(ps.items, paths, scores, ps.n_v)
 
 
 __all__ = ["assigned_weights", "path_traffic", "traffic_size", "initial_alpha", "AlphaSearch", "exploration_paths",

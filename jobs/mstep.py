@@ -39,7 +39,9 @@ from dr_model.config import DRConfig
 from dr_model.mstep import RoundStats, fixed_alpha
 from jobs.tables import CommitMeta, CommitResult, Warehouse
 from spark_udfs.mstep_udf import (INPUT_COLUMNS, ITEM_PATHS_DDL, STATE_DDL, STATS_COLUMNS, MStepContext,
-                                  barrier_batches, build_state, drop_job, item_paths_batches, sweep_batches)
+                                  barrier_batches, build_state, build_state_from_files, drop_job, item_paths_batches,
+                                  sweep_batches)
+from spark_udfs.partitioning import largest_divisor, task_of
 
 JOB = "mstep"
 
@@ -73,6 +75,7 @@ class MStepOptions:
     worker_cache: bool = True
     driver_merge: int = 32
     min_items_per_partition: int = 50_000
+    read_buckets: bool = True         # False: always shuffle path_scores (the general path, for tests)
 
 
 @dataclass
@@ -117,6 +120,16 @@ def plan_partitions(spark: SparkSession, opts: MStepOptions, items: int | None =
     return n, barrier
 
 
+def scores_buckets(warehouse: Warehouse, version: int | None, files: tuple[str, ...]) -> int:
+    """Hash buckets of item_id the scores job wrote this path_scores version in (its `item_buckets`),
+    0 when unknown or when a file does not name the bucket (task) that wrote it."""
+    vs = warehouse.versions("path_scores")
+    info = vs[-1] if version is None and vs else next((v for v in vs if v.version == version), None)
+    b = int(info.metadata.get("dr.item_buckets") or 0) if info is not None else 0
+    tasks = [task_of(u) for u in files]
+    return b if b > 0 and all(t is not None and t < b for t in tasks) else 0
+
+
 def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
     return df.localCheckpoint(eager=True, storageLevel=getattr(StorageLevel, storage))
 
@@ -128,20 +141,38 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
     S, J, P, mc = cfg.search.score_paths + cfg.model.J, cfg.model.J, cfg.model.num_paths, cfg.mstep
     # path_scores holds at most S rows per item: rows // S is a lower bound of the scored items
     n, barrier = plan_partitions(spark, opts, warehouse.rows("path_scores", path_scores_version) // S)
+    sources = tuple(warehouse.files("path_scores", path_scores_version))
+    buckets = scores_buckets(warehouse, path_scores_version, sources) if opts.read_buckets else 0
+    if buckets:
+        n = largest_divisor(buckets, n)                  # each partition reads whole buckets
     barrier = barrier and P < 2 ** 31                    # the exchange encodes path ids as int32 gaps
     ctx = MStepContext(job=MStepContext.new_job(), S=S, J=J, num_paths=P, alpha=0.0, power=mc.penalty_power,
                        block_size=mc.block_size, extrapolate=opts.extrapolate, partitions=n,
-                       sources=tuple(warehouse.files("path_scores", path_scores_version)), cache=opts.worker_cache,
+                       sources=sources, cache=opts.worker_cache,
                        improving_only=mc.improving_only, K=cfg.model.K, D=cfg.model.D, explore=mc.explore,
-                       explore_score=mc.explore_score, seed=cfg.train.seed)
-    rows = (warehouse.read_spark(spark, "path_scores", path_scores_version)
-            .select("item_id", "path", "score", "n_v", F.lit(-1).alias("slot"), F.lit(0).alias("src")))
-    if init_item_paths_version is not None:
-        ip = warehouse.read_spark(spark, "item_paths", init_item_paths_version)
-        rows = rows.unionByName(ip.select("item_id", "path", F.lit(0.0).alias("score"), F.lit(0.0).alias("n_v"),
-                                          F.col("slot").cast("int").alias("slot"), F.lit(1).alias("src")))
+                       explore_score=mc.explore_score, seed=cfg.train.seed, buckets=buckets)
     seed = opts.seed
-    state = rows.repartition(n, "item_id").mapInArrow(lambda it: build_state(it, ctx, seed), STATE_DDL)
+    ip = (warehouse.read_spark(spark, "item_paths", init_item_paths_version)
+          .select("item_id", "path", F.col("slot").cast("int").alias("slot"), F.lit(1).alias("src"))
+          if init_item_paths_version is not None else None)
+    if buckets:
+        # the scores job wrote one file set per hash bucket of item_id: every task reads its buckets'
+        # files itself (nothing of path_scores is shuffled); only the starting paths (J rows an item)
+        # are hash-partitioned to it, with the same partitioner
+        src = (ip.repartition(n, "item_id") if ip is not None else
+               spark.range(n, numPartitions=n).select(F.col("id").alias("item_id"), F.lit(0).cast("long").alias("path"),
+                                                      F.lit(-1).alias("slot"), F.lit(2).alias("src")))
+        state = src.mapInArrow(lambda it: build_state_from_files(it, ctx, seed), STATE_DDL)
+    else:
+        rows = (warehouse.read_spark(spark, "path_scores", path_scores_version)
+                .select("item_id", "path", "score", "n_v", F.lit(-1).alias("slot"), F.lit(0).alias("src")))
+        if ip is not None:
+            rows = rows.unionByName(ip.select("item_id", "path", F.lit(0.0).alias("score"), F.lit(0.0).alias("n_v"),
+                                              "slot", "src"))
+        # sorted by item inside each partition (Spark's external sort spills): the tasks stream their
+        # rows into per-item arrays, so a task's memory follows its items, not its S+J rows per item
+        state = (rows.repartition(n, "item_id").sortWithinPartitions("item_id")
+                 .mapInArrow(lambda it: build_state(it, ctx, seed), STATE_DDL))
     try:
         return MStepState(_checkpoint(state, opts.storage), ctx, n, barrier)
     except Exception:
@@ -333,6 +364,9 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
         f"{'extrapolated local deltas' if opts.extrapolate else 'plain local copies'}")
     state = initial_state(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts)
     ctx = state.ctx
+    how = (f"each reading its share of the {ctx.buckets} item buckets' files" if ctx.buckets else
+           "path_scores shuffled by item (the version records no item buckets)")
+    log(f"state of {state.partitions} partitions built from path_scores, {how} [{time.perf_counter() - t0:.1f}s]")
     try:
         state, stats = run_rounds(spark, state, cfg, opts, log)
         out = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it: item_paths_batches(it, ctx), ITEM_PATHS_DDL)

@@ -52,6 +52,12 @@ def own_paths(item_paths: DataFrame) -> DataFrame:
             .select("item_id", F.col("sp.path").alias("own")))
 
 
+def item_buckets(spark: SparkSession, opts: ScoresOptions) -> int:
+    """Partitions of the top-S stage: each writes the items of one Spark hash bucket of item_id
+    (recorded with the version: the M-step then reads a bucket's files directly, jobs.mstep)."""
+    return opts.partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
+
+
 def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig,
                       previous: DataFrame | None = None, opts: ScoresOptions = ScoresOptions(),
                       item_paths: DataFrame | None = None, decay: float | None = None) -> DataFrame:
@@ -79,7 +85,7 @@ def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPaylo
             previous = previous.join(item_paths.select("item_id").distinct(), "item_id", "left_semi")
         rows = rows.unionByName(previous.select("item_id", F.array("path").alias("paths"), F.array("score").alias("scores"),
                                                 "n_v", F.lit(1).alias("src")))
-    n = opts.partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
+    n = item_buckets(spark, opts)
     decay = decay if previous is not None else None
     # every row of an item lands in one partition: dr_model keeps its top S (and merges) there
     return rows.repartition(n, "item_id").mapInArrow(lambda it: top_s_batches(it, width, decay), _OUT_DDL)
@@ -109,7 +115,8 @@ def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelP
     meta = CommitMeta(JOB, run_id, round, cfg.hash(), watermark=round if round is not None else 1, extra={
         "samples_version": samples_version, "previous_version": previous_version, "model_key": model.key,
         "item_paths_version": item_paths_version, "width": cfg.search.score_paths + (cfg.model.J if ip is not None else 0),
-        "mode": "batch" if previous is None else "streaming", "decay": decay if previous is not None else None})
+        "mode": "batch" if previous is None else "streaming", "decay": decay if previous is not None else None,
+        "item_buckets": item_buckets(spark, opts)})
     res = warehouse.write_spark("path_scores", df, meta, mode="overwrite")
     log(f"path_scores v{res.version} already committed by run {run_id} round {round}: reused" if res.skipped else
         f"committed path_scores v{res.version}: {res.rows} rows in {res.files} files [{time.perf_counter() - t0:.1f}s]")
@@ -123,4 +130,4 @@ def load_payload(checkpoint: str, cfg: DRConfig) -> ModelPayload:
     return ModelPayload.from_checkpoint(load_checkpoint(checkpoint, None), cfg.model)
 
 
-__all__ = ["ScoresOptions", "beam_rows", "path_scores_frame", "compute_path_scores", "load_payload", "JOB"]
+__all__ = ["ScoresOptions", "item_buckets", "beam_rows", "path_scores_frame", "compute_path_scores", "load_payload", "JOB"]

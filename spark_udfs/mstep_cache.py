@@ -23,6 +23,7 @@ import pyarrow as pa
 from dr_model.calibrate import with_exploration
 from dr_model.mstep import CandidateBlocks, prepare_blocks
 from dr_model.scores import PathScores
+from spark_udfs.partitioning import spark_partition, task_of
 
 # where a pass found the partition's candidates (`cache` column of the state; -1: the build pass)
 REBUILT, FROM_FILES, FROM_WORKER = 0, 1, 2
@@ -54,6 +55,8 @@ class MStepContext:
     explore: int = 0                  # exploration paths per item (dr_model.calibrate.with_exploration)
     explore_score: float = 0.5
     seed: int = 0
+    buckets: int = 0                  # > 0: each source file holds one Spark hash bucket of item_id
+                                      # (of `buckets`; a multiple of partitions): read_scores
 
     @property
     def width(self) -> int:
@@ -159,6 +162,40 @@ def _store(ctx: MStepContext, part: int, items: np.ndarray, ps: PathScores) -> _
     return entry
 
 
+def partition_files(ctx: MStepContext, part: int) -> list[str]:
+    """The path_scores files of this partition's buckets (ctx.buckets > 0): bucket b goes to partition b % partitions."""
+    return [u for u in ctx.sources if (task_of(u) or 0) % ctx.partitions == part]
+
+
+def read_scores(ctx: MStepContext, part: int) -> PathScores:
+    """This partition's s[v,c] lists (width S), read from its bucket files one at a time (ctx.buckets > 0)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    cols = (("item_id", np.int64), ("path", np.int64), ("score", np.float64), ("n_v", np.float64))
+    parts, files = [], partition_files(ctx, part)
+    for uri in files:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        t = pq.read_table(path, filesystem=fs, columns=[c for c, _ in cols])
+        parts.append(PathScores.from_long(*(t.column(c).to_numpy().astype(dt, copy=False) for c, dt in cols), ctx.S))
+        del t
+    if not parts:
+        return PathScores(np.zeros(0, np.int64), np.zeros((0, ctx.S), np.int64), np.zeros((0, ctx.S)), np.zeros(0))
+    items = np.concatenate([p.items for p in parts])
+    order = np.argsort(items, kind="stable")
+    items = items[order]
+    if (items[1:] == items[:-1]).any():
+        # an item's rows in two files (a task rolled its file mid-item): merge them the general way
+        long = [np.concatenate(x) for x in zip(*(p.to_long() for p in parts))]
+        ps = PathScores.from_long(*long, ctx.S)
+    else:
+        ps = PathScores(items, *(np.concatenate([getattr(p, f) for p in parts])[order] for f in ("paths", "scores", "n_v")))
+    if ps.items.size and (spark_partition(ps.items, ctx.partitions) != part).any():
+        raise RuntimeError(f"M-step partition {part} of {ctx.partitions}: path_scores files {files} hold items of "
+                           "other partitions (the version's item_buckets do not describe its files)")
+    return ps
+
+
 def _rebuild(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> _Entry:
     """Cache miss: this partition's candidates straight from the path_scores files (its items only)."""
     import pyarrow.dataset as ds
@@ -166,7 +203,9 @@ def _rebuild(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> 
 
     S = ctx.S
     scored = items[:n_scored]
-    if n_scored and ctx.sources:
+    if n_scored and ctx.buckets:
+        ps = ctx.candidates(read_scores(ctx, part))
+    elif n_scored and ctx.sources:
         fs, _ = pafs.FileSystem.from_uri(ctx.sources[0])
         paths = [pafs.FileSystem.from_uri(u)[1] for u in ctx.sources]
         tbl = ds.dataset(paths, filesystem=fs, format="parquet").to_table(
@@ -232,4 +271,4 @@ def drop_job(job: str) -> None:
     shutil.rmtree(job_dir(job), ignore_errors=True)
 
 
-__all__ = ["MStepContext", "REBUILT", "FROM_FILES", "FROM_WORKER", "job_dir", "drop_job", "drop_partition"]
+__all__ = ["MStepContext", "partition_files", "read_scores", "REBUILT", "FROM_FILES", "FROM_WORKER", "job_dir", "drop_job", "drop_partition"]

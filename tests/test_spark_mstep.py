@@ -204,3 +204,68 @@ def test_small_catalogs_plan_one_partition_per_min_items(spark):
     assert plan_partitions(spark, MStepOptions(), items=10 ** 8)[0] == slots
     assert plan_partitions(spark, MStepOptions(min_items_per_partition=1_000), items=2_500)[0] == min(2, slots)
     assert plan_partitions(spark, MStepOptions(partitions=3, sync="jobs"), items=10) == (3, False)
+
+
+def test_bucketed_path_scores_are_read_by_the_tasks_and_give_the_shuffled_run(spark, warehouse):
+    """path_scores written as the scores job writes it (a file set per hash bucket of item_id): the
+    M-step tasks read their buckets' files instead of shuffling the table, with the same result."""
+    cfg = replace(SYN_CFG, mstep=replace(SYN_CFG.mstep, rounds=2))
+    P, J = cfg.model.num_paths, cfg.model.J
+    ps = synthetic_scores(4000, 16, P, seed=4, pool=32)
+    assign0 = initial_assignment(len(ps) + 50, J, P, seed=7)
+    items = np.concatenate([ps.items, 10 ** 6 + np.arange(50)])                     # 50 items without scores
+    v_plain, _ = write_inputs(warehouse, ps, assign0[:len(ps)])
+    ip = pd.DataFrame({"item_id": np.repeat(items, J), "slot": np.tile(np.arange(J, dtype=np.int32), len(items)),
+                       "path": assign0.ravel(), "score": np.nan})
+    v_init = warehouse.write_arrow("item_paths", ip, CommitMeta("test", "init3"), mode="overwrite").version
+    rows = warehouse.read_spark(spark, "path_scores", v_plain)
+    v_buck = warehouse.write_spark("path_scores", rows.repartition(4, "item_id"),
+                                   CommitMeta("test", "ps-buckets", extra={"item_buckets": 4}), mode="overwrite").version
+    runs = {}
+    for name, v, opts in (("shuffled", v_plain, MStepOptions(partitions=2)),
+                          ("buckets", v_buck, MStepOptions(partitions=2)),
+                          ("buckets-rebuild", v_buck, MStepOptions(partitions=2, worker_cache=False)),
+                          ("random-start", v_buck, MStepOptions(partitions=2))):
+        logs: list[str] = []
+        init = None if name == "random-start" else v_init
+        res, stats = distributed_mstep(spark, warehouse, cfg, v, init, f"run-{name}", 0, opts, log=logs.append)
+        built = next(m for m in logs if "built from path_scores" in m)
+        assert ("item buckets' files" in built) == name.startswith("buckets") or name == "random-start"
+        runs[name] = (warehouse.read_arrow("item_paths", res.version).to_pandas()
+                      .sort_values(["item_id", "slot"]).reset_index(drop=True),
+                      [(s.objective, s.max_path_size, s.items_moved, s.skipped_items) for s in stats])
+    for name in ("buckets", "buckets-rebuild"):
+        pd.testing.assert_frame_equal(runs[name][0], runs["shuffled"][0])
+        assert runs[name][1] == runs["shuffled"][1]
+    assert len(runs["random-start"][0]) == len(ps) * J                              # scored items only
+    # a version whose files do not match its recorded buckets is refused by the tasks, nothing committed
+    v_bad = warehouse.write_spark("path_scores", rows.repartition(4, "path"),
+                                  CommitMeta("test", "ps-bad", extra={"item_buckets": 4}), mode="overwrite").version
+    before = warehouse.version("item_paths")
+    with pytest.raises(Exception, match="other partitions|hold items"):
+        distributed_mstep(spark, warehouse, cfg, v_bad, None, "run-bad-buckets", 0, MStepOptions(partitions=2))
+    assert warehouse.version("item_paths") == before
+
+
+def test_spark_hash_partitioner_in_numpy_matches_spark(spark):
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    from spark_udfs.partitioning import spark_hash, spark_partition, task_of
+
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([rng.integers(-2 ** 63, 2 ** 63 - 1, 300, dtype=np.int64), np.arange(-20, 200)])
+    df = spark.createDataFrame(pd.DataFrame({"item_id": ids}))
+    got = df.select("item_id", F.hash("item_id").alias("h")).toPandas()
+    np.testing.assert_array_equal(spark_hash(got["item_id"].to_numpy()), got["h"].to_numpy().astype(np.int32))
+
+    def tag(it):
+        from pyspark import TaskContext
+
+        for b in it:
+            yield pa.RecordBatch.from_arrays([b.column(0), pa.array(np.full(b.num_rows, TaskContext.get().partitionId()))],
+                                             names=["item_id", "p"])
+    for n in (1, 3, 8):
+        t = df.repartition(n, "item_id").mapInArrow(tag, "item_id long, p long").toPandas()
+        np.testing.assert_array_equal(spark_partition(t["item_id"].to_numpy(), n), t["p"].to_numpy())
+    assert task_of("x/part-0a1b2c3d-00017-0-0123456789ab.parquet") == 17 and task_of("part-d1234-x.parquet") is None
