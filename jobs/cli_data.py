@@ -69,6 +69,16 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 @_guard
+def cmd_planted(args: argparse.Namespace) -> int:
+    from . import datasets
+    spark, wh = _session(args)
+    res = datasets.planted_precision(spark, wh, args.run_id)
+    print(json.dumps(res) if args.json else ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in res.items()), flush=True)
+    return 0
+
+
+@_guard
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import ColumnMap, IngestConfig, IngestError, ingest_path
     cfg = IngestConfig(ts_unit=args.ts_unit, extra_columns=args.extra_columns, default_event=args.default_event,
@@ -149,6 +159,14 @@ def register(subparsers: Any) -> None:
                     help="users generated per chunk; memory per task ~ chunk x events x 40 B (default: 20000)")
     _common(sy)
     sy.set_defaults(func=cmd_synthetic, app_name="dr-data-synthetic")
+
+    pl = dsub.add_parser("planted", help="candidates against the synthetic data's planted clusters",
+                         description="Share of the candidates (rank <= 10 and <= 100) whose item is in one of its "
+                                     "user's planted interest clusters (synthetic_truth; item cluster = item_id "
+                                     "%% clusters), beside the chance level interests / clusters.")
+    pl.add_argument("--run-id", default=None, help="only this train run's candidates (default: all)")
+    _common(pl)
+    pl.set_defaults(func=cmd_planted, app_name="dr-data-planted")
 
     ing = subparsers.add_parser("ingest", help="validate and append interactions (Parquet, CSV or Delta)",
                                 description="Validate a batch of interactions: good rows are appended to "

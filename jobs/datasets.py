@@ -134,6 +134,28 @@ def _truth(spark: Any, spec: SyntheticSpec) -> Any:
     return spark.range(spec.num_users, numPartitions=parts).mapInArrow(gen, "user_id long, slot int, cluster long")
 
 
+def planted_precision(spark: Any, wh: Warehouse, run_id: str | None = None, ks: tuple[int, ...] = (10, 100)) -> dict:
+    """Share of the `candidates` rows (of one train run's candidates, default all) whose item lies in one of
+    its user's planted clusters, at each rank cut-off k; the chance level is interests / clusters."""
+    from pyspark.sql import functions as F
+
+    spec, _ = stored_spec(wh)
+    cand = wh.read_spark(spark, "candidates")
+    if run_id is not None:
+        cand = cand.where(F.col("run_id") == run_id)
+    truth = wh.read_spark(spark, "synthetic_truth").select("user_id", "cluster").distinct()
+    hit = (cand.select("user_id", "rank", F.pmod("item_id", F.lit(spec.num_clusters)).alias("cluster"))
+           .join(truth.withColumn("hit", F.lit(1)), ["user_id", "cluster"], "left"))
+    row = hit.agg(F.countDistinct("user_id").alias("users"),
+                  *[F.sum(F.when(F.col("rank") <= k, 1).otherwise(0)).alias(f"rows_{k}") for k in ks],
+                  *[F.sum(F.when((F.col("rank") <= k) & F.col("hit").isNotNull(), 1).otherwise(0)).alias(f"hits_{k}")
+                    for k in ks]).collect()[0]
+    out: dict = {"users": int(row["users"]), "chance": spec.interests / spec.num_clusters}
+    for k in ks:
+        out[f"planted_precision_at_{k}"] = (row[f"hits_{k}"] or 0) / max(row[f"rows_{k}"] or 0, 1)
+    return out
+
+
 def stored_spec(wh: Warehouse) -> tuple[SyntheticSpec, int]:
     """(SyntheticSpec, chunk_users) recorded with the latest synthetic_truth version."""
     md = wh.versions("synthetic_truth")[-1].metadata

@@ -71,7 +71,6 @@ def prepare_night(spark: Any, wh: Warehouse, cfg: DRConfig, run_id: str, prev: R
                   log: Log) -> dict[str, int]:
     """Step 1: state and the night's samples -> versions {samples_train, user_state, item_state}."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     pv = prev.table_versions
     batches = user_state.batches_since(wh, pv["interactions"], interactions_version)

@@ -15,7 +15,9 @@ statistics in the same pass. Two ways to run the rounds, same math, same result:
   driver sums the partitions' count vectors and broadcasts the table (a tree reduction
   above `MStepOptions.driver_merge` partitions).
 
-The candidates never travel after the first pass: they sit in a worker-side cache
+The state is built without shuffling `path_scores` when the version records the scores job's
+`item_buckets`: every task reads its buckets' files itself (initial_state). The candidates
+never travel after the first pass: they sit in a worker-side cache
 (mstep_udf module doc; a miss rebuilds them from the path_scores files). The Spark state
 is one row per partition holding the items' assignment as binary blobs, checkpointed
 (`localCheckpoint`) so plans stay short. One commit at the end: a failed run leaves
@@ -38,9 +40,9 @@ from dr_model.calibrate import AlphaSearch, initial_alpha, traffic_size
 from dr_model.config import DRConfig
 from dr_model.mstep import RoundStats, fixed_alpha
 from jobs.tables import CommitMeta, CommitResult, Warehouse
+from spark_udfs.mstep_state import build_state, build_state_from_files
 from spark_udfs.mstep_udf import (INPUT_COLUMNS, ITEM_PATHS_DDL, STATE_DDL, STATS_COLUMNS, MStepContext,
-                                  barrier_batches, build_state, build_state_from_files, drop_job, item_paths_batches,
-                                  sweep_batches)
+                                  barrier_batches, drop_job, item_paths_batches, sweep_batches)
 from spark_udfs.partitioning import largest_divisor, task_of
 
 JOB = "mstep"

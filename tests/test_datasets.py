@@ -51,3 +51,22 @@ def test_synthetic_streams_in_chunks_with_ground_truth(spark, warehouse):
     assert datasets.stored_spec(warehouse) == (spec, chunk)
     assert datasets.synthetic(spark, warehouse, spec, chunk_users=chunk).skipped
     assert warehouse.read_arrow("interactions").num_rows == spec.num_events
+    # Candidates against the planted clusters: ranks 1-4 and 11-20 inside a user's clusters, 5-10 outside.
+    from datetime import date
+
+    from jobs.tables import CommitMeta
+    users = np.arange(spec.num_users)
+    uc = user_clusters(users, spec)
+    outside = np.array([next(c for c in range(spec.num_clusters) if c not in row) for row in uc])
+    rank = np.tile(np.arange(1, 21), len(users))
+    user = np.repeat(users, 20)
+    inside = (rank <= 4) | (rank > 10)
+    item = np.where(inside, uc[user, 0], outside[user]) + spec.num_clusters * (rank % 3)    # same cluster
+    cand = pd.DataFrame({"user_id": user, "rank": rank.astype(np.int32), "item_id": item,
+                         "score": np.float32(0), "run_id": "r1", "run_date": date(2026, 12, 1),
+                         "user_key": None, "item_key": None})
+    warehouse.write_arrow("candidates", cand, CommitMeta("test", "r1"))
+    got = datasets.planted_precision(spark, warehouse, "r1")
+    assert got["users"] == spec.num_users and got["chance"] == 2 / 6
+    assert got["planted_precision_at_10"] == 0.4 and got["planted_precision_at_100"] == 14 / 20
+    assert datasets.planted_precision(spark, warehouse, "other")["users"] == 0

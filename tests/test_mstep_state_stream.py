@@ -7,7 +7,7 @@ import pytest
 
 from dr_model.mstep import initial_assignment
 from jobs.benchmarks.mstep import synthetic_scores
-from spark_udfs import mstep_udf
+from spark_udfs import mstep_state as mstep_udf
 from spark_udfs.mstep_cache import MStepContext
 
 S, J, P = 8, 3, 4_000

@@ -6,7 +6,6 @@ around an untrained model with a budgeted item table, so this needs no Ray and t
 from __future__ import annotations
 
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

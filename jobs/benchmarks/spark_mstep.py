@@ -13,7 +13,7 @@ not per round. The in-process figure is
 `mstep_blocked` on the same chunks (per CPU second, single thread). Peak driver memory:
 the Python driver's peak RSS; the JVM's peak RSS is reported too, but in local mode the
 executors live in that JVM, so it holds the checkpointed item state as well.
-10^7 items: set DR_BENCH_10M=1 (slow on 2 cores; S=8 there, see S_LARGE).
+10^7 items: set DR_BENCH_10M=1 (slow on 2 cores; S there: S_LARGE).
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import pyarrow as pa
 from jobs.benchmarks import run_module_json
 
 K, D, S, J = 100, 3, 32, 3
-# 10^7 items x S=32 candidates is 3.2*10^8 rows: the partitions' state build would need
-# ~13 GB of Arrow tables on this 24 GB machine, so the 10^7 run uses S=8.
-S_LARGE = 8
+# candidates per item above 10^6 items (DR_BENCH_S_LARGE; S=8 until the state build stopped
+# shuffling path_scores: 3.2*10^8 shuffled rows needed ~13 GB of Arrow tables at 10^7)
+S_LARGE = int(os.environ.get("DR_BENCH_S_LARGE", "32"))
 ALPHA, ROUNDS = 3e-10, 3
 CHUNK = 100_000
 TARGET_FRACTION, TARGET_SCALING = 0.70, 1.6
