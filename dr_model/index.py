@@ -35,6 +35,14 @@ class PathIndex:
         """Items per non-empty path [P]."""
         return np.diff(self.offsets)
 
+    def counts(self, paths: np.ndarray) -> np.ndarray:
+        """paths [N, B] -> items on each row's paths [N] (before duplicates across its paths are removed)."""
+        flat = paths.ravel()
+        pos = np.minimum(np.searchsorted(self.keys, flat), max(len(self.keys) - 1, 0))
+        found = (self.keys[pos] == flat) if len(self.keys) else np.zeros(flat.shape, bool)
+        return np.where(found, self.offsets[pos + 1] - self.offsets[pos], 0).reshape(paths.shape).sum(1) \
+            if len(self.keys) else np.zeros(paths.shape[0], np.int64)
+
     def lookup(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """paths [N, B] -> unique (row [M], item [M]) pairs, sorted by row then item."""
         N, B = paths.shape
@@ -115,6 +123,24 @@ def drop_pairs(row: np.ndarray, item: np.ndarray, exclude: tuple[np.ndarray, np.
 
 
 MAX_PAIRS = 1 << 18      # candidate pairs scored at once: bounds the gathered vectors (~100 MB at d = 64)
+LOOKUP_PAIRS = 1 << 23   # candidate pairs looked up at once (~0.5 GB of index arrays): rows beyond go in blocks
+
+
+def row_blocks(counts: np.ndarray, budget: int | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges whose counts sum to about `budget` (LOOKUP_PAIRS; a row above it alone): counts [N]."""
+    budget = budget or LOOKUP_PAIRS
+    N = counts.shape[0]
+    if N == 0 or int(counts.sum()) <= budget:
+        return [(0, N)]
+    ends = np.cumsum(counts)
+    cuts = np.unique(np.r_[np.searchsorted(ends, np.arange(budget, int(ends[-1]), budget), side="left"), N])
+    cuts = np.unique(np.maximum(cuts, 1))
+    out, lo = [], 0
+    for hi in cuts:
+        if hi > lo:
+            out.append((lo, int(hi)))
+            lo = int(hi)
+    return out
 
 
 def rerank(w: torch.Tensor, vectors: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], num_items: int,

@@ -9,7 +9,7 @@ from .beam import beam_search
 from .codec import decode
 from .config import ModelConfig
 from .encoders import make_encoder
-from .index import PathIndex, rerank
+from .index import PathIndex, rerank, row_blocks
 from .item_table import keep_frequent_exact
 from .reranker import Reranker
 from .scores import EMPTY
@@ -106,10 +106,21 @@ class DRModel(nn.Module):
 
         exclude = (row [X], item index [X]) pairs never returned (e.g. the users' input items).
         """
-        paths, _ = self.beam(seq, beam)
-        row, item = index.lookup(paths.numpy())
-        items, scores = rerank(self.rerank_encoder(seq), self.reranker.vectors, self.num_items, row, item, k, exclude)
-        return items, scores, np.bincount(row, minlength=seq.shape[0])
+        paths = self.beam(seq, beam)[0].numpy()
+        w = self.rerank_encoder(seq)
+        blocks = row_blocks(index.counts(paths))           # memory follows LOOKUP_PAIRS, not users x beam
+        out = []
+        for lo, hi in blocks:
+            row, item = index.lookup(paths[lo:hi])
+            ex = None
+            if exclude is not None:
+                m = (exclude[0] >= lo) & (exclude[0] < hi)
+                ex = (exclude[0][m] - lo, exclude[1][m])
+            items, scores = rerank(w[lo:hi], self.reranker.vectors, self.num_items, row, item, k, ex)
+            out.append((items, scores, np.bincount(row, minlength=hi - lo)))
+        if len(out) == 1:
+            return out[0]
+        return tuple(np.concatenate(x) for x in zip(*out))  # type: ignore[return-value]
 
     @torch.inference_mode()
     def brute_force(self, seq: torch.Tensor, k: int,
