@@ -12,10 +12,10 @@ Tolerances (stated in README "Clusters"): the split, the vocabulary and the cand
 equal; the reranker's recall@k (brute force) within 5 % of local mode (measured: 0 % and 3.6 % on two runs;
 the epoch killed with the node is re-trained from its checkpoint on another schedule of batches). DR's own recall is the
 structure's outcome, and the structure is not reproducible bit for bit across topologies: the
-gradient exchange sums in another order across nodes, the beam's ties break differently, and on
-this short schedule those differences move whole paths (measured 2026-12-01: brute force 0.1088 in
-both modes, DR 0.0706 local vs 0.1011 cluster, same alpha). So DR must retrieve in both modes (at
-least half of its brute force) and the two may differ by at most half of brute force's recall.
+gradient exchange sums in another order across nodes and the beam's ties break differently. With the
+structure cut to 2 epochs those differences moved whole paths (DR/brute force 0.65 local vs 0.93
+cluster on one run, 0.49 local on CI's machine); with its default early-stopped schedule DR must reach
+DR_FLOOR of brute force in both modes and the two may differ by DR_SPREAD of brute force's recall.
 """
 from __future__ import annotations
 
@@ -35,7 +35,11 @@ from clusters import RAY_ENV, RayCluster, SparkStandalone
 pytestmark = pytest.mark.system
 
 DR = [sys.executable, "-m", "jobs.cli"]
-SCHEDULE = ["--set", "train.em_rounds=1", "--set", "train.joint_epochs=3", "--set", "train.structure_epochs=2"]
+# the structure keeps its default schedule (early-stopped, at most 10 epochs): cut to 2 epochs it had not
+# settled, and DR/brute force moved with the float rounding of the machine (0.65 here, 0.49 on CI)
+SCHEDULE = ["--set", "train.em_rounds=1", "--set", "train.joint_epochs=3"]
+DR_FLOOR = 0.75        # DR recall / brute force in each mode (measured 0.90 locally, same day)
+DR_SPREAD = 0.25       # |DR cluster - DR local| / brute force
 RERANKER_TOLERANCE = 0.05
 
 
@@ -116,8 +120,8 @@ def test_cluster_results_equal_local_within_tolerance(runs):
     bl, bc = ml["brute_force"]["recall"], mc["brute_force"]["recall"]
     assert abs(bc - bl) <= RERANKER_TOLERANCE * bl, (bl, bc)
     dl, dc = ml["dr"]["recall"], mc["dr"]["recall"]
-    assert dl >= 0.5 * bl and dc >= 0.5 * bc, (dl, bl, dc, bc)
-    assert abs(dc - dl) <= 0.5 * bl, (dl, dc)
+    assert dl >= DR_FLOOR * bl and dc >= DR_FLOOR * bc, (dl, bl, dc, bc)
+    assert abs(dc - dl) <= DR_SPREAD * bl, (dl, dc)
 
 
 def test_no_doubled_rows_after_the_spark_worker_was_lost(runs):
