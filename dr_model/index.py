@@ -1,8 +1,7 @@
-"""Path index (path -> items) and retrieval: beam search -> items on the paths -> rerank -> top-k."""
+"""Path index (path -> items): the CSR beam paths are looked up in, and per-row top-k of flat (row, item, score) lists."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -113,16 +112,6 @@ def pair_keys(row: np.ndarray, item: np.ndarray, num_items: int) -> np.ndarray:
     return np.asarray(row, dtype=np.int64) * (num_items + 1) + np.asarray(item, dtype=np.int64)
 
 
-def drop_pairs(row: np.ndarray, item: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None,
-               num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs (row [M], item [M]) minus the pairs in `exclude` (rows [X], items [X])."""
-    if exclude is None or len(exclude[0]) == 0 or len(row) == 0:
-        return row, item
-    keep = ~np.isin(pair_keys(row, item, num_items), pair_keys(*exclude, num_items))
-    return row[keep], item[keep]
-
-
-MAX_PAIRS = 1 << 18      # candidate pairs scored at once: bounds the gathered vectors (~100 MB at d = 64)
 LOOKUP_PAIRS = 1 << 23   # candidate pairs looked up at once (~0.5 GB of index arrays): rows beyond go in blocks
 
 
@@ -141,66 +130,3 @@ def row_blocks(counts: np.ndarray, budget: int | None = None) -> list[tuple[int,
             out.append((lo, int(hi)))
             lo = int(hi)
     return out
-
-
-def rerank(w: torch.Tensor, vectors: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], num_items: int,
-           row: np.ndarray, item: np.ndarray, k: int,
-           exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Score candidate (row, item) pairs with the reranker and keep the top k per row.
-
-    w [N, dim] user vectors, vectors(items [n]) -> (embeddings [n, dim], biases [n]) (Reranker.vectors)
-    -> (items [N, k], scores [N, k]); pairs in `exclude` (row [X], item [X]: e.g. the users' own
-    history) are never returned. Rows are scored in blocks of about MAX_PAIRS pairs, so memory
-    follows the block, not the batch of users.
-    """
-    row, item = drop_pairs(row, item, exclude, num_items)
-    N = w.shape[0]
-    if (np.diff(row) < 0).any():
-        order = np.argsort(row, kind="stable")
-        row, item = row[order], item[order]
-    if len(row) <= MAX_PAIRS:
-        return _rerank_block(w, vectors, row, item, k)
-    ends = np.searchsorted(row, np.arange(N + 1), side="left")          # pairs of rows < r end at ends[r]
-    cuts = np.unique(np.searchsorted(ends, np.arange(0, len(row), MAX_PAIRS), side="right") - 1)
-    cuts = np.unique(np.r_[cuts[cuts > 0], N])
-    out_i = np.empty((N, k), dtype=np.int64)
-    out_s = np.empty((N, k), dtype=np.float64)
-    lo = 0
-    for hi in cuts:                        # a few blocks per batch, each many rows
-        a, b = ends[lo], ends[hi]
-        out_i[lo:hi], out_s[lo:hi] = _rerank_block(w[lo:hi], vectors, row[a:b] - lo, item[a:b], k)
-        lo = hi
-    return out_i, out_s
-
-
-def _rerank_block(w: torch.Tensor, vectors: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                  row: np.ndarray, item: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """rerank on pairs sorted by row, history already dropped: w [N, dim] -> (items [N, k], scores [N, k])."""
-    N = w.shape[0]
-    counts = np.bincount(row, minlength=N)
-    width = int(counts.max(initial=0))
-    if len(row) == 0 or N * width > 4 * len(row) + (1 << 20):   # empty, or a padded layout would be mostly padding
-        r = torch.from_numpy(row)
-        with torch.inference_mode():
-            e, b = vectors(torch.from_numpy(item))
-            s = ((w[r] * e).sum(1) + b).double().numpy()
-        return top_k_per_row(row, item, s, N, k)
-    # Each row's candidates padded to the longest row: one batched matmul scores them (7x faster
-    # than gathering a user vector per pair), and torch.topk cuts each row without sorting pairs.
-    pos = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
-    pad = np.zeros((N, width), dtype=np.int64)
-    valid = np.zeros((N, width), dtype=bool)
-    pad[row, pos], valid[row, pos] = item, True
-    with torch.inference_mode():
-        e, b = vectors(torch.from_numpy(pad.ravel()))
-        s = (torch.bmm(e.view(N, width, -1), w.unsqueeze(2)).squeeze(2) + b.view(N, width)).double()
-        s.masked_fill_(torch.from_numpy(~valid), float("-inf"))
-        kk = min(k, width)
-        top_s, top_p = torch.topk(s, kk, dim=1)
-    top_p = top_p.numpy()
-    ok = np.take_along_axis(valid, top_p, 1)
-    out_i = np.full((N, k), -1, dtype=np.int64)
-    out_s = np.full((N, k), -np.inf, dtype=np.float64)
-    out_i[:, :kk] = np.where(ok, np.take_along_axis(pad, top_p, 1), -1)
-    out_s[:, :kk] = np.where(ok, top_s.numpy(), -np.inf)
-    return out_i, out_s

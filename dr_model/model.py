@@ -9,11 +9,15 @@ from .beam import beam_search
 from .codec import decode
 from .config import ModelConfig
 from .encoders import make_encoder
-from .index import PathIndex, rerank, row_blocks
+from .index import PathIndex
 from .item_table import keep_frequent_exact
+from .path_scoring import gathered_blocks, score_by_path
 from .reranker import Reranker
 from .scores import EMPTY
 from .structure import StructureModel
+
+
+USER_BLOCK = 4096        # users retrieved at once by DRModel.retrieve
 
 
 class DRModel(nn.Module):
@@ -102,22 +106,21 @@ class DRModel(nn.Module):
     @torch.inference_mode()
     def retrieve(self, seq: torch.Tensor, index: PathIndex, beam: int, k: int,
                  exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """seq [N, L] -> (items [N, k] (-1 pad), scores [N, k], candidates scored per user [N]).
+        """seq [N, L] -> (items [N, k] (-1 pad), scores [N, k], vectors scored per user [N]).
 
         exclude = (row [X], item index [X]) pairs never returned (e.g. the users' input items).
+        Users go in blocks of USER_BLOCK, so memory follows the block, not N.
         """
-        paths = self.beam(seq, beam)[0].numpy()
-        w = self.rerank_encoder(seq)
-        blocks = row_blocks(index.counts(paths))           # memory follows LOOKUP_PAIRS, not users x beam
+        blocks = gathered_blocks(index, self.reranker.vectors)
         out = []
-        for lo, hi in blocks:
-            row, item = index.lookup(paths[lo:hi])
+        for lo in range(0, max(seq.shape[0], 1), USER_BLOCK):
+            hi = min(lo + USER_BLOCK, seq.shape[0])
             ex = None
             if exclude is not None:
                 m = (exclude[0] >= lo) & (exclude[0] < hi)
                 ex = (exclude[0][m] - lo, exclude[1][m])
-            items, scores = rerank(w[lo:hi], self.reranker.vectors, self.num_items, row, item, k, ex)
-            out.append((items, scores, np.bincount(row, minlength=hi - lo)))
+            paths = self.beam(seq[lo:hi], beam)[0].numpy()
+            out.append(score_by_path(self.rerank_encoder(seq[lo:hi]), paths, index, blocks, k, self.cfg.J, ex))
         if len(out) == 1:
             return out[0]
         return tuple(np.concatenate(x) for x in zip(*out))  # type: ignore[return-value]

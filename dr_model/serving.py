@@ -6,17 +6,20 @@ A serving bundle is one folder written once per (train run, path_index version):
     towers.pt         structure encoder + structure model + reranker encoder (no item-side table)
     model_ids.npy     int64 [V] raw ids of the model's items (sorted): histories -> encoder rows
     cold_ids.npy      int64 [C] raw ids of cold items (sorted), catalog indices V..V+C-1
-    item_vec.npy      float16 [V + C, d] reranker item embeddings (cold: derived, jobs/cold_items.py)
-    item_bias.npy     float32 [V + C] reranker biases
     path_keys.npy     int64 [P'] non-empty paths, sorted
     path_offsets.npy  int64 [P' + 1]
-    path_items.npy    int32 [M] catalog indices of each path's items
+    path_items.npy    int32 [M] catalog indices of each path's items (M = J (V + C))
+    path_vec.npy      float16 [M, d] the reranker's item embeddings in path_items order (cold: derived,
+                      jobs/cold_items.py), so a path's items are one contiguous block (dr_model.path_scoring)
+    path_bias.npy     float32 [M] the reranker's biases, same order
 
 Every array is opened with mmap, so the pages are shared by all Python workers of a host and
-only the rows a batch touches are read. Per Python worker the private part is the towers:
+only the blocks a batch touches are read. Per Python worker the private part is the towers:
 2 item tables of min(V + 1, model.item_rows) x item_dim fp32 rows, their 4-byte-per-item row
-maps above the budget, and the MLPs. The shared (page-cache) part is
-(V + C) x (2 d + 4) + 8 (V + C) + 4 M + 16 P' bytes.
+maps above the budget, and the MLPs, plus a batch's working set (dr_model.path_scoring: about
+BLOCK_ROWS x d x 12 bytes of blocks and batch x beam x (k + L) x 12 bytes of kept scores). The
+shared (page-cache) part is M x (2 d + 8) + 8 (V + C) + 16 P' bytes: J copies of each vector,
+traded for scoring a path's items with one GEMM instead of a row gather per candidate.
 """
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ from torch import nn
 from .beam import beam_search
 from .config import ModelConfig
 from .encoders import make_encoder
-from .index import PathIndex, rerank
+from .index import PathIndex
+from .path_scoring import score_by_path, sliced_blocks
 from .structure import StructureModel
 from .vocab import Vocab
 
-FORMAT = 1
+FORMAT = 2
 TOWER_PREFIXES = ("encoder.", "structure.", "rerank_encoder.")
 
 
@@ -85,8 +89,8 @@ class ServingBundle:
     towers: UserTowers
     model_vocab: Vocab
     cold_ids: np.ndarray
-    item_vec: torch.Tensor
-    item_bias: torch.Tensor
+    path_vec: torch.Tensor
+    path_bias: torch.Tensor
     index: PathIndex
 
     @classmethod
@@ -102,8 +106,8 @@ class ServingBundle:
         mm = lambda name: np.load(p / name, mmap_mode="r")  # noqa: E731
         n = meta["model_items"] + meta["cold_items"]
         index = PathIndex(mm("path_keys.npy"), mm("path_offsets.npy"), mm("path_items.npy"), n)
-        # copy-on-write maps viewed as tensors: torch's row gather is ~1.8x numpy's fancy indexing
-        vec, bias = (torch.from_numpy(np.load(p / f, mmap_mode="c")) for f in ("item_vec.npy", "item_bias.npy"))
+        # copy-on-write maps viewed as tensors (torch reads them without copying the files)
+        vec, bias = (torch.from_numpy(np.load(p / f, mmap_mode="c")) for f in ("path_vec.npy", "path_bias.npy"))
         return cls(str(p), meta, towers, Vocab(mm("model_ids.npy")), mm("cold_ids.npy"), vec, bias, index)
 
     @property
@@ -124,24 +128,20 @@ class ServingBundle:
             out[cold] = self.cold_ids[idx[cold] - V]
         return out
 
-    def vectors(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """catalog indices [n] -> (embeddings [n, d] fp32, biases [n]) read from the mmaps."""
-        return self.item_vec.index_select(0, items).float(), self.item_bias.index_select(0, items)
-
     def retrieve(self, hist: np.ndarray, beam: int, k: int,
                  exclude_history: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Histories of raw ids [N, L] (-1 pad) -> (raw ids [N, k] (-1 pad), scores [N, k], items scored [N])."""
+        """Histories of raw ids [N, L] (-1 pad) -> (raw ids [N, k] (-1 pad), scores [N, k], vectors scored [N])."""
         seq = self.model_vocab.seq(hist)
         paths = self.towers.beam(seq, beam).numpy()
-        row, item = self.index.lookup(paths)
         exclude = None
         if exclude_history:
             h = self.catalog_index(hist)
             r, c = np.nonzero(h >= 0)
             exclude = (r.astype(np.int64), h[r, c])
         w = self.towers.user_vectors(seq)
-        items, scores = rerank(w, self.vectors, self.num_items, row, item, k, exclude)
-        return self.raw(items), scores, np.bincount(row, minlength=len(hist))
+        items, scores, scored = score_by_path(w, paths, self.index, sliced_blocks(self.path_vec, self.path_bias), k,
+                                              self.towers.cfg.J, exclude)
+        return self.raw(items), scores, scored
 
 
 __all__ = ["UserTowers", "ServingBundle", "catalog_index", "tower_state", "FORMAT", "TOWER_PREFIXES"]

@@ -1,6 +1,6 @@
 """The serving bundle of a train run (dr_model.serving): built once per (run, path_index version), then mmapped.
 
-Folder: `<warehouse>/serving/<train run id>/path_index-v<N>/` (no Delta table owns it, so a
+Folder: `<warehouse>/serving/<train run id>/path_index-v<N>.f<format>/` (no Delta table owns it, so a
 vacuum never deletes it). Written into a temporary folder and renamed, so a reader never sees
 half a bundle and two jobs racing to build it both end with one complete copy.
 
@@ -44,7 +44,8 @@ def _log(msg: str) -> None:
 
 
 def bundle_dir(wh: Warehouse, run_id: str, path_index_version: int) -> Path:
-    return Path(wh.root) / "serving" / run_id / f"path_index-v{path_index_version}"
+    # the bundle format in the name: a bundle of an older format is rebuilt beside it, never misread
+    return Path(wh.root) / "serving" / run_id / f"path_index-v{path_index_version}.f{FORMAT}"
 
 
 def _cold_vectors(wh: Warehouse, ip_v: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,6 +112,22 @@ def _write_item_vectors(state: dict[str, torch.Tensor], cfg: DRConfig, V: int, c
     bias.flush()
 
 
+def _write_path_vectors(out: Path) -> None:
+    """item_vec/item_bias.npy (catalog order) -> path_vec/path_bias.npy in path_items order, in chunks; the former removed."""
+    items = np.load(out / "path_items.npy", mmap_mode="r")
+    vec, bias = np.load(out / "item_vec.npy", mmap_mode="r"), np.load(out / "item_bias.npy", mmap_mode="r")
+    pvec = np.lib.format.open_memmap(out / "path_vec.npy", "w+", np.float16, (len(items), vec.shape[1]))
+    pbias = np.lib.format.open_memmap(out / "path_bias.npy", "w+", np.float32, (len(items),))
+    for lo in range(0, len(items), CHUNK):
+        at = items[lo:lo + CHUNK]
+        pvec[lo:lo + len(at)], pbias[lo:lo + len(at)] = vec[at], bias[at]
+    pvec.flush()
+    pbias.flush()
+    del pvec, pbias, vec, bias, items
+    (out / "item_vec.npy").unlink()
+    (out / "item_bias.npy").unlink()
+
+
 def ensure_bundle(spark: Any, wh: Warehouse, run: runs.RunRecord, log: Callable[[str], None] = _log) -> Path:
     """The serving bundle of a succeeded train run, built if missing -> its folder."""
     from ray_trainers.checkpoint import load_checkpoint
@@ -137,6 +154,7 @@ def ensure_bundle(spark: Any, wh: Warehouse, run: runs.RunRecord, log: Callable[
         model_vocab = Vocab(ck.item_ids)
         paths, rows, dropped = _write_path_index(wh, pi_v, cfg.model.num_paths,
                                                  lambda raw: catalog_index(model_vocab, cold_ids, raw), tmp)
+        _write_path_vectors(tmp)
         meta = {"format": FORMAT, "train_run_id": run.run_id, "item_paths_version": ip_v,
                 "path_index_version": pi_v, "model_items": V, "cold_items": len(cold_ids),
                 "nonempty_paths": paths, "index_rows": rows, "index_rows_without_vector": dropped,

@@ -104,7 +104,8 @@ def _timed(fn):  # noqa: ANN001, ANN202
 def measure(items: int, users: int, workdir: Path) -> dict:
     from dr_model.ann import AnnConfig, at_recall, build_hnsw, reranker_items, sweep, user_queries
     from dr_model.config import DRConfig
-    from dr_model.evaluation import EvalUsers
+    from dr_model.evaluation import EvalUsers, distinct_items
+    from dr_model.index import PathIndex
     from dr_model.metrics import prf_at_k
     from dr_model.serving import ServingBundle
     from dr_model.synthetic import SyntheticSpec
@@ -147,7 +148,8 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     seen = (r.astype(np.int64), idx[r, c])
     bundle.retrieve(test.hist[:64], res.beam, K)                         # warm-up: first-touch of the mmaps, torch init
     model.brute_force(seq[:64], K)
-    (dr, _, scored), dr_s = _timed(lambda: bundle.retrieve(test.hist, res.beam, K))
+    (dr, _, vectors), dr_s = _timed(lambda: bundle.retrieve(test.hist, res.beam, K))
+    scored = distinct_items(model, seq, PathIndex.build(res.assign), res.beam)
     (bf, _), bf_s = _timed(lambda: model.brute_force(seq, K, exclude=seen))
     dr_recall, bf_recall = recall(dr), recall(vocab.raw(bf))
     hnsw, build_s = _timed(lambda: build_hnsw(reranker_items(model.reranker), AnnConfig()))
@@ -160,6 +162,7 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     return {
         "items": items, "items_with_events": vocab.size, "users": users, "test_users": n,
         "beam": res.beam, "items_scored_per_user": float(scored.mean()),
+        "vectors_scored_per_user": float(vectors.mean()),
         "dr_recall": dr_recall, "brute_force_recall": bf_recall,
         "dr_recall_over_brute_force": dr_recall / bf_recall if bf_recall else None,     # null: brute force found nothing
         "dr_users_per_s_per_core": n / dr_s / THREADS,
