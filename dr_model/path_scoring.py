@@ -125,8 +125,9 @@ def score_by_path(w: torch.Tensor, paths: np.ndarray, index: PathIndex, blocks: 
         dest = beam_slot[q, None] * keep + np.arange(kk)[None, :]
         best_s[torch.from_numpy(row[q, None]), torch.from_numpy(dest)] = top_s
         best_at[row[q, None], dest] = at[seg_q[:, None], top_c]
-    # an item is on at most `copies` of a user's paths, and at most H of its items are excluded
-    kq = min(k * copies + H, B * keep)
+    # an item is on at most `copies` of a user's paths, and at most H of its items are excluded:
+    # k + H distinct items, each up to `copies` times, hold the user's k best that are not excluded
+    kq = min(copies * keep, B * keep)
     top_s, top_c = torch.topk(best_s, kq, dim=1)
     top_s = top_s.double().numpy()
     items = np.where(np.isfinite(top_s), np.asarray(index.items[np.take_along_axis(best_at, top_c.numpy(), 1)]), -1)

@@ -21,6 +21,11 @@ def _case(seed: int, V: int, P: int, J: int, N: int, B: int, d: int = 8):
     paths = np.stack([g.choice(P + 5, B, replace=False) for _ in range(N)]).astype(np.int64)
     paths[g.random(paths.shape) < 0.05] = -1
     hist = g.integers(0, V, size=(N, 6))
+    # half the users' history lies on their own paths (several copies each): the best-scored ones
+    on_paths = [index.items[index.offsets[np.searchsorted(index.keys, p)]] for p in paths[:, :3].clip(0).ravel()
+                if p in set(index.keys.tolist())]
+    if on_paths:
+        hist[: N // 2, :3] = g.choice(np.asarray(on_paths), size=(N // 2, 3))
     ex = (np.repeat(np.arange(N), 6).astype(np.int64), hist.ravel().astype(np.int64))
     return index, emb, bias, w, paths, ex, assign
 
