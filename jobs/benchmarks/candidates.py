@@ -1,11 +1,13 @@
 """`dr bench candidates`: candidates for every user at catalog scale, DR against brute force and HNSW.
 
 A planted-cluster catalog (`--items`, default 10^6; `--quick` 10^4) goes into a warehouse through
-`dr data synthetic`'s loader and `dr split`; the single-process EM trainer trains a model on that split
-(short schedule: the bench measures serving, not model quality) and registers it as a train
-run. Then, on the same test users and 2 torch threads, top-100 recall against their held-out
-halves and users/s for DR (the serving bundle `dr candidates` reads: fp16 vectors, mmapped
-path index), brute force (the reranker over every item) and a faiss HNSW over the same
+`dr data synthetic`'s loader and `dr split`; its clusters are as many as the users' events can
+cover (EVENTS_PER_CLUSTER each, at most items / 100) so the model has something to learn. The
+single-process EM trainer trains a model on that split (a short schedule: at most 4 reranker and
+4 structure epochs, one EM round) and registers it as a train run. Then, on the same test users
+and 2 torch threads, top-100 recall against their held-out halves and users/s for DR (the serving
+bundle `dr candidates` reads: fp16 vectors, mmapped path index) at the run's retrieval beam and
+over a beam sweep, brute force (the reranker over every item) and a faiss HNSW over the same
 reranker vectors at the smallest efSearch reaching DR's recall. Finally `dr candidates` runs
 on local[2] for every user in a fresh process, for its wall time and peak memory: the driver's
 (Python) and the Python workers' (where the bundle is opened), their VmHWM read from /proc; and
@@ -26,6 +28,8 @@ import torch
 K = 100
 THREADS = 2
 EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)
+BEAM_SWEEP = (1, 2, 3, 5, 8, 13)
+EVENTS_PER_CLUSTER = 600    # a planted cluster the bench's users cannot cover with events is unlearnable
 
 
 def _log(msg: str) -> None:
@@ -118,10 +122,10 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     from jobs.tables import Warehouse
 
     torch.set_num_threads(THREADS)
-    spec = SyntheticSpec(num_users=users, num_items=items, num_clusters=max(items // 100, 2), events_per_user=30,
-                         interests=2, zipf_a=1.1, noise=0.05, seed=0)
+    spec = SyntheticSpec(num_users=users, num_items=items, events_per_user=30, interests=2, zipf_a=1.1, noise=0.05, seed=0,
+                         num_clusters=max(2, min(items // 100, users * 30 // EVENTS_PER_CLUSTER)))
     cfg = DRConfig.from_dict({"split": {"rating_threshold": 0.0}}).with_overrides(
-        ["train.joint_epochs=1", "train.structure_epochs=1", "train.em_rounds=1"])
+        ["train.joint_epochs=4", "train.structure_epochs=4", "train.em_rounds=1"])
     spark = get_spark("local[2]", app="bench-candidates-setup", conf={"spark.sql.shuffle.partitions": "4"})
     wh = Warehouse(workdir / "warehouse")
     t0 = time.perf_counter()
@@ -146,17 +150,23 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     idx = vocab.index(test.hist)
     r, c = np.nonzero(idx >= 0)
     seen = (r.astype(np.int64), idx[r, c])
+    n = len(test)
     bundle.retrieve(test.hist[:64], res.beam, K)                         # warm-up: first-touch of the mmaps, torch init
     model.brute_force(seq[:64], K)
     (dr, _, vectors), dr_s = _timed(lambda: bundle.retrieve(test.hist, res.beam, K))
-    scored = distinct_items(model, seq, PathIndex.build(res.assign), res.beam)
+    index = PathIndex.build(res.assign)
+    scored = distinct_items(model, seq, index, res.beam)
     (bf, _), bf_s = _timed(lambda: model.brute_force(seq, K, exclude=seen))
     dr_recall, bf_recall = recall(dr), recall(vocab.raw(bf))
+    beams = []
+    for b in sorted({*BEAM_SWEEP, res.beam}):
+        (pred, _, vec), s = _timed(lambda b=b: bundle.retrieve(test.hist, b, K))
+        beams.append({"beam": b, "recall": recall(pred), "items_scored_per_user": float(distinct_items(model, seq, index, b).mean()),
+                      "vectors_scored_per_user": float(vec.mean()), "users_per_s_per_core": n / s / THREADS})
     hnsw, build_s = _timed(lambda: build_hnsw(reranker_items(model.reranker), AnnConfig()))
     points = sweep(hnsw, lambda: user_queries(model.rerank_encoder(seq)), EF_SWEEP, K, seen,
                    lambda pred: {"recall": recall(vocab.raw(pred))})
     tuned = at_recall(points, min(dr_recall, bf_recall))     # an index over the reranker cannot beat it
-    n = len(test)
     job = run_module_json("jobs.benchmarks.candidates", ["--job", str(wh.root), "bench"])
     ev = run_module_json("jobs.benchmarks.candidates", ["--evaluate", str(wh.root), "bench"])
     return {
@@ -170,6 +180,7 @@ def measure(items: int, users: int, workdir: Path) -> dict:
         "hnsw_ef_search": tuned["ef"], "hnsw_recall_over_brute_force": tuned["recall"] / bf_recall if bf_recall else None,
         "hnsw_items_scored_per_user": tuned["items_scored_per_user"],
         "hnsw_users_per_s_per_core": tuned["users_per_s"] / THREADS, "hnsw_build_seconds": build_s,
+        "dr_sweep": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()} for p in beams],
         "hnsw_sweep": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()} for p in points],
         "job_users": job["users"], "job_users_per_s_per_core": job["users"] / job["seconds"] / THREADS,
         "peak_driver_rss_mb": job["peak_driver_rss_mb"], "peak_executor_rss_mb": job["peak_executor_rss_mb"],
