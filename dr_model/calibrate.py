@@ -65,6 +65,18 @@ def traffic_size(traffic: np.ndarray, sizes: np.ndarray) -> float:
     return float(traffic @ sizes.astype(np.float64)) / tot if tot > 0 else 0.0
 
 
+def start_path_size(n_v: np.ndarray, assign: np.ndarray, num_paths: int) -> float:
+    """Traffic-weighted path size of an assignment before any score: n_v [V], assign [V, J] (J slots equal)."""
+    J = assign.shape[1]
+    sizes = np.bincount(assign.ravel(), minlength=num_paths)
+    return traffic_size(path_traffic(n_v, np.full(assign.shape, 1.0 / J), assign, num_paths), sizes)
+
+
+def is_collapsed(size: float, target: float, factor: float) -> bool:
+    """A structure whose traffic-weighted path size is above factor x the target (factor 0: never)."""
+    return factor > 0 and size > factor * target
+
+
 def initial_alpha(mean_nv: float, target: float, power: float) -> float:
     """Alpha at which adding an item to a path of the target size costs N_mean * log 2."""
     return max(mean_nv, 1e-12) * math.log(2.0) / float(penalty_delta(float(target), power))
@@ -190,5 +202,5 @@ def with_exploration(ps: PathScores, K: int, D: int, n: int, score_frac: float, 
     return PathScores(ps.items, paths, scores, ps.n_v)
 
 
-__all__ = ["assigned_weights", "path_traffic", "traffic_size", "initial_alpha", "AlphaSearch", "exploration_paths",
-           "with_exploration"]
+__all__ = ["assigned_weights", "path_traffic", "traffic_size", "start_path_size", "is_collapsed", "initial_alpha",
+           "AlphaSearch", "exploration_paths", "with_exploration"]

@@ -173,6 +173,10 @@ class TrainConfig:
     # sparse item tables: a step reads and updates the rows it touched only (dr_model.optim).
     full_softmax_max_items: int = 10_000
     init_paths: str = "embeddings"          # "embeddings" | "random"
+    # A given start (an earlier structure) whose path size is above this many times the target
+    # is collapsed: it is re-seeded from the reranker's embeddings (an automatic night runs full).
+    # 0: never. Measured by dr_model.calibrate.start_path_size.
+    collapse_factor: float = 4.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -186,6 +190,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "> 0", self.lr)
         _check(self.min_delta >= 0, "train.min_delta", ">= 0", self.min_delta)
         _check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        _check(self.collapse_factor == 0 or self.collapse_factor > 1, "train.collapse_factor", "0 (off) or > 1",
+               self.collapse_factor)
         _check(self.init_paths in ("embeddings", "random"), "train.init_paths", "'embeddings' or 'random'",
                self.init_paths)
         _check(self.init_paths == "random" or self.joint_epochs >= 1, "train.joint_epochs",

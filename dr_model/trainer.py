@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .calibrate import with_exploration
+from .calibrate import is_collapsed, start_path_size, with_exploration
 from .config import DRConfig
 from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_path_recall, validation_recall
 from .index import PathIndex
@@ -221,6 +221,18 @@ def initial_paths(model: DRModel, cfg: DRConfig, num_items: int) -> np.ndarray:
     return initial_assignment(num_items, mc.J, mc.num_paths, cfg.train.seed)
 
 
+def given_start(model: DRModel, cfg: DRConfig, start: np.ndarray, counts: np.ndarray, log: Log) -> np.ndarray:
+    """A given start [V, J] (counts [V]: training pairs per item), re-seeded from the embeddings if it is collapsed."""
+    start = np.asarray(start, dtype=np.int64)
+    size = start_path_size(counts, start, cfg.model.num_paths)
+    target = cfg.search.target_path_size(start.shape[0], cfg.eval.k)
+    if cfg.train.init_paths == "embeddings" and is_collapsed(size, target, cfg.train.collapse_factor):
+        log(f"[em] the given paths are collapsed (path size {size:.1f} > {cfg.train.collapse_factor:g} x the target "
+            f"{target:.1f}): re-seeded from the reranker's item embeddings")
+        return initial_paths(model, cfg, start.shape[0])
+    return start
+
+
 def mstep(ps: PathScores, assign: np.ndarray, cfg: DRConfig, num_items: int, alpha0: float | None) -> MStepResult:
     """The M-step of one EM round on s[v,c] (exploration paths added), alpha calibrated to the budget."""
     mc = cfg.model
@@ -270,7 +282,8 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
     t0 = time.perf_counter()
     log("[em] round 0: reranker" + (" and structure model" if cfg.train.init_paths == "random" else ""))
     hist0 = phases(0)
-    res.assign = initial_paths(model, cfg, V) if start is None else np.asarray(start, dtype=np.int64)
+    res.assign = (initial_paths(model, cfg, V) if start is None
+                  else given_start(model, cfg, start, np.bincount(target_np, minlength=V), log))
     if model.seed_structure_encoder():
         log("[em] structure encoder starts from the reranker's")
     log(f"[em] initial paths ({cfg.train.init_paths if start is None else 'given'}): {len(np.unique(res.assign))} non-empty paths, largest "

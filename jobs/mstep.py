@@ -257,6 +257,7 @@ def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MSte
         f"{state.partitions} partitions, rounds {'in one barrier stage' if state.barrier else 'one job each'}; "
         + (f"alpha {alpha0:.4g}" if target is None else f"alpha searched from {alpha0:.4g} for path size {target:.1f}"))
     rounds = _barrier_rounds if state.barrier else _job_rounds
+    state.extra["target_path_size"] = target
     state, more = rounds(spark, state, cfg, opts, sizes, V, alpha0, target, log)
     return state, [st] + more
 
@@ -377,7 +378,7 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
             "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain",
             "sync": "barrier" if state.barrier else "jobs", "partitions": state.partitions,
             "objective": stats[-1].objective, "alpha": stats[-1].alpha, "path_size": stats[-1].path_size,
-            "max_path_size": stats[-1].max_path_size})
+            "max_path_size": stats[-1].max_path_size, "target_path_size": state.extra.get("target_path_size")})
         res = warehouse.write_spark("item_paths", out, meta, mode="overwrite")
     finally:
         state.df.unpersist()

@@ -140,8 +140,9 @@ def choose_retrieval_beam(wh: Warehouse, cfg: DRConfig, est: Any, ip_v: int, val
 Mode = Literal["full", "incremental", "auto"]
 
 
-def _mode(wh: Warehouse, run_id: str, mode: Mode, log: Log) -> tuple[str, runs.RunRecord | None]:
-    """(full | incremental, the succeeded run an incremental night builds on)."""
+def _mode(wh: Warehouse, run_id: str, mode: Mode, cfg: DRConfig, log: Log) -> tuple[str, runs.RunRecord | None]:
+    """(full | incremental, the succeeded run an incremental night builds on). Auto: incremental on a
+    succeeded run with state whose structure is not collapsed."""
     prev = next((r for r in reversed(runs.history(wh, JOB)) if r.status == "succeeded" and r.run_id != run_id), None)
     if mode == "full":
         return "full", prev
@@ -152,7 +153,24 @@ def _mode(wh: Warehouse, run_id: str, mode: Mode, log: Log) -> tuple[str, runs.R
     if not ready:
         log("mode auto: no succeeded run with state to build on: a full night")
         return "full", prev
+    if mode == "auto" and (why := _collapsed(wh, prev.table_versions["item_paths"], cfg)):
+        log(f"mode auto: run {prev.run_id}'s structure is collapsed ({why}): a full night re-seeds it")
+        return "full", prev
     return "incremental", prev
+
+
+def _collapsed(wh: Warehouse, ip_v: int, cfg: DRConfig) -> str | None:
+    """Why item_paths version ip_v is collapsed (train.collapse_factor), from its M-step's commit, else None."""
+    from dr_model.calibrate import is_collapsed
+
+    md = next((v.metadata for v in wh.versions("item_paths") if v.version == ip_v), {})
+    size, target = md.get("dr.path_size"), md.get("dr.target_path_size")
+    if size is None or target is None:          # a fixed alpha, or paths no M-step wrote
+        return None
+    size, target = float(size), float(target)
+    if is_collapsed(size, target, cfg.train.collapse_factor):
+        return f"path size {size:.1f} > {cfg.train.collapse_factor:g} x the target {target:.1f}"
+    return None
 
 
 def _pinned_interactions(wh: Warehouse, run_id: str) -> int | None:
@@ -175,7 +193,7 @@ def run_train(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
         inter_v = wh.version("interactions")
     if inter_v is None:
         raise FileNotFoundError(f"no interactions table under {wh.root}: run `dr ingest` or `dr data` first")
-    kind, base = _mode(wh, run_id, mode, log)
+    kind, base = _mode(wh, run_id, mode, cfg, log)
     runs.record(wh, runs.RunRecord(run_id, JOB, "started", runs.now(), cfg.hash(), {"interactions": inter_v},
                                    metrics={"mode": kind}))
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dr_model.calibrate import (AlphaSearch, assigned_weights, exploration_paths, initial_alpha, path_traffic,
-                                traffic_size, with_exploration)
+                                start_path_size, traffic_size, with_exploration)
 from dr_model.codec import decode
 from dr_model.config import DRConfig, MStepConfig
 from dr_model.init_paths import branching, paths_from_embeddings
@@ -106,6 +106,31 @@ def test_exploration_lets_the_penalty_spread_a_collapsed_assignment():
     assert stuck.rounds[-1].nonempty_paths <= 4
     assert spread.rounds[-1].nonempty_paths > 20
     assert spread.rounds[-1].path_size < 0.5 * stuck.rounds[-1].path_size
+
+
+def test_a_collapsed_start_is_reseeded_from_the_embeddings_and_a_healthy_one_kept():
+    """train.collapse_factor: a given start far above the target path size is replaced by the
+    reranker's embedding paths; a balanced one, or any start with the guard off, is kept."""
+    from dataclasses import replace
+
+    from dr_model.mstep import initial_assignment
+    from dr_model.trainer import given_start
+
+    cfg = DRConfig.from_dict({"model": {"K": 8, "D": 3, "J": 2}, "search": {"beam": 8}})
+    V, P = 400, cfg.model.num_paths
+    model = DRModel(cfg.model, V)
+    counts = np.random.default_rng(0).integers(1, 20, V)
+    collapsed = np.tile([3, 77], (V, 1))
+    healthy = initial_assignment(V, 2, P, 0)
+    target = cfg.search.target_path_size(V, cfg.eval.k)
+    assert start_path_size(counts, collapsed, P) == V > 4 * target > start_path_size(counts, healthy, P)
+    logs: list[str] = []
+    out = given_start(model, cfg, collapsed, counts, logs.append)
+    assert len(np.unique(out)) > 50 and start_path_size(counts, out, P) < 2 * target
+    assert len(logs) == 1 and "collapsed" in logs[0] and "re-seeded" in logs[0]
+    assert (given_start(model, cfg, healthy, counts, logs.append) == healthy).all() and len(logs) == 1
+    off = replace(cfg, train=replace(cfg.train, collapse_factor=0.0))
+    assert (given_start(model, off, collapsed, counts, logs.append) == collapsed).all() and len(logs) == 1
 
 
 def test_paths_from_embeddings_are_balanced_distinct_and_follow_clusters():

@@ -179,3 +179,33 @@ def test_a_night_without_new_interactions_carries_the_model_over(spark, nights):
     for t in ("item_paths", "path_index", "path_scores", "interactions"):
         assert r3.table_versions[t] == r2.table_versions[t], t
     assert r3.metrics["data_end_ts"] == r2.metrics["data_end_ts"]
+
+
+def test_auto_mode_runs_a_full_night_after_a_collapsed_structure(tmp_path):
+    """An automatic night builds on the last run unless its M-step left the paths collapsed
+    (train.collapse_factor x the target path size its commit records): then it runs full."""
+    import pyarrow as pa
+
+    from jobs.tables import CommitMeta
+    from jobs.train import _mode
+
+    wh, cfg = Warehouse(tmp_path / "wh"), DRConfig()
+    V, J = 50, cfg.model.J
+
+    def paths(size: float) -> int:
+        tbl = pa.table({"item_id": np.repeat(np.arange(V, dtype=np.int64), J),
+                        "slot": np.tile(np.arange(J, dtype=np.int32), V),
+                        "path": np.tile(np.arange(J, dtype=np.int64), V), "score": pa.nulls(V * J, pa.float64())})
+        meta = CommitMeta("dr-mstep", "n1", 1, extra={"path_size": size, "target_path_size": 10.0})
+        return wh.write_arrow("item_paths", tbl, meta, mode="overwrite").version
+
+    logs: list[str] = []
+    for size, kind in ((500.0, "full"), (12.0, "incremental")):
+        v = paths(size)
+        runs.record(wh, runs.RunRecord(f"n{v}", "train", "succeeded", runs.now(), None,
+                                       {"item_paths": v, "user_state": 0, "item_state": 0, "path_scores": 0}))
+        got, prev = _mode(wh, "next", "auto", cfg, logs.append)
+        assert (got, prev.run_id) == (kind, f"n{v}"), logs
+    assert any("collapsed (path size 500.0 > 4 x the target 10.0)" in m for m in logs), logs
+    # explicitly incremental: the operator's choice stands
+    assert _mode(wh, "next", "incremental", cfg, logs.append)[0] == "incremental"
