@@ -113,31 +113,35 @@ def distinct_items(model: DRModel, seq: torch.Tensor, index: PathIndex, beam: in
     return out
 
 
-def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, budget: float,
-                max_beam: int = 4096) -> tuple[int, float]:
-    """The largest beam whose mean items scored per held-out user fits `budget` -> (beam, items scored).
+def search_beam(cost: Callable[[int], float], budget: float, max_beam: int) -> tuple[int, float]:
+    """The largest beam b <= max_beam with cost(b) <= budget (cost grows with b) -> (b, cost(b)); at least 1.
 
-    Items scored grow with the beam, so a doubling search then a bisection finds it in
-    O(log beam) beam searches over the users. At least beam 1.
+    A doubling search then a bisection: O(log beam) calls of cost, each evaluated once.
     """
-    seq = vocab.seq(users.hist)
-    max_beam = min(max_beam, model.cfg.num_paths)
     cache: dict[int, float] = {}
 
-    def cost(b: int) -> float:
+    def c(b: int) -> float:
         if b not in cache:
-            cache[b] = float(distinct_items(model, seq, index, b).mean()) if len(users) else 0.0
+            cache[b] = cost(b)
         return cache[b]
 
     lo, hi = 1, 1
-    while hi < max_beam and cost(hi) <= budget:
+    while hi < max_beam and c(hi) <= budget:
         lo, hi = hi, min(2 * hi, max_beam)
-    if cost(hi) <= budget:
-        return hi, cost(hi)
+    if c(hi) <= budget:
+        return hi, c(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
-    return lo, cost(lo)
+        lo, hi = (mid, hi) if c(mid) <= budget else (lo, mid)
+    return lo, c(lo)
+
+
+def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, budget: float,
+                max_beam: int = 4096) -> tuple[int, float]:
+    """The largest beam whose mean items scored per held-out user fits `budget` -> (beam, items scored)."""
+    seq = vocab.seq(users.hist)
+    return search_beam(lambda b: float(distinct_items(model, seq, index, b).mean()) if len(users) else 0.0,
+                       budget, min(max_beam, model.cfg.num_paths))
 
 
 def ann_peer(model: DRModel, seq: torch.Tensor, cfg: DRConfig, exclude: tuple[np.ndarray, np.ndarray] | None,

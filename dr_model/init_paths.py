@@ -16,6 +16,9 @@ Instead the items are placed by the reranker's item embeddings, trained first:
 * an item's J paths are its J best leaves by a width-J beam over the levels, scoring a leaf
   by the sum of its levels' (similarity / eps + log price): the item's own leaf and its
   nearest neighbours, which share most of the path prefix.
+* the tree is fitted on at most SAMPLE_MAX items (all of a smaller catalog), so the fit's memory
+  is bounded whatever the catalog; assigning the items is a map over chunks (`assign_paths`),
+  in one process or in Spark tasks (jobs/embedding_paths.py) with the same code.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .codec import encode
+
+SAMPLE_MAX = 1 << 18        # items the tree is fitted on (a catalog this small is fitted whole)
 
 
 @dataclass(frozen=True)
@@ -150,14 +155,32 @@ def top_leaves(emb: np.ndarray, levels: list[TreeLevel], J: int, eps: float = 0.
     return out
 
 
-def paths_from_embeddings(emb: np.ndarray, K: int, D: int, J: int, target_size: float, seed: int = 0) -> np.ndarray:
-    """Item embeddings [V, dim] -> balanced initial paths [V, J] int64 (distinct per item)."""
-    fanout = branching(emb.shape[0], J, target_size, K, D)
+def sample_rows(num_items: int, seed: int = 0) -> np.ndarray:
+    """The items the tree is fitted on: sorted indices [min(V, SAMPLE_MAX)] (every item of a small catalog)."""
+    if num_items <= SAMPLE_MAX:
+        return np.arange(num_items, dtype=np.int64)
+    return np.sort(np.random.default_rng([seed, 7]).choice(num_items, SAMPLE_MAX, replace=False))
+
+
+def fit_paths_tree(sample_emb: np.ndarray, num_items: int, K: int, D: int, J: int, target_size: float,
+                   seed: int = 0) -> list[TreeLevel]:
+    """The clustering tree of a catalog of num_items, fitted on the embeddings of its sample_rows [n, dim]."""
+    fanout = branching(num_items, J, target_size, K, D)
     while math.prod(fanout) < J:                     # tiny catalogs: enough leaves for J distinct paths
         fanout[-1] = min(K, fanout[-1] + 1)
-    levels = fit_tree(emb, fanout, seed)
+    return fit_tree(sample_emb, fanout, seed)
+
+
+def assign_paths(emb: np.ndarray, levels: list[TreeLevel], J: int, K: int) -> np.ndarray:
+    """Item embeddings [n, dim] (any chunk of the catalog) -> their initial paths [n, J] int64."""
     return encode(top_leaves(emb, levels, J), K)
 
 
-__all__ = ["TreeLevel", "branching", "sinkhorn_log_v", "balanced_kmeans", "fit_tree", "assign_level", "top_leaves",
-           "paths_from_embeddings"]
+def paths_from_embeddings(emb: np.ndarray, K: int, D: int, J: int, target_size: float, seed: int = 0) -> np.ndarray:
+    """Item embeddings [V, dim] -> balanced initial paths [V, J] int64 (distinct per item)."""
+    levels = fit_paths_tree(emb[sample_rows(emb.shape[0], seed)], emb.shape[0], K, D, J, target_size, seed)
+    return assign_paths(emb, levels, J, K)
+
+
+__all__ = ["SAMPLE_MAX", "TreeLevel", "branching", "sinkhorn_log_v", "balanced_kmeans", "fit_tree", "assign_level",
+           "top_leaves", "sample_rows", "fit_paths_tree", "assign_paths", "paths_from_embeddings"]

@@ -122,7 +122,8 @@ def run_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
     from .path_index import build_path_index
     from .scores import compute_path_scores
     from .split import load_eval_users
-    from .train import _committed, choose_retrieval_beam
+    from .retrieval_beam import choose_retrieval_beam
+    from .train import _committed
 
     pv, pm = prev.table_versions, prev.metrics
     versions = prepare_night(spark, wh, cfg, run_id, prev, interactions_version, log)
@@ -161,8 +162,8 @@ def run_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
         log(f"incremental: M-step already committed (item_paths v{new_ip}), resuming after it")
     final = run_estep(wh, run_id, 2, cfg, ray_cfg, sv, new_ip,
                       phases=[Phase("structure", epochs, False, True, seed + 1)], valid_users=valid, log=log)
-    retrieval = choose_retrieval_beam(wh, cfg, final, new_ip, valid, log)
     pi = build_path_index(spark, wh, new_ip, run_id, log=log)
+    retrieval = choose_retrieval_beam(spark, wh, cfg, final, pi.version, valid, log)
     # the classical peers of `dr evaluate` learn from the last full night's samples, not one night's
     full_sv = pv.get("full_samples_train", pv["samples_train"])
     versions = {**versions, "full_samples_train": full_sv, "eval_users": pv["eval_users"], "item_paths": new_ip,

@@ -87,56 +87,6 @@ def _committed(wh: Warehouse, run_id: str, job: str, em_round: int) -> Any:
     return hits[-1] if hits else None
 
 
-def embedding_item_paths(wh: Warehouse, cfg: DRConfig, model_state: dict, item_ids: Any, run_id: str, log: Log) -> int:
-    """item_paths from the reranker's item embeddings (dr_model.init_paths) -> the committed version.
-
-    Runs on the driver over the round-0 model it already holds (V x rerank_dim floats).
-    """
-    import numpy as np
-
-    from dr_model.init_paths import paths_from_embeddings
-
-    from dr_model.model import DRModel
-
-    mc, V = cfg.model, len(item_ids)
-    model = DRModel(mc, V)
-    model.load_state_dict(model_state)
-    emb = model.reranker.item_vectors().detach().numpy()
-    target = cfg.search.target_path_size(V, cfg.eval.k)
-    assign = paths_from_embeddings(emb, mc.K, mc.D, mc.J, target, cfg.train.seed)
-    sizes = np.bincount(assign.ravel())
-    log(f"initial paths from the reranker's item embeddings: {int((sizes > 0).sum())} non-empty paths, largest "
-        f"{int(sizes.max())}, {V} items (target path size {target:.1f})")
-    import pyarrow as pa
-
-    tbl = pa.table({"item_id": np.repeat(np.asarray(item_ids, np.int64), mc.J),
-                    "slot": np.tile(np.arange(mc.J, dtype=np.int32), V), "path": assign.ravel(),
-                    "score": pa.nulls(V * mc.J, pa.float64())})
-    meta = CommitMeta(job=f"{JOB}.init_paths", run_id=run_id, round=0, config_hash=cfg.hash(), watermark=1)
-    return wh.write_arrow("item_paths", tbl, meta, mode="overwrite").version
-
-
-def choose_retrieval_beam(wh: Warehouse, cfg: DRConfig, est: Any, ip_v: int, valid: Any, log: Log) -> dict[str, Any]:
-    """The beam whose mean items scored per validation user fits the budget, for the final model and paths."""
-    from dr_model.evaluation import choose_beam
-    from dr_model.index import PathIndex
-    from dr_model.model import DRModel
-    from dr_model.vocab import Vocab
-    from ray_trainers.estep import load_item_paths
-
-    item_ids, assign = load_item_paths(wh, ip_v, cfg.model.J)
-    model = DRModel(cfg.model, len(item_ids))
-    model.load_state_dict(est.model_state)
-    model.eval()
-    budget = cfg.search.budget(len(item_ids), cfg.eval.k)
-    if valid is None or len(valid) == 0:
-        log(f"no validation users: retrieval beam {cfg.search.beam} (search.beam)")
-        return {"retrieval_beam": cfg.search.beam, "budget": budget}
-    beam, cost = choose_beam(model, Vocab(item_ids), valid, PathIndex.build(assign), budget)
-    log(f"retrieval beam {beam}: {cost:.1f} items scored per validation user (budget {budget} of {len(item_ids)} items)")
-    return {"retrieval_beam": beam, "budget": budget, "items_scored_per_validation_user": cost}
-
-
 Mode = Literal["full", "incremental", "auto"]
 
 
@@ -223,7 +173,9 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
     from . import user_state
     from .mstep import JOB as MSTEP_JOB
     from .mstep import MStepOptions, distributed_mstep
+    from .embedding_paths import embedding_item_paths
     from .path_index import build_path_index
+    from .retrieval_beam import choose_retrieval_beam
     from .scores import compute_path_scores
     from .split import load_eval_users, run_split
 
@@ -244,7 +196,8 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
         est0 = run_estep(wh, run_id, 0, cfg, ray_cfg, sv, ip_v, valid_users=valid, log=log)
         rounds.append({"round": 0, "estep": est0.losses})
         if cfg.train.init_paths == "embeddings":
-            emb_v = embedding_item_paths(wh, cfg, est0.model_state, est0.item_ids, run_id, log)
+            emb_v = embedding_item_paths(spark, wh, cfg, est0.model_state, est0.item_ids, run_id, f"{JOB}.init_paths",
+                                         log)
     ip_v = emb_v if emb_v is not None else ip_v
     alpha, ps_v = None, None
     for r in range(1, cfg.train.em_rounds + 1):
@@ -271,8 +224,8 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
     final_round = cfg.train.em_rounds + 1
     log(f"final E-step against item_paths v{ip_v}")
     final = run_estep(wh, run_id, final_round, cfg, ray_cfg, sv, ip_v, valid_users=valid, log=log)
-    retrieval = choose_retrieval_beam(wh, cfg, final, ip_v, valid, log)
     pi = build_path_index(spark, wh, ip_v, run_id, log=log)
+    retrieval = choose_retrieval_beam(spark, wh, cfg, final, pi.version, valid, log)
     state = user_state.build_state(spark, wh, cfg.split, cfg.model.seq_len, inter_v, run_id, cfg.hash())
     end_ts = user_state.data_end_ts(spark, wh, state["item_state"])
     log(f"user_state v{state['user_state']}, item_state v{state['item_state']} (data end {end_ts})")

@@ -1,0 +1,40 @@
+"""Initial paths inside Spark (`mapInArrow`): a task assigns chunks of model indices with the broadcast tree.
+
+Input rows are chunk starts (`spark.range(0, V, chunk)`); a task computes each chunk's item
+embeddings from the broadcast model (deserialised once per Python worker) and its J paths with
+dr_model.init_paths.assign_paths: memory O(chunk x dim), whatever the catalog.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .beam_udf import load_model, set_task_threads
+
+SCHEMA = pa.schema([("item_id", pa.int64()), ("slot", pa.int32()), ("path", pa.int64()), ("score", pa.float64())])
+
+
+def init_path_batches(it: Iterator[pa.RecordBatch], key: str, payload: Any, tree: Any, num_items: int, chunk: int,
+                      J: int, K: int) -> Iterator[pa.RecordBatch]:
+    """Chunk starts (column `id`) -> item_paths rows (item_id, slot, path, score null) of those chunks' items."""
+    import torch
+
+    from dr_model.init_paths import assign_paths
+
+    set_task_threads()
+    for batch in it:
+        model, vocab = load_model(key, payload.value)
+        for lo in batch.column("id").to_numpy().tolist():
+            hi = min(lo + chunk, num_items)
+            with torch.no_grad():
+                emb = model.reranker.item_vectors(lo, hi).numpy()
+            paths = assign_paths(emb, tree.value, J, K)                       # [n, J]
+            n = hi - lo
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.repeat(vocab.ids[lo:hi], J)), pa.array(np.tile(np.arange(J, dtype=np.int32), n)),
+                 pa.array(paths.ravel()), pa.nulls(n * J, pa.float64())], schema=SCHEMA)
+
+
+__all__ = ["init_path_batches", "SCHEMA"]
