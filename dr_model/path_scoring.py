@@ -134,16 +134,25 @@ def score_by_path(w: torch.Tensor, paths: np.ndarray, index: PathIndex, blocks: 
     items = items.astype(np.int64)
     if H:
         r = np.repeat(np.arange(N, dtype=np.int64), kq)
-        gone = np.isin(pair_keys(r, items.ravel(), index.num_items), pair_keys(*exclude, index.num_items))
-        items[gone.reshape(N, kq)] = -1
+        items[_member(pair_keys(r, items.ravel(), index.num_items), pair_keys(*exclude, index.num_items)).reshape(N, kq)] = -1
     return *_dedupe(items, top_s, k), scored
+
+
+def _member(keys: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """keys [n] in `of` [m] -> [n] bool: a binary search of each key in the sorted m (np.isin sorts all n + m)."""
+    srt = np.sort(of)
+    pos = np.minimum(np.searchsorted(srt, keys), len(srt) - 1)
+    return srt[pos] == keys
 
 
 def _dedupe(items: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of items [N, m] in score order (-1 pad) -> the first k distinct per row (items [N, k], scores [N, k])."""
     N, m = items.shape
-    order = np.argsort(items, axis=1, kind="stable")           # equal items: the best-scored copy first
-    s_items = np.take_along_axis(items, order, 1)
+    # sorted by (item, column): equal items keep the best-scored copy first; one sort of packed keys
+    # instead of a stable argsort (~3x faster)
+    sh = max(m - 1, 1).bit_length()
+    key = np.sort((items << sh) | np.arange(m, dtype=np.int64)[None, :], axis=1)
+    s_items, order = key >> sh, key & ((1 << sh) - 1)
     dup_sorted = np.zeros((N, m), dtype=bool)
     dup_sorted[:, 1:] = (s_items[:, 1:] == s_items[:, :-1]) & (s_items[:, 1:] >= 0)
     dup = np.empty_like(dup_sorted)
