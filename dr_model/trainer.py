@@ -221,16 +221,18 @@ def initial_paths(model: DRModel, cfg: DRConfig, num_items: int) -> np.ndarray:
     return initial_assignment(num_items, mc.J, mc.num_paths, cfg.train.seed)
 
 
-def given_start(model: DRModel, cfg: DRConfig, start: np.ndarray, counts: np.ndarray, log: Log) -> np.ndarray:
-    """A given start [V, J] (counts [V]: training pairs per item), re-seeded from the embeddings if it is collapsed."""
+def given_start(model: DRModel, cfg: DRConfig, start: np.ndarray, counts: np.ndarray,
+                log: Log) -> tuple[np.ndarray, bool]:
+    """A given start [V, J] (counts [V]: training pairs per item) -> (paths [V, J], re-seeded): re-seeded from
+    the embeddings if it is collapsed."""
     start = np.asarray(start, dtype=np.int64)
     size = start_path_size(counts, start, cfg.model.num_paths)
     target = cfg.search.target_path_size(start.shape[0], cfg.eval.k)
     if cfg.train.init_paths == "embeddings" and is_collapsed(size, target, cfg.train.collapse_factor):
         log(f"[em] the given paths are collapsed (path size {size:.1f} > {cfg.train.collapse_factor:g} x the target "
             f"{target:.1f}): re-seeded from the reranker's item embeddings")
-        return initial_paths(model, cfg, start.shape[0])
-    return start
+        return initial_paths(model, cfg, start.shape[0]), True
+    return start, False
 
 
 def mstep(ps: PathScores, assign: np.ndarray, cfg: DRConfig, num_items: int, alpha0: float | None) -> MStepResult:
@@ -282,11 +284,15 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
     t0 = time.perf_counter()
     log("[em] round 0: reranker" + (" and structure model" if cfg.train.init_paths == "random" else ""))
     hist0 = phases(0)
-    res.assign = (initial_paths(model, cfg, V) if start is None
-                  else given_start(model, cfg, start, np.bincount(target_np, minlength=V), log))
+    how = cfg.train.init_paths
+    if start is None:
+        res.assign = initial_paths(model, cfg, V)
+    else:
+        res.assign, reseeded = given_start(model, cfg, start, np.bincount(target_np, minlength=V), log)
+        how = "given, collapsed: re-seeded from embeddings" if reseeded else "given"
     if model.seed_structure_encoder():
         log("[em] structure encoder starts from the reranker's")
-    log(f"[em] initial paths ({cfg.train.init_paths if start is None else 'given'}): {len(np.unique(res.assign))} non-empty paths, largest "
+    log(f"[em] initial paths ({how}): {len(np.unique(res.assign))} non-empty paths, largest "
         f"{np.bincount(res.assign.ravel()).max()}")
     res.history.append({"round": 0, "estep": hist0, "seconds": time.perf_counter() - t0})
     for r in range(1, cfg.train.em_rounds + 1):

@@ -125,12 +125,14 @@ def test_a_collapsed_start_is_reseeded_from_the_embeddings_and_a_healthy_one_kep
     target = cfg.search.target_path_size(V, cfg.eval.k)
     assert start_path_size(counts, collapsed, P) == V > 4 * target > start_path_size(counts, healthy, P)
     logs: list[str] = []
-    out = given_start(model, cfg, collapsed, counts, logs.append)
-    assert len(np.unique(out)) > 50 and start_path_size(counts, out, P) < 2 * target
+    out, reseeded = given_start(model, cfg, collapsed, counts, logs.append)
+    assert reseeded and len(np.unique(out)) > 50 and start_path_size(counts, out, P) < 2 * target
     assert len(logs) == 1 and "collapsed" in logs[0] and "re-seeded" in logs[0]
-    assert (given_start(model, cfg, healthy, counts, logs.append) == healthy).all() and len(logs) == 1
+    kept, reseeded = given_start(model, cfg, healthy, counts, logs.append)
+    assert not reseeded and (kept == healthy).all() and len(logs) == 1
     off = replace(cfg, train=replace(cfg.train, collapse_factor=0.0))
-    assert (given_start(model, off, collapsed, counts, logs.append) == collapsed).all() and len(logs) == 1
+    kept, reseeded = given_start(model, off, collapsed, counts, logs.append)
+    assert not reseeded and (kept == collapsed).all() and len(logs) == 1
 
 
 def test_paths_from_embeddings_are_balanced_distinct_and_follow_clusters():
