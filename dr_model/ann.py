@@ -19,7 +19,7 @@ import faiss  # noqa: E402
 import numpy as np
 import torch
 
-from .index import pair_keys, top_k_per_row
+from .index import member, pair_keys, top_k_per_row
 from .reranker import Reranker
 
 
@@ -134,7 +134,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, setting: int,
     found = item >= 0
     row, item, score = row[found], item[found], score[found]
     if exclude is not None and len(exclude[0]):
-        keep = ~np.isin(pair_keys(row, item, index.ntotal), pair_keys(*exclude, index.ntotal))
+        keep = ~member(pair_keys(row, item, index.ntotal), pair_keys(*exclude, index.ntotal))
         row, item, score = row[keep], item[keep], score[keep]
     out_i, out_s = top_k_per_row(row, item, score, N, k)
     return out_i, out_s, float(scored)

@@ -20,7 +20,7 @@ from scipy import sparse
 from . import ann
 from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popular_topk, to_raw, user_item_matrix
 from .config import DRConfig
-from .index import PathIndex, pair_keys, row_blocks
+from .index import PathIndex, member, pair_keys, row_blocks
 from .metrics import PRF, prf_at_k
 from .model import DRModel
 from .split import Split
@@ -98,7 +98,7 @@ def validation_path_recall(model: DRModel, vocab: Vocab, users: EvalUsers, index
     model.train()
     if len(t_row) == 0:
         return 0.0
-    hit = np.isin(pair_keys(t_row, t_item, vocab.size), pair_keys(row, item, vocab.size)) & (t_item >= 0)
+    hit = member(pair_keys(t_row, t_item, vocab.size), pair_keys(row, item, vocab.size)) & (t_item >= 0)
     return float(hit.mean())
 
 

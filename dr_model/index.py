@@ -112,6 +112,16 @@ def pair_keys(row: np.ndarray, item: np.ndarray, num_items: int) -> np.ndarray:
     return np.asarray(row, dtype=np.int64) * (num_items + 1) + np.asarray(item, dtype=np.int64)
 
 
+def member(keys: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """keys [n] in `of` [m] -> [n] bool, by a binary search of each key in the sorted `of` (np.isin sorts
+    keys and `of` together: slower when the keys are the many)."""
+    if len(of) == 0:
+        return np.zeros(len(keys), dtype=bool)
+    srt = np.sort(of)
+    pos = np.minimum(np.searchsorted(srt, keys), len(srt) - 1)
+    return srt[pos] == keys
+
+
 LOOKUP_PAIRS = 1 << 23   # candidate pairs looked up at once (~0.5 GB of index arrays): rows beyond go in blocks
 
 

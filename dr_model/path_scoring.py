@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .index import PathIndex, pair_keys
+from .index import PathIndex, member, pair_keys
 
 # positions in PathIndex.items [n] -> (embeddings [n, d] fp32, biases [n]) of the items there
 PathBlocks = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -134,15 +134,8 @@ def score_by_path(w: torch.Tensor, paths: np.ndarray, index: PathIndex, blocks: 
     items = items.astype(np.int64)
     if H:
         r = np.repeat(np.arange(N, dtype=np.int64), kq)
-        items[_member(pair_keys(r, items.ravel(), index.num_items), pair_keys(*exclude, index.num_items)).reshape(N, kq)] = -1
+        items[member(pair_keys(r, items.ravel(), index.num_items), pair_keys(*exclude, index.num_items)).reshape(N, kq)] = -1
     return *_dedupe(items, top_s, k), scored
-
-
-def _member(keys: np.ndarray, of: np.ndarray) -> np.ndarray:
-    """keys [n] in `of` [m] -> [n] bool: a binary search of each key in the sorted m (np.isin sorts all n + m)."""
-    srt = np.sort(of)
-    pos = np.minimum(np.searchsorted(srt, keys), len(srt) - 1)
-    return srt[pos] == keys
 
 
 def _dedupe(items: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from .beam_udf import load_model, set_task_threads
-
-SCHEMA = pa.schema([("item_id", pa.int64()), ("slot", pa.int32()), ("path", pa.int64()), ("score", pa.float64())])
+from .mstep_udf import ITEM_PATHS_SCHEMA
 
 
 def init_path_batches(it: Iterator[pa.RecordBatch], key: str, payload: Any, tree: Any, num_items: int, chunk: int,
@@ -34,7 +33,7 @@ def init_path_batches(it: Iterator[pa.RecordBatch], key: str, payload: Any, tree
             n = hi - lo
             yield pa.RecordBatch.from_arrays(
                 [pa.array(np.repeat(vocab.ids[lo:hi], J)), pa.array(np.tile(np.arange(J, dtype=np.int32), n)),
-                 pa.array(paths.ravel()), pa.nulls(n * J, pa.float64())], schema=SCHEMA)
+                 pa.array(paths.ravel()), pa.nulls(n * J, pa.float64())], schema=ITEM_PATHS_SCHEMA)
 
 
-__all__ = ["init_path_batches", "SCHEMA"]
+__all__ = ["init_path_batches"]
