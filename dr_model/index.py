@@ -122,6 +122,33 @@ def member(keys: np.ndarray, of: np.ndarray) -> np.ndarray:
     return srt[pos] == keys
 
 
+COMPARE_MAX = 48         # excluded items per row up to which one compare per column beats a binary search
+
+
+def excluded(items: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], num_items: int) -> np.ndarray:
+    """items [N, m] (-1 pad) against exclude = (row [X], item [X]) pairs -> [N, m] bool: the pair is excluded.
+
+    Rows holding at most COMPARE_MAX exclusions are compared column by column (N m H compares, no
+    sort); longer lists use one binary search per candidate (N m log X).
+    """
+    N, m = items.shape
+    row, item = np.asarray(exclude[0], dtype=np.int64), np.asarray(exclude[1], dtype=np.int64)
+    counts = np.bincount(row, minlength=N)[:N] if len(row) else np.zeros(N, np.int64)
+    H = int(counts.max(initial=0))
+    if H > COMPARE_MAX:
+        r = np.repeat(np.arange(N, dtype=np.int64), m)
+        return member(pair_keys(r, items.ravel(), num_items), pair_keys(row, item, num_items)).reshape(N, m)
+    order = np.argsort(row, kind="stable")
+    row, item = row[order], item[order]
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    table = np.full((N, H), -2, dtype=np.int64)                 # -2 matches neither an item nor the -1 pad
+    table[row, np.arange(len(row)) - starts[row]] = item
+    out = np.zeros((N, m), dtype=bool)
+    for j in range(H):
+        out |= items == table[:, j:j + 1]
+    return out
+
+
 LOOKUP_PAIRS = 1 << 23   # candidate pairs looked up at once (~0.5 GB of index arrays): rows beyond go in blocks
 
 

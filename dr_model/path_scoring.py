@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .index import PathIndex, member, pair_keys
+from .index import PathIndex, excluded
 
 # positions in PathIndex.items [n] -> (embeddings [n, d] fp32, biases [n]) of the items there
 PathBlocks = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -118,7 +118,7 @@ def score_by_path(w: torch.Tensor, paths: np.ndarray, index: PathIndex, blocks: 
         seg_q = np.repeat(np.arange(len(c)), has.sum(1))
         kk = min(keep, W)
         if kk < W:
-            top_s, top_c = torch.topk(sc, kk, dim=1)
+            top_s, top_c = torch.topk(sc, kk, dim=1, sorted=False)     # the final cut orders them
             top_c = top_c.numpy()
         else:
             top_s, top_c = sc, np.broadcast_to(cols, sc.shape)
@@ -133,8 +133,7 @@ def score_by_path(w: torch.Tensor, paths: np.ndarray, index: PathIndex, blocks: 
     items = np.where(np.isfinite(top_s), np.asarray(index.items[np.take_along_axis(best_at, top_c.numpy(), 1)]), -1)
     items = items.astype(np.int64)
     if H:
-        r = np.repeat(np.arange(N, dtype=np.int64), kq)
-        items[member(pair_keys(r, items.ravel(), index.num_items), pair_keys(*exclude, index.num_items)).reshape(N, kq)] = -1
+        items[excluded(items, exclude, index.num_items)] = -1
     return *_dedupe(items, top_s, k), scored
 
 

@@ -131,11 +131,12 @@ class ServingBundle:
     def retrieve(self, hist: np.ndarray, beam: int, k: int,
                  exclude_history: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histories of raw ids [N, L] (-1 pad) -> (raw ids [N, k] (-1 pad), scores [N, k], vectors scored [N])."""
-        seq = self.model_vocab.seq(hist)
+        h = self.catalog_index(hist)
+        V = self.model_vocab.size
+        seq = torch.from_numpy(np.where((h < 0) | (h >= V), V, h))      # cold and unknown items: the pad
         paths = self.towers.beam(seq, beam).numpy()
         exclude = None
         if exclude_history:
-            h = self.catalog_index(hist)
             r, c = np.nonzero(h >= 0)
             exclude = (r.astype(np.int64), h[r, c])
         w = self.towers.user_vectors(seq)

@@ -69,3 +69,21 @@ def test_score_by_path_without_candidates():
     paths = np.full((5, 3), -1, dtype=np.int64)
     items, scores, scored = score_by_path(w, paths, index, sliced_blocks(emb, bias), 4, 2)
     assert (items == -1).all() and np.isneginf(scores).all() and (scored == 0).all()
+
+
+@pytest.mark.parametrize("compare_max", [48, 0])
+def test_excluded_matches_a_set_test(monkeypatch, compare_max):
+    """Both ways (compare per column, binary search) flag exactly the (row, item) pairs listed, in any order."""
+    import dr_model.index as index_mod
+
+    monkeypatch.setattr(index_mod, "COMPARE_MAX", compare_max)
+    g = np.random.default_rng(7)
+    N, m, V = 40, 30, 200
+    items = g.integers(-1, V, size=(N, m))
+    row = g.integers(0, N - 5, size=300)                  # rows 35.. exclude nothing; rows unsorted, repeats
+    item = np.where(g.random(300) < 0.5, items[row, g.integers(0, m, 300)], g.integers(0, V, 300))
+    got = index_mod.excluded(items, (row, item), V)
+    listed = {(int(r), int(i)) for r, i in zip(row, item)}
+    want = np.array([[(u, int(x)) in listed for x in items[u]] for u in range(N)])
+    assert got.any() and (got == want).all()
+    assert not index_mod.excluded(items, (np.zeros(0, np.int64), np.zeros(0, np.int64)), V).any()
