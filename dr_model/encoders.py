@@ -15,7 +15,12 @@ from .item_table import ROWS, item_table
 
 class MeanPoolEncoder(nn.Module):
     """Masked mean of item embeddings, then a two-layer MLP (a single tanh layer under-fits:
-    measured in BENCHMARKS.md, "Model quality")."""
+    measured in BENCHMARKS.md, "Model quality").
+
+    The table's gradient is a function of (seq, dL/dpooled) alone: with `capture` set, a training
+    forward keeps both, so data-parallel workers can exchange N (L + item_dim) numbers per step
+    instead of the touched rows (ray_trainers.grad_sync) and each rebuild the same table gradient.
+    """
 
     def __init__(self, num_items: int, item_dim: int, user_dim: int, sparse: bool = False, rows: int = ROWS,
                  exact_share: float = 0.5) -> None:
@@ -23,12 +28,36 @@ class MeanPoolEncoder(nn.Module):
         self.pad = num_items
         self.emb = item_table(num_items + 1, item_dim, rows, exact_share, sparse, padding_idx=num_items)
         self.mlp = nn.Sequential(nn.Linear(item_dim, 2 * user_dim), nn.ReLU(), nn.Linear(2 * user_dim, user_dim))
+        self.capture = False
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def pool(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq [N, L] int64 -> the masked mean of its item rows [N, item_dim]."""
+        mask = (seq != self.pad).unsqueeze(-1).float()
+        return (self.emb(seq) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq [N, L] int64 -> [N, user_dim]."""
-        mask = (seq != self.pad).unsqueeze(-1).float()
-        pooled = (self.emb(seq) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = self.pool(seq)
+        if self.capture and pooled.requires_grad:
+            pooled.retain_grad()
+            self._kept = (seq, pooled)
         return self.mlp(pooled)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After backward: (seq [N, L], dL/dpooled [N, item_dim]) of the last captured forward, then forgotten;
+        None if none reached backward."""
+        kept, self._kept = self._kept, None
+        if kept is None or kept[1].grad is None:
+            return None
+        return kept[0], kept[1].grad
+
+    def table_grads(self, seq: torch.Tensor, grad: torch.Tensor) -> None:
+        """Set the table's gradients to what pooled gradients grad [N, item_dim] of seq [N, L] put on it."""
+        for p in self.emb.parameters():
+            p.grad = None
+        with torch.enable_grad():
+            self.pool(seq).backward(grad)
 
 
 class GRUEncoder(nn.Module):
@@ -54,6 +83,17 @@ class GRUEncoder(nn.Module):
         out = h[-1]
         # A user with no known history gets the zero state, not the pad's transition.
         return out * (lengths > 0).unsqueeze(1).float()
+
+
+def pooled_encoders(module: nn.Module) -> list[MeanPoolEncoder]:
+    """The module's mean-pool encoders whose item table is sparse and read by nothing else (a tied reranker
+    scores with its encoder's table: its gradient is then more than (seq, dL/dpooled))."""
+    parents: dict[int, int] = {}
+    for m in module.modules():
+        for child in m.children():
+            parents[id(child)] = parents.get(id(child), 0) + 1
+    return [m for m in module.modules() if isinstance(m, MeanPoolEncoder) and parents.get(id(m.emb), 0) == 1
+            and all(e.sparse for e in m.emb.modules() if isinstance(e, nn.Embedding))]
 
 
 def make_encoder(kind: str, num_items: int, item_dim: int, user_dim: int, sparse: bool = False, rows: int = ROWS,

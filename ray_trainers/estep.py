@@ -18,8 +18,9 @@ for the most frequent items, quotient-remainder rows for the rest: dr_model.item
 lazy Adam's two moments per row; what grows with the catalog is 8 (J + 1) bytes per item for the
 vocabulary and paths, 8 for the counts, 16 for the proposal and its log-Q table and 16 for the
 four tables' exact-row maps: 72 bytes per item at J = 3 (0.7 GB at 10^7 items, 7 GB at 10^8).
-A step exchanges the dense layers' gradients and the touched rows of the item tables only
-(grad_sync.GradSync), so its traffic follows the batch.
+A step exchanges the dense layers' gradients, the touched rows of the reranker's item table and,
+for each mean-pool encoder, its samples' (history, pooled gradient) (grad_sync.GradSync), so its
+traffic follows the batch.
 
 Phases follow dr_model.schedule: each ends at its most epochs or when the validation users'
 recall@k (computed by rank 0 after every epoch, broadcast to the others so every rank takes
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from dr_model.config import DRConfig
+from dr_model.encoders import pooled_encoders
 from dr_model.evaluation import EvalUsers
 from dr_model.model import DRModel
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
@@ -202,7 +204,8 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             if sync is not None:
                 sync.close()
             sync = (GradSync([p for p in model.parameters() if p.requires_grad], tables=sparse_tables(model),
-                             max_rows=rows_per_step(cfg, bs)) if distributed else None)
+                             max_rows=rows_per_step(cfg, bs), pooled=pooled_encoders(model), max_samples=bs,
+                             seq_len=cfg.model.seq_len) if distributed else None)
             if rank == 0 and sync is not None:
                 _stderr(f"[estep] {ph.name} phase: gradient sync over {sync.transport} ({world} workers, "
                         f"at most {sync.capacity_bytes / 2 ** 20:.1f} MB per step and worker)")

@@ -7,8 +7,9 @@ history and target items are Zipf(1) draws over the catalog, against random path
 (item_paths holds all V items: the workers read it and build the V-sized proposal). Printed per
 size (lists aligned with `items`): `samples_per_s_per_core` (steady state: the first epoch is
 warm-up; 2 workers x 1 thread = 2 cores), `peak_worker_rss_mb` (the largest peak resident set
-of the workers), `sync_bytes_per_step` (what each worker publishes per step, mean; the dense
-layers plus the rows a step touched, so it grows with the distinct items a batch holds, up to
+of the workers), `sync_bytes_per_step` (what each worker publishes per step, mean: the dense
+layers, each mean-pool encoder's (history, pooled gradient) per sample and the reranker table's
+touched rows, which grow with the distinct items a batch holds, up to
 `sync_capacity_bytes_per_step`, the bound the batch shape sets). Targets (issue #11):
 10^7 keeps >= 0.7 x the 10^4 throughput, <= 3,000 MB per worker, <= 1.2 x the 10^4 bytes per step.
 """
