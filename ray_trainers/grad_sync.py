@@ -114,9 +114,7 @@ class GradSync:
             e.table_grads(recs[:, : self.seq_len].contiguous().view(torch.int32).long(), recs[:, self.seq_len:])
             for p in e.emb.parameters():
                 if p.grad is not None:
-                    g = p.grad.coalesce()
-                    p.grad = torch.sparse_coo_tensor(g.indices(), g.values() / max(n, 1), p.shape, is_coalesced=True,
-                                                     check_invariants=False)
+                    p.grad = _mean(p.grad, max(n, 1))
         return n
 
     def _gather_records(self, rows: list[int]) -> list[torch.Tensor]:
@@ -213,8 +211,13 @@ def _sum_rows(blocks: torch.Tensor, shape: torch.Size, n: int) -> torch.Tensor:
     coalesced sparse [V, dim]."""
     recs = _records(blocks, 1 + shape[1])
     rows = recs[:, 0].contiguous().view(torch.int32).long()
-    g = torch.sparse_coo_tensor(rows.unsqueeze(0), recs[:, 1:], shape, check_invariants=False).coalesce()
-    return torch.sparse_coo_tensor(g.indices(), g.values() / n, shape, is_coalesced=True, check_invariants=False)
+    return _mean(torch.sparse_coo_tensor(rows.unsqueeze(0), recs[:, 1:], shape, check_invariants=False), n)
+
+
+def _mean(g: torch.Tensor, n: int) -> torch.Tensor:
+    """A sparse gradient summed over n ranks -> coalesced, divided by n."""
+    g = g.coalesce()
+    return torch.sparse_coo_tensor(g.indices(), g.values() / n, g.shape, is_coalesced=True, check_invariants=False)
 
 
 def _split(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:

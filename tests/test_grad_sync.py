@@ -1,8 +1,10 @@
-"""A mean-pool encoder's table exchanged as (history, pooled gradient): every rank rebuilds the gradient the
-touched rows would have carried, over both transports, in N (L + dim) numbers per step."""
+"""GradSync between 2 spawned ranks: dense and sparse-table gradients averaged alike over shared memory and gloo;
+a mean-pool encoder's table exchanged as (history, pooled gradient), from which every rank rebuilds the gradient
+the touched rows would have carried, in N (L + dim) numbers per step."""
 from __future__ import annotations
 
 import os
+import platform
 import socket
 
 import pytest
@@ -15,16 +17,108 @@ from dr_model.optim import sparse_tables
 from ray_trainers.grad_sync import GradSync
 
 ITEMS, DIM, L, CAP = 40, 4, 5, 6
-SPLIT_ROWS = 30                            # < 41 ids: a SplitTable (15 exact rows, 8 remainder x 7 quotient)
+SPLIT_ROWS = 30                            # < 41 ids: a SplitTable (15 exact rows, 11 remainder x 4 quotient)
 BATCH = {0: 6, 1: 4}                       # the ranks' batches differ in size
 
 
-def _pooled_rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One spawned rank: the same encoder and batches synced by rows and by pooled gradients, both transports."""
+def _join(rank: int, world: int, port: int):  # noqa: ANN202
+    """In a spawned rank: join the gloo group on loopback -> torch.distributed."""
     import torch.distributed as dist
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    return dist
+
+
+def _spawn(rank_fn, tmp_path) -> tuple[dict, dict]:  # noqa: ANN001
+    """Run rank_fn(rank, 2, port, out_dir) in 2 spawned processes -> what ranks 0 and 1 saved (rank{r}.pt)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    mp.start_processes(rank_fn, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    return tuple(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+
+
+def _sparse_grad(step: int, rank: int) -> torch.Tensor:
+    """A rank's sparse table gradient [9, 2] of a step: rows with repeats, as an embedding lookup gives."""
+    gen = torch.Generator().manual_seed(1000 + 100 * step + rank)
+    rows = torch.randint(0, 9, (5,), generator=gen)
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), torch.randn(5, 2, generator=gen), (9, 2), check_invariants=True)
+
+
+def _grad_sync_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One spawned rank: the same per-rank gradients averaged by GradSync over shared memory, then gloo."""
+    dist = _join(rank, world, port)
+    params = [torch.nn.Parameter(torch.zeros(7, 3)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2, 2))]
+    table = torch.nn.Parameter(torch.zeros(9, 2))
+    out = {}
+    for shm in (True, False):
+        sync = GradSync(params + [table], shared_memory=shm, tables=[table], max_rows=5)
+        out[shm] = {"transport": sync.transport, "steps": []}
+        for step in range(4):
+            gen = torch.Generator().manual_seed(100 * step + rank)
+            for i, p in enumerate(params):   # rank 1 never has a gradient for params[1]
+                p.grad = None if (i == 1 and rank == 1) else torch.randn(p.shape, generator=gen)
+            table.grad = _sparse_grad(step, rank)
+            if step == 3 and rank == 1:      # rank 1 ran out of batches: join with zero gradients
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                table.grad = None
+                n = sync(has_batch=False)
+            else:
+                n = sync()
+            assert table.grad.is_sparse and table.grad.is_coalesced()
+            out[shm]["steps"].append((n, [p.grad.clone() for p in params] + [table.grad.to_dense()]))
+        out[shm]["bytes"] = sync.bytes_per_step
+        sync.close()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_grad_sync_shared_memory_equals_gloo(tmp_path):
+    """Dense and sparse (item table) gradients: both transports give every rank the workers' average."""
+    from ray_trainers.shm_exchange import SHM_DIR
+
+    shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
+    r0, r1 = _spawn(_grad_sync_rank, tmp_path)
+    if platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(SHM_DIR):
+        assert r0[True]["transport"] == r1[True]["transport"] == "shm"
+    assert r0[False]["transport"] == "gloo"
+    # dense 21 + 5 + 4 floats and the flag, then the table's count and one record (row, 2 values)
+    # per row the rank touched (shared memory) or per row of the rank that touched the most and
+    # the counts' exchange (gloo)
+    rows = [[len(torch.unique(_sparse_grad(step, r).coalesce().indices())) if (step, r) != (3, 1) else 0
+             for r in (0, 1)] for step in range(4)]
+    assert r0[True]["bytes"] == pytest.approx(sum(4 * (31 + 1 + 3 * k[0]) for k in rows) / 4)
+    assert r0[False]["bytes"] == pytest.approx(sum(4 * (31 + 1 + 3 * max(k) + 1) for k in rows) / 4)
+    for step in range(4):
+        g = []                               # each rank's gradients, drawn as _grad_sync_rank draws them
+        for r in (0, 1):
+            gen = torch.Generator().manual_seed(100 * step + r)
+            g.append([torch.zeros(shape) if (i == 1 and r == 1) else torch.randn(shape, generator=gen)
+                      for i, shape in enumerate([(7, 3), (5,), (2, 2)])]
+                     + [torch.zeros(9, 2) if (step == 3 and r == 1) else _sparse_grad(step, r).to_dense()])
+        n = 1 if step == 3 else 2
+        want = [a if step == 3 else (a + b) / 2 for a, b in zip(g[0], g[1])]
+        for res in (r0[True], r1[True], r0[False], r1[False]):
+            got_n, got = res["steps"][step]
+            assert got_n == n
+            for w, x in zip(want[:3], got[:3]):
+                assert torch.equal(w, x), step
+            assert torch.allclose(want[3], got[3], atol=1e-6), step
+        # every rank applies the bitwise-same sparse update
+        assert torch.equal(r0[True]["steps"][step][1][3], r1[True]["steps"][step][1][3])
+        assert torch.equal(r0[False]["steps"][step][1][3], r1[False]["steps"][step][1][3])
+    # the segment's name is unlinked once every rank has mapped it
+    if os.path.isdir(SHM_DIR):
+        assert not {f for f in os.listdir(SHM_DIR) if f.startswith("dr-gradsync-")} - shm_before
+
+
+def _pooled_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One spawned rank: the same encoder and batches synced by rows and by pooled gradients, both transports."""
+    dist = _join(rank, world, port)
     out = {}
     for kind, rows in (("exact", 1 << 62), ("split", SPLIT_ROWS)):
         for shm in (True, False):
@@ -56,13 +150,7 @@ def _pooled_rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_pooled_gradients_rebuild_the_rows_exchange(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    mp.start_processes(_pooled_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = _spawn(_pooled_rank, tmp_path)
     for kind in ("exact", "split"):
         for shm in (True, False):
             rows, pooled = r0[(kind, shm, False)], r0[(kind, shm, True)]

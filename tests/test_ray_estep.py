@@ -4,13 +4,11 @@ Fast tests run the training loop in Ray Train's in-process mode (num_workers=0, 
 one integration test starts 2 real worker actors (torch.distributed over gloo).
 Stated tolerance: per-epoch losses of the 2-worker run within 3% (relative) of the
 1-worker run; they differ only by data order and per-worker negatives. The gradient sync
-itself is exact: its shared-memory and gloo transports give bitwise-equal averages.
+itself is exact (tests/test_grad_sync.py): its shared-memory and gloo transports give bitwise-equal averages.
 """
 from __future__ import annotations
 
-import os
 import platform
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +25,7 @@ from jobs.benchmarks.estep import synthetic_inputs
 from jobs.tables import CommitMeta, Warehouse
 from ray_trainers.checkpoint import CheckpointMismatch, load_checkpoint, read_meta, run_dir
 from ray_trainers.config import RayConfig
-from ray_trainers.estep import (GradSync, batch_tensors, count_vector, load_item_paths, run_estep, samples_dataset,
+from ray_trainers.estep import (batch_tensors, count_vector, load_item_paths, run_estep, samples_dataset,
                                 target_counts)
 
 # Epoch-mean losses of runs that see the same samples in another order; with 5 targets per sample
@@ -221,87 +219,3 @@ def test_two_real_workers_match_one_worker(inputs, baseline):
             assert b["rerank_loss"] == pytest.approx(a["rerank_loss"], rel=LOSS_RTOL)
     # it is not the same run: the data order differs, so the weights do too
     assert not torch.equal(two.model_state["structure.out.0.weight"], baseline.model_state["structure.out.0.weight"])
-
-
-def _sparse_grad(step: int, rank: int) -> torch.Tensor:
-    """A rank's sparse table gradient [9, 2] of a step: rows with repeats, as an embedding lookup gives."""
-    gen = torch.Generator().manual_seed(1000 + 100 * step + rank)
-    rows = torch.randint(0, 9, (5,), generator=gen)
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), torch.randn(5, 2, generator=gen), (9, 2), check_invariants=True)
-
-
-def _grad_sync_rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One spawned rank: the same per-rank gradients averaged by GradSync over shared memory, then gloo."""
-    import torch.distributed as dist
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    params = [torch.nn.Parameter(torch.zeros(7, 3)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2, 2))]
-    table = torch.nn.Parameter(torch.zeros(9, 2))
-    out = {}
-    for shm in (True, False):
-        sync = GradSync(params + [table], shared_memory=shm, tables=[table], max_rows=5)
-        out[shm] = {"transport": sync.transport, "steps": []}
-        for step in range(4):
-            gen = torch.Generator().manual_seed(100 * step + rank)
-            for i, p in enumerate(params):   # rank 1 never has a gradient for params[1]
-                p.grad = None if (i == 1 and rank == 1) else torch.randn(p.shape, generator=gen)
-            table.grad = _sparse_grad(step, rank)
-            if step == 3 and rank == 1:      # rank 1 ran out of batches: join with zero gradients
-                for p in params:
-                    p.grad = torch.zeros_like(p)
-                table.grad = None
-                n = sync(has_batch=False)
-            else:
-                n = sync()
-            assert table.grad.is_sparse and table.grad.is_coalesced()
-            out[shm]["steps"].append((n, [p.grad.clone() for p in params] + [table.grad.to_dense()]))
-        out[shm]["bytes"] = sync.bytes_per_step
-        sync.close()
-    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_grad_sync_shared_memory_equals_gloo(tmp_path):
-    """Dense and sparse (item table) gradients: both transports give every rank the workers' average."""
-    import torch.multiprocessing as mp
-
-    from ray_trainers.shm_exchange import SHM_DIR
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
-    mp.start_processes(_grad_sync_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    if platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(SHM_DIR):
-        assert r0[True]["transport"] == r1[True]["transport"] == "shm"
-    assert r0[False]["transport"] == "gloo"
-    # dense 21 + 5 + 4 floats and the flag, then the table's count and one record (row, 2 values)
-    # per row the rank touched (shared memory) or per row of the rank that touched the most and
-    # the counts' exchange (gloo)
-    rows = [[len(torch.unique(_sparse_grad(step, r).coalesce().indices())) if (step, r) != (3, 1) else 0
-             for r in (0, 1)] for step in range(4)]
-    assert r0[True]["bytes"] == pytest.approx(sum(4 * (31 + 1 + 3 * k[0]) for k in rows) / 4)
-    assert r0[False]["bytes"] == pytest.approx(sum(4 * (31 + 1 + 3 * max(k) + 1) for k in rows) / 4)
-    for step in range(4):
-        g = []                               # each rank's gradients, drawn as _grad_sync_rank draws them
-        for r in (0, 1):
-            gen = torch.Generator().manual_seed(100 * step + r)
-            g.append([torch.zeros(shape) if (i == 1 and r == 1) else torch.randn(shape, generator=gen)
-                      for i, shape in enumerate([(7, 3), (5,), (2, 2)])]
-                     + [torch.zeros(9, 2) if (step == 3 and r == 1) else _sparse_grad(step, r).to_dense()])
-        n = 1 if step == 3 else 2
-        want = [a if step == 3 else (a + b) / 2 for a, b in zip(g[0], g[1])]
-        for res in (r0[True], r1[True], r0[False], r1[False]):
-            got_n, got = res["steps"][step]
-            assert got_n == n
-            for w, x in zip(want[:3], got[:3]):
-                assert torch.equal(w, x), step
-            assert torch.allclose(want[3], got[3], atol=1e-6), step
-        # every rank applies the bitwise-same sparse update
-        assert torch.equal(r0[True]["steps"][step][1][3], r1[True]["steps"][step][1][3])
-        assert torch.equal(r0[False]["steps"][step][1][3], r1[False]["steps"][step][1][3])
-    # the segment's name is unlinked once every rank has mapped it
-    if os.path.isdir(SHM_DIR):
-        assert not {f for f in os.listdir(SHM_DIR) if f.startswith("dr-gradsync-")} - shm_before
