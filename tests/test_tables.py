@@ -181,3 +181,18 @@ def test_concurrent_commits_do_not_corrupt(warehouse):
     assert len(table) == 100 * len(ok)
     assert sorted(table["batch_id"].unique()) == sorted(f"w{r['k']}" for r in ok)
     assert table.groupby("batch_id").size().eq(100).all()
+
+
+def test_a_task_writes_row_groups_of_many_arrow_batches(spark, warehouse):
+    """Spark hands a writing task Arrow batches of maxRecordsPerBatch rows; the files hold fewer, larger row groups."""
+    import pyarrow.parquet as pq
+
+    n = 100_000
+    per_batch = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch"))
+    assert n > 2 * per_batch
+    df = spark.range(n, numPartitions=1).selectExpr("id AS item_id", "id % 1000 AS path", "1.0 AS score", "1.0 AS n_v")
+    v = warehouse.write_spark("path_scores", df, CommitMeta("test", "row-groups")).version
+    files = warehouse.files("path_scores", v)
+    assert sum(pq.ParquetFile(f.split("://")[-1]).metadata.num_rows for f in files) == n
+    assert all(pq.ParquetFile(f.split("://")[-1]).metadata.num_row_groups == 1 for f in files)
+    assert warehouse.read_arrow("path_scores", v).num_rows == n
