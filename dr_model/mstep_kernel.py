@@ -370,15 +370,21 @@ def prepare_blocks(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, block
     """[V, S] candidate lists -> contiguous slot-major blocks (done once per M-step: scores are fixed)."""
     V, S = paths.shape
     nb = max(1, -(-V // block_size))
-    pad = nb * block_size - V
+    full = V // block_size
 
     def blocks(x: np.ndarray, fill: Any, dt: Any) -> np.ndarray:
-        x = np.concatenate([x, np.full((pad, S), fill, dtype=x.dtype)]) if pad else x
-        return np.ascontiguousarray(x.reshape(nb, block_size, S).transpose(0, 2, 1), dtype=dt)
+        out = np.empty((nb, S, block_size), dtype=dt)
+        for b in range(full):           # a block at a time: its transpose stays in cache, no padded copy
+            out[b] = x[b * block_size:(b + 1) * block_size].T
+        if full < nb:
+            tail = V - full * block_size
+            out[full, :, :tail] = x[full * block_size:].T
+            out[full, :, tail:] = fill
+        return out
 
-    nv = np.concatenate([n_v, np.zeros(pad)]) if pad else n_v
-    return CandidateBlocks(blocks(paths, EMPTY, np.int64), blocks(scores, 0.0, dtype),
-                           np.ascontiguousarray(nv.reshape(nb, block_size), dtype=dtype), V)
+    nv = np.zeros(nb * block_size, dtype=dtype)
+    nv[:V] = n_v
+    return CandidateBlocks(blocks(paths, EMPTY, np.int64), blocks(scores, 0.0, dtype), nv.reshape(nb, block_size), V)
 
 
 def sweep(cands: CandidateBlocks, assign: np.ndarray, sizes: np.ndarray, alpha: float, power: float, *,

@@ -40,7 +40,8 @@ class TaskGroup:
         store = None
         if rank == 0:                                                  # port 0: the OS picks a free one
             store = dist.TCPStore(host, 0, size, True, timeout=timeout, wait_for_workers=False)
-        port = int(task.allGather(str(store.port) if store is not None else "")[0])
+        # a lone task has no one to tell the port (and allGather would cost it its ~1 s poll)
+        port = store.port if size == 1 else int(task.allGather(str(store.port) if store is not None else "")[0])
         if store is None:
             store = dist.TCPStore(host, port, size, False, timeout=timeout)
         return cls(dist.ProcessGroupGloo(store, rank, size, timeout), store, rank, size)

@@ -167,29 +167,54 @@ def partition_files(ctx: MStepContext, part: int) -> list[str]:
     return [u for u in ctx.sources if (task_of(u) or 0) % ctx.partitions == part]
 
 
-def read_scores(ctx: MStepContext, part: int) -> PathScores:
-    """This partition's s[v,c] lists (width S), read from its bucket files one at a time (ctx.buckets > 0)."""
+def _read_file(uri: str, S: int) -> PathScores:
+    """One path_scores file's s[v,c] lists (width S), its items in file order."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     cols = (("item_id", np.int64), ("path", np.int64), ("score", np.float64), ("n_v", np.float64))
-    parts, files = [], partition_files(ctx, part)
-    for uri in files:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        t = pq.read_table(path, filesystem=fs, columns=[c for c, _ in cols])
-        parts.append(PathScores.from_long(*(t.column(c).to_numpy().astype(dt, copy=False) for c, dt in cols), ctx.S))
-        del t
+    fs, path = pafs.FileSystem.from_uri(uri)
+    t = pq.read_table(path, filesystem=fs, columns=[c for c, _ in cols])
+    return PathScores.from_long(*(t.column(c).to_numpy().astype(dt, copy=False) for c, dt in cols), S)
+
+
+def _cat(xs: list[np.ndarray]) -> np.ndarray:
+    return xs[0] if len(xs) == 1 else np.concatenate(xs)
+
+
+def _sorted_rows(xs: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """_cat(xs)[order] with one copy: each part's rows scattered straight to their sorted places."""
+    if len(xs) == 1 and np.array_equal(order, np.arange(len(order))):
+        return xs[0]
+    at = np.empty_like(order)
+    at[order] = np.arange(len(order))
+    out = np.empty((len(order),) + xs[0].shape[1:], dtype=xs[0].dtype)
+    lo = 0
+    for x in xs:
+        out[at[lo:lo + len(x)]] = x
+        lo += len(x)
+    return out
+
+
+def read_scores(ctx: MStepContext, part: int) -> PathScores:
+    """This partition's candidates (width ctx.width: exploration paths included), read from its bucket
+    files one at a time (ctx.buckets > 0), sorted by item (as the shuffled build's)."""
+    files = partition_files(ctx, part)
+    # exploration is row-wise (a hash of the item): added per file, so the lists are copied once
+    parts = [ctx.candidates(_read_file(uri, ctx.S)) for uri in files]
     if not parts:
-        return PathScores(np.zeros(0, np.int64), np.zeros((0, ctx.S), np.int64), np.zeros((0, ctx.S)), np.zeros(0))
-    items = np.concatenate([p.items for p in parts])
+        W = ctx.width
+        return PathScores(np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W)), np.zeros(0))
+    items = _cat([p.items for p in parts])
     order = np.argsort(items, kind="stable")
-    items = items[order]
-    if (items[1:] == items[:-1]).any():
+    if (items[order[1:]] == items[order[:-1]]).any():
         # an item's rows in two files (a task rolled its file mid-item): merge them the general way
-        long = [np.concatenate(x) for x in zip(*(p.to_long() for p in parts))]
-        ps = PathScores.from_long(*long, ctx.S)
+        del parts
+        long = [np.concatenate(x) for x in zip(*(_read_file(u, ctx.S).to_long() for u in files))]
+        ps = ctx.candidates(PathScores.from_long(*long, ctx.S))
     else:
-        ps = PathScores(items, *(np.concatenate([getattr(p, f) for p in parts])[order] for f in ("paths", "scores", "n_v")))
+        ps = PathScores(items[order], *(_sorted_rows([getattr(p, f) for p in parts], order)
+                                        for f in ("paths", "scores", "n_v")))
     if ps.items.size and (spark_partition(ps.items, ctx.partitions) != part).any():
         raise RuntimeError(f"M-step partition {part} of {ctx.partitions}: path_scores files {files} hold items of "
                            "other partitions (the version's item_buckets do not describe its files)")
@@ -204,7 +229,7 @@ def _rebuild(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> 
     S = ctx.S
     scored = items[:n_scored]
     if n_scored and ctx.buckets:
-        ps = ctx.candidates(read_scores(ctx, part))
+        ps = read_scores(ctx, part)
     elif n_scored and ctx.sources:
         fs, _ = pafs.FileSystem.from_uri(ctx.sources[0])
         paths = [pafs.FileSystem.from_uri(u)[1] for u in ctx.sources]

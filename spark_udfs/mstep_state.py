@@ -104,7 +104,7 @@ def build_state_from_files(batches: Iterator[pa.RecordBatch], ctx: MStepContext,
         init_items, init_assign = _init_paths(tbl, ctx.J)
     else:
         init_items, init_assign = np.zeros(0, np.int64), np.zeros((0, ctx.J), np.int64)
-    ps = ctx.candidates(read_scores(ctx, part))
+    ps = read_scores(ctx, part)
     if len(ps) or len(init_items):
         yield from _assemble(ctx, part, ps, init_items, init_assign, seed)
 
