@@ -265,14 +265,15 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         history.append(row)
         finished = not remaining(phases, history, tc.patience, tc.min_delta)
         if rank == 0:
+            # saved before the epoch is logged: a logged epoch is one a restart resumes after
+            if c["checkpoint_every_epoch"] or finished:
+                _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished)
             ended = phase_finished([h for h in history if h.get("phase_index") == i], ph, tc.patience, tc.min_delta)
             _stderr(f"[estep] round {em_round} {epoch_line(row)}, {row['samples']} samples "
                     f"({row['samples_per_s']:.0f}/s, {world} worker(s))"
                     + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else "")
                     + ("" if finished else f"; at most {total - epochs_done} epochs left in the round "
                                            f"(~{(total - epochs_done) * secs / 60:.1f} min)"))
-            if c["checkpoint_every_epoch"] or finished:
-                _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished)
     if sync is not None:
         sync.close()
     unfreeze(model)

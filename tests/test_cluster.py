@@ -83,10 +83,9 @@ def runs(tmp_path_factory):
         killed: dict[str, float] = {}
 
         def kill_ray_node(line: str) -> None:
-            # the second finished epoch of the first E-step: epoch 1's checkpoint is reported (rank 0 logs
-            # an epoch, then saves it: killed on epoch 1's line, a rank 0 on the dying node could lose it
-            # and the group restart from scratch) and two epochs are left to fail on (~3 s on ML-100K: at
-            # 1 left the run could end before the node's death reached the group)
+            # the second finished epoch of the first E-step (rank 0 logs an epoch after saving its
+            # checkpoint): a checkpoint to resume from, and two epochs left to fail on (~3 s on
+            # ML-100K; with one left the run could end before the node's death reached the group)
             if "ray-node" not in killed and "[estep] round 0" in line and "epoch 2:" in line:
                 killed["ray-node"] = time.time()
                 ray.procs[1].kill()
