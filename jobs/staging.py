@@ -58,7 +58,8 @@ _MAX_ROWS_PER_FILE = 4_000_000
 # a Parquet row group per this many buffered rows (or bytes, whichever first): Spark hands a task
 # Arrow batches of spark.sql.execution.arrow.maxRecordsPerBatch rows, and one row group per batch
 # made readers pay per-group overhead (pyarrow read path_scores 4x slower at 20,000-row groups);
-# a task buffers at most _ROW_GROUP_BYTES per open file
+# a sink buffers at most _ROW_GROUP_BYTES over all its open files (a task writing many date
+# partitions flushes its largest buffer first), plus one batch
 _ROW_GROUP_ROWS = 1 << 20
 _ROW_GROUP_BYTES = 64 << 20
 
@@ -112,6 +113,7 @@ class _FileSink:
         self.tag = tag
         self.open: dict[str | None, tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]] = {}
         self.pending: dict[str | None, list[pa.Table]] = {}
+        self.pending_bytes: dict[str | None, int] = {}
         self.done: list[StagedFile] = []
 
     def _new_file(self, pvalues: dict[str, str | None]) -> tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]:
@@ -144,14 +146,18 @@ class _FileSink:
         writer, rel, acc, pv = self.open[key]
         buf = self.pending.setdefault(key, [])
         buf.append(data)
+        self.pending_bytes[key] = self.pending_bytes.get(key, 0) + data.nbytes
         acc.add(data)
-        if sum(t.num_rows for t in buf) >= _ROW_GROUP_ROWS or sum(t.nbytes for t in buf) >= _ROW_GROUP_BYTES:
+        if sum(t.num_rows for t in buf) >= _ROW_GROUP_ROWS:
             self._flush(key)
+        while sum(self.pending_bytes.values()) >= _ROW_GROUP_BYTES:
+            self._flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
         if acc.rows >= _MAX_ROWS_PER_FILE:
             self._close(key)
 
     def _flush(self, key: str | None) -> None:
         buf = self.pending.pop(key, [])
+        self.pending_bytes.pop(key, None)
         if buf:
             self.open[key][0].write_table(pa.concat_tables(buf), row_group_size=_ROW_GROUP_ROWS)
 

@@ -195,4 +195,22 @@ def test_a_task_writes_row_groups_of_many_arrow_batches(spark, warehouse):
     files = warehouse.files("path_scores", v)
     assert sum(pq.ParquetFile(f.split("://")[-1]).metadata.num_rows for f in files) == n
     assert all(pq.ParquetFile(f.split("://")[-1]).metadata.num_row_groups == 1 for f in files)
-    assert warehouse.read_arrow("path_scores", v).num_rows == n
+    got = warehouse.read_arrow("path_scores", v)
+    assert np.array_equal(np.sort(got.column("item_id").to_numpy()), np.arange(n))
+    assert np.array_equal(got.column("path").to_numpy(), got.column("item_id").to_numpy() % 1000)
+
+
+def test_a_task_writing_many_partitions_keeps_a_bounded_buffer(warehouse, monkeypatch):
+    """Buffered rows of all open files stay under the sink's byte cap; every row lands in its partition."""
+    from jobs import staging
+
+    monkeypatch.setattr(staging, "_ROW_GROUP_BYTES", 1 << 16)
+    sink = staging._FileSink("interactions", warehouse.uri("interactions"), "t")
+    peak = 0
+    for b in range(40):
+        sink.write(staging.conform("interactions", events(500, first_user=500 * b, batch=f"b{b}")))
+        peak = max(peak, sum(sink.pending_bytes.values()))
+    files = sink.close()
+    assert peak < 1 << 16
+    assert sum(f.num_records for f in files) == 40 * 500
+    assert len({f.partition_values["date"] for f in files}) > 10
