@@ -196,25 +196,33 @@ def _sorted_rows(xs: list[np.ndarray], order: np.ndarray) -> np.ndarray:
     return out
 
 
+def _rows_of(ps: PathScores, keep: np.ndarray) -> PathScores:
+    return PathScores(ps.items[keep], ps.paths[keep], ps.scores[keep], ps.n_v[keep])
+
+
 def read_scores(ctx: MStepContext, part: int) -> PathScores:
     """This partition's candidates (width ctx.width: exploration paths included), read from its bucket
     files one at a time (ctx.buckets > 0), sorted by item (as the shuffled build's)."""
     files = partition_files(ctx, part)
-    # exploration is row-wise (a hash of the item): added per file, so the lists are copied once
-    parts = [ctx.candidates(_read_file(uri, ctx.S)) for uri in files]
+    parts = [_read_file(uri, ctx.S) for uri in files]
     if not parts:
         W = ctx.width
         return PathScores(np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W)), np.zeros(0))
     items = _cat([p.items for p in parts])
     order = np.argsort(items, kind="stable")
-    if (items[order[1:]] == items[order[:-1]]).any():
-        # an item's rows in two files (a task rolled its file mid-item): merge them the general way
-        del parts
-        long = [np.concatenate(x) for x in zip(*(_read_file(u, ctx.S).to_long() for u in files))]
-        ps = ctx.candidates(PathScores.from_long(*long, ctx.S))
-    else:
-        ps = PathScores(items[order], *(_sorted_rows([getattr(p, f) for p in parts], order)
-                                        for f in ("paths", "scores", "n_v")))
+    same = items[order[1:]] == items[order[:-1]]
+    if same.any():
+        # an item's rows in two files (a task rolled its file mid-item): its partial lists merged the
+        # general way, the other items' lists kept as read
+        split = np.unique(items[order[1:]][same])
+        long = [np.concatenate(x) for x in zip(*(_rows_of(p, np.isin(p.items, split)).to_long() for p in parts))]
+        parts = [_rows_of(p, ~np.isin(p.items, split)) for p in parts] + [PathScores.from_long(*long, ctx.S)]
+        items = _cat([p.items for p in parts])
+        order = np.argsort(items, kind="stable")
+    # exploration is row-wise (a hash of the item): added per part, so the lists are copied once
+    parts = [ctx.candidates(p) for p in parts if len(p)]
+    ps = PathScores(items[order], *(_sorted_rows([getattr(p, f) for p in parts], order)
+                                    for f in ("paths", "scores", "n_v")))
     if ps.items.size and (spark_partition(ps.items, ctx.partitions) != part).any():
         raise RuntimeError(f"M-step partition {part} of {ctx.partitions}: path_scores files {files} hold items of "
                            "other partitions (the version's item_buckets do not describe its files)")

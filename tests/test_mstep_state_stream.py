@@ -52,3 +52,32 @@ def test_state_build_refuses_rows_out_of_item_order():
     shuffled = tbl.take(np.random.default_rng(0).permutation(tbl.num_rows))
     with pytest.raises(RuntimeError, match="sorted by item_id"):
         _state(shuffled, 100)
+
+
+def test_bucket_files_that_split_an_item_read_as_one_list(tmp_path):
+    """A task that rolled its path_scores file mid-item: read_scores merges the item's two partial lists
+    and gives what the rows read in one piece give (exploration paths included)."""
+    import pyarrow.parquet as pq
+
+    from dr_model.scores import PathScores
+    from spark_udfs.mstep_cache import read_scores
+
+    K, D = 10, 3
+    ps = synthetic_scores(300, S, K ** D, seed=3, pool=32)
+    perm = np.random.default_rng(0).permutation(len(ps))              # a bucket's items are not in id order
+    item, path, score, n_v = PathScores(ps.items[perm], ps.paths[perm], ps.scores[perm], ps.n_v[perm]).to_long()
+    cuts = [0, 1_001, 1_603, len(item)]
+    files = []
+    for f, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+        name = tmp_path / f"part-0000abcd-00000-0-{f:012x}.parquet"
+        pq.write_table(pa.table({"item_id": item[lo:hi], "path": path[lo:hi], "score": score[lo:hi],
+                                 "n_v": n_v[lo:hi]}), name)
+        files.append(name.as_uri())
+    assert sum(item[c - 1] == item[c] for c in cuts[1:-1]) == 2            # both cuts split an item
+    ctx = MStepContext(job="t", S=S, J=J, num_paths=K ** D, alpha=0.0, power=1.0, block_size=256, extrapolate=True,
+                       partitions=1, sources=tuple(files), cache=False, K=K, D=D, explore=2, buckets=1)
+    got = read_scores(ctx, 0)
+    want = ctx.candidates(PathScores.from_long(item, path, score, n_v, S))
+    assert got.paths.shape == (300, S + 2)
+    for f in ("items", "paths", "scores", "n_v"):
+        assert np.array_equal(getattr(got, f), getattr(want, f)), f
