@@ -81,12 +81,18 @@ class SearchConfig:
     5 * eval.k: 4.5% of a small catalog (22x cheaper than brute force), growing like sqrt(V)
     past 40,000 items (an IVF index with sqrt(V) lists probing nine of them scores as many);
     the paper sizes the beam to return 5-10x the final top-N, hence the floor.
+
+    The budget is a ceiling: the retrieval beam is the smallest within it whose reranked
+    validation recall@k reaches `recall_target` x brute force's (dr_model.beam_choice); past
+    that point a bigger beam costs items for recall the reranker cannot add. 0 = the largest
+    beam the budget allows.
     """
 
     beam: int = 10              # B: paths per user that the path sizes are planned for
     score_paths: int = 10       # S: paths kept per training pair and per item in s[v,c]
     batch_size: int = 1024      # users per beam-search call
     items_per_user: int = 0     # retrieval budget (items reranked per user); 0 = auto (see above)
+    recall_target: float = 0.98  # retrieval beam: the cheapest reaching this share of brute force's recall
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beam, int) and self.beam >= 1, "search.beam", "an integer >= 1", self.beam)
@@ -94,6 +100,9 @@ class SearchConfig:
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "search.batch_size", "an integer >= 1", self.batch_size)
         _check(isinstance(self.items_per_user, int) and self.items_per_user >= 0, "search.items_per_user",
                "an integer >= 0 (0 = auto)", self.items_per_user)
+        _check(isinstance(self.recall_target, (int, float)) and not isinstance(self.recall_target, bool) and 0 <= self.recall_target <= 2, "search.recall_target",
+               "a number in [0, 2] (a share of brute force's validation recall; 0 = the budget's beam)",
+               self.recall_target)
 
     def budget(self, num_items: int, k: int) -> int:
         """Items DR may score per user for a catalog of num_items (the configured or the auto budget)."""

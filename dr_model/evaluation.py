@@ -18,9 +18,10 @@ import torch
 from scipy import sparse
 
 from . import ann
+from .beam_choice import BeamChoice, distinct_items, pick_beam
 from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popular_topk, to_raw, user_item_matrix
 from .config import DRConfig
-from .index import PathIndex, member, pair_keys, row_blocks
+from .index import PathIndex, member, pair_keys
 from .metrics import PRF, prf_at_k
 from .model import DRModel
 from .split import Split
@@ -102,46 +103,15 @@ def validation_path_recall(model: DRModel, vocab: Vocab, users: EvalUsers, index
     return float(hit.mean())
 
 
-def distinct_items(model: DRModel, seq: torch.Tensor, index: PathIndex, beam: int) -> np.ndarray:
-    """Distinct items on each user's `beam` paths [N]: seq [N, L]. The budget's measure (an item on
-    several of a user's paths counts once; DRModel.retrieve reports the vectors it scored, copies included)."""
-    paths = model.beam(seq, beam)[0].numpy()
-    out = np.zeros(len(paths), dtype=np.int64)
-    for lo, hi in row_blocks(index.counts(paths)):
-        row, _ = index.lookup(paths[lo:hi])
-        out[lo:hi] = np.bincount(row, minlength=hi - lo)
-    return out
-
-
-def search_beam(cost: Callable[[int], float], budget: float, max_beam: int) -> tuple[int, float]:
-    """The largest beam b <= max_beam with cost(b) <= budget (cost grows with b) -> (b, cost(b)); at least 1.
-
-    A doubling search then a bisection: O(log beam) calls of cost, each evaluated once.
-    """
-    cache: dict[int, float] = {}
-
-    def c(b: int) -> float:
-        if b not in cache:
-            cache[b] = cost(b)
-        return cache[b]
-
-    lo, hi = 1, 1
-    while hi < max_beam and c(hi) <= budget:
-        lo, hi = hi, min(2 * hi, max_beam)
-    if c(hi) <= budget:
-        return hi, c(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if c(mid) <= budget else (lo, mid)
-    return lo, c(lo)
-
-
-def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, budget: float,
-                max_beam: int = 4096) -> tuple[int, float]:
-    """The largest beam whose mean items scored per held-out user fits `budget` -> (beam, items scored)."""
+def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, budget: float, k: int,
+                target: float, max_beam: int = 4096) -> BeamChoice:
+    """The retrieval beam for held-out `users` (dr_model.beam_choice's rule) over the fp32 model and index."""
     seq = vocab.seq(users.hist)
-    return search_beam(lambda b: float(distinct_items(model, seq, index, b).mean()) if len(users) else 0.0,
-                       budget, min(max_beam, model.cfg.num_paths))
+    measured = target > 0 and len(users) > 0
+    return pick_beam(lambda b: float(distinct_items(model, seq, index, b).mean()) if len(users) else 0.0,
+                     lambda b: validation_recall(model, vocab, users, k, index, b),
+                     validation_recall(model, vocab, users, k) if measured else 0.0,
+                     budget, min(max_beam, model.cfg.num_paths), target)
 
 
 def ann_peer(model: DRModel, seq: torch.Tensor, cfg: DRConfig, exclude: tuple[np.ndarray, np.ndarray] | None,

@@ -22,6 +22,7 @@ import torch
 
 from .calibrate import is_collapsed, start_path_size, with_exploration
 from .config import DRConfig
+from .beam_choice import BeamChoice
 from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_path_recall, validation_recall
 from .index import PathIndex
 from .init_paths import paths_from_embeddings
@@ -46,6 +47,7 @@ class EMResult:
     history: list[dict] = field(default_factory=list)
     beam: int = 0                           # retrieval beam chosen for the budget (0: search.beam)
     alpha: float | None = None              # the last M-step's alpha
+    beam_choice: BeamChoice | None = None   # how the beam was chosen (None: no validation users)
 
     def index(self) -> PathIndex:
         return PathIndex.build(self.assign)
@@ -320,8 +322,9 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
     final = run_phase(model, seq, target, res.assign, cfg, schedule(cfg, cfg.train.em_rounds + 1)[0], check, log)
     res.history.append({"round": cfg.train.em_rounds + 1, "estep": final})
     if check is not None:
-        res.beam, cost = choose_beam(model, vocab, valid, res.index(), budget)
-        log(f"[em] retrieval beam {res.beam}: {cost:.1f} items scored per validation user (budget {budget})")
+        res.beam_choice = choose_beam(model, vocab, valid, res.index(), budget, cfg.eval.k, cfg.search.recall_target)
+        res.beam = res.beam_choice.beam
+        log(f"[em] {res.beam_choice.line(budget, V)}")
     return res
 
 

@@ -1,0 +1,56 @@
+"""The retrieval beam's rule (dr_model.beam_choice): the cheapest beam in the budget that keeps brute force's recall."""
+from __future__ import annotations
+
+import pytest
+
+from dr_model.beam_choice import pick_beam, search_beam, smallest_beam
+from dr_model.config import ConfigError, DRConfig
+
+
+def cost(b: int) -> float:
+    return 100.0 * b                                    # items per user grow with the beam
+
+
+def saturating(b: int) -> float:
+    return {1: 0.50, 2: 0.80, 3: 0.95, 4: 0.99, 5: 1.00}.get(b, 1.00)
+
+
+@pytest.mark.parametrize("hi", [1, 2, 3, 7, 8, 33])
+def test_smallest_beam_finds_the_first_true_beam_with_few_calls(hi):
+    for first in range(1, hi + 1):
+        calls: list[int] = []
+
+        def ok(b: int) -> bool:
+            calls.append(b)
+            return b >= first
+
+        assert smallest_beam(ok, hi) == first
+        assert len(calls) <= 2 * hi.bit_length() + 1, calls
+
+
+def test_pick_beam_takes_the_cheapest_beam_reaching_the_floor():
+    probed: list[int] = []
+
+    def recall(b: int) -> float:
+        probed.append(b)
+        return saturating(b)
+
+    c = pick_beam(cost, recall, brute_force_recall=1.0, budget=1_000, max_beam=64, target=0.98)
+    assert (c.budget_beam, c.beam, c.items, c.recall, c.floor) == (10, 4, 400.0, 0.99, 0.98)
+    assert len(probed) == len(set(probed)) <= 6                # each beam's recall measured once
+    assert search_beam(cost, 1_000, 64) == (10, 1_000.0)
+
+
+def test_pick_beam_keeps_the_budgets_beam_when_nothing_is_measured_or_the_target_is_missed():
+    assert pick_beam(cost, saturating, 0.0, 1_000, 64, 0.98).beam == 10            # brute force found nothing
+    assert pick_beam(cost, saturating, 1.0, 1_000, 64, 0.0).beam == 10             # recall_target 0: the ceiling
+    missed = pick_beam(cost, lambda b: 0.5 * saturating(b), 1.0, 1_000, 64, 0.98)
+    assert (missed.beam, missed.recall, missed.floor) == (10, 0.5, 0.98)
+    assert pick_beam(cost, saturating, 0.5, 250, 64, 0.98).beam == 1               # a floor beam 1 reaches
+    assert pick_beam(cost, saturating, 1.0, 50, 64, 0.98).beam == 1                # the budget fits beam 1 only
+
+
+@pytest.mark.parametrize("bad", [-0.1, 2.5, "0.9", True])
+def test_recall_target_is_validated(bad):
+    with pytest.raises(ConfigError, match="search.recall_target"):
+        DRConfig.from_dict({"search": {"recall_target": bad}})
