@@ -128,15 +128,21 @@ class ServingBundle:
             out[cold] = self.cold_ids[idx[cold] - V]
         return out
 
-    def retrieve(self, hist: np.ndarray, beam: int, k: int,
-                 exclude_history: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Histories of raw ids [N, L] (-1 pad) -> (raw ids [N, k] (-1 pad), scores [N, k], vectors scored [N])."""
+    def seq(self, hist: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Histories of raw ids [N, L] (-1 pad) -> (the towers' input [N, L], catalog indices [N, L])."""
         h = self.catalog_index(hist)
         V = self.model_vocab.size
-        seq = torch.from_numpy(np.where((h < 0) | (h >= V), V, h))      # cold and unknown items: the pad
+        return torch.from_numpy(np.where((h < 0) | (h >= V), V, h)), h      # cold and unknown items: the pad
+
+    def retrieve(self, hist: np.ndarray, beam: int, k: int, exclude_history: bool = True,
+                 exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Histories of raw ids [N, L] (-1 pad) -> (raw ids [N, k] (-1 pad), scores [N, k], vectors scored [N]).
+
+        exclude = (row [X], catalog index [X]) pairs never returned, instead of the histories' items.
+        """
+        seq, h = self.seq(hist)
         paths = self.towers.beam(seq, beam).numpy()
-        exclude = None
-        if exclude_history:
+        if exclude is None and exclude_history:
             r, c = np.nonzero(h >= 0)
             exclude = (r.astype(np.int64), h[r, c])
         w = self.towers.user_vectors(seq)

@@ -163,7 +163,7 @@ def run_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
     final = run_estep(wh, run_id, 2, cfg, ray_cfg, sv, new_ip,
                       phases=[Phase("structure", epochs, False, True, seed + 1)], valid_users=valid, log=log)
     pi = build_path_index(spark, wh, new_ip, run_id, log=log)
-    retrieval = choose_retrieval_beam(spark, wh, cfg, final, pi.version, valid, log)
+    retrieval = choose_retrieval_beam(spark, wh, cfg, run_id, final, new_ip, valid, log)
     # the classical peers of `dr evaluate` learn from the last full night's samples, not one night's
     full_sv = pv.get("full_samples_train", pv["samples_train"])
     versions = {**versions, "full_samples_train": full_sv, "eval_users": pv["eval_users"], "item_paths": new_ip,

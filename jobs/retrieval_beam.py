@@ -1,54 +1,59 @@
-"""The retrieval beam of a trained run: the largest beam whose validation users' items scored fit the budget.
+"""The retrieval beam of a trained run, chosen on its validation users (dr_model.beam_choice's rule).
 
-The beam search runs on the driver for the validation users only (a bounded set; the model holds
-at most model.item_rows item rows); the distinct items on their beam paths are counted by a Spark
-join with the run's path_index version, so no catalog-sized index is built on the driver. The
-search itself is dr_model.evaluation.search_beam, the in-process trainer's.
+The run's serving bundle (jobs/serving.py: the user towers, fp16 item vectors and the path index,
+memory-mapped) is built here, once, and `dr candidates` reuses it, so the beam is chosen on exactly
+what serves: the distinct items on the validation users' paths and their reranked recall come from
+the bundle, brute force's recall from the run's model (its item rows bounded by model.item_rows,
+scored in chunks). The driver holds the validation users (a bounded set), one block of their
+(user, item) pairs at a time and the model; nothing catalog-sized but the bundle's maps.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
-
 from dr_model.config import DRConfig
 
+from . import runs
 from .tables import Warehouse
 
 
-def choose_retrieval_beam(spark: Any, wh: Warehouse, cfg: DRConfig, est: Any, path_index_version: int, valid: Any,
-                          log: Callable[[str], None]) -> dict[str, Any]:
-    """{retrieval_beam, budget, items_scored_per_validation_user} for a final E-step `est` (model_state,
-    item_ids) and the path_index version of its paths."""
-    import pandas as pd
-    import torch
-
-    from dr_model.evaluation import search_beam
+def choose_retrieval_beam(spark: Any, wh: Warehouse, cfg: DRConfig, run_id: str, est: Any, item_paths_version: int,
+                          valid: Any, log: Callable[[str], None]) -> dict[str, Any]:
+    """The run's metrics for its beam (retrieval_beam, budget, items per validation user, the recalls behind the
+    choice) for a final E-step `est` (model_state, item_ids, checkpoint_path) trained against item_paths_version,
+    whose path_index is built."""
+    from dr_model.beam_choice import distinct_on_paths, pick_beam
+    from dr_model.evaluation import validation_recall
+    from dr_model.metrics import prf_at_k
     from dr_model.model import DRModel
+    from dr_model.serving import ServingBundle
     from dr_model.vocab import Vocab
 
-    V = len(est.item_ids)
-    budget = cfg.search.budget(V, cfg.eval.k)
+    from .serving import ensure_bundle
+
+    V, k = len(est.item_ids), cfg.eval.k
+    budget = cfg.search.budget(V, k)
     if valid is None or len(valid) == 0:
         log(f"no validation users: retrieval beam {cfg.search.beam} (search.beam)")
         return {"retrieval_beam": cfg.search.beam, "budget": budget}
-    model = DRModel(cfg.model, V)
-    model.load_state_dict(est.model_state)
-    model.eval()
-    seq = Vocab(est.item_ids).seq(valid.hist)
-    index = wh.read_spark(spark, "path_index", path_index_version).select("path", "item_id")
-    n = len(valid)
-
-    def cost(b: int) -> float:
-        with torch.inference_mode():
-            paths = model.beam(seq, b)[0].numpy()                       # [n, b]
-        row, col = np.nonzero(paths >= 0)
-        pairs = spark.createDataFrame(pd.DataFrame({"user": row.astype(np.int64), "path": paths[row, col]}))
-        return pairs.join(index, "path").select("user", "item_id").distinct().count() / n
-
-    beam, items = search_beam(cost, budget, min(4096, cfg.model.num_paths))
-    log(f"retrieval beam {beam}: {items:.1f} items scored per validation user (budget {budget} of {V} items)")
-    return {"retrieval_beam": beam, "budget": budget, "items_scored_per_validation_user": items}
+    run = runs.RunRecord(run_id, "train", "running", runs.now(), cfg.hash(), {"item_paths": item_paths_version},
+                         est.checkpoint_path)
+    bundle = ServingBundle.open(ensure_bundle(spark, wh, run, log=log))
+    seq, _ = bundle.seq(valid.hist)
+    seen = valid.input_pairs(bundle.model_vocab)     # the model's items keep their indices in the catalog
+    truth = (valid.truth_offsets, valid.truth_items)
+    target = cfg.search.recall_target
+    reference = 0.0
+    if target > 0:
+        model = DRModel(cfg.model, V)
+        model.load_state_dict(est.model_state)
+        reference = validation_recall(model.eval(), Vocab(est.item_ids), valid, k)
+        del model
+    choice = pick_beam(lambda b: float(distinct_on_paths(bundle.towers.beam(seq, b).numpy(), bundle.index).mean()),
+                       lambda b: prf_at_k(bundle.retrieve(valid.hist, b, k, exclude=seen)[0], *truth, k).recall,
+                       reference, budget, min(4096, cfg.model.num_paths), target)
+    log(choice.line(budget, V))
+    return {**choice.metrics(), "budget": budget}
 
 
 __all__ = ["choose_retrieval_beam"]

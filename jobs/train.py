@@ -225,7 +225,7 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
     log(f"final E-step against item_paths v{ip_v}")
     final = run_estep(wh, run_id, final_round, cfg, ray_cfg, sv, ip_v, valid_users=valid, log=log)
     pi = build_path_index(spark, wh, ip_v, run_id, log=log)
-    retrieval = choose_retrieval_beam(spark, wh, cfg, final, pi.version, valid, log)
+    retrieval = choose_retrieval_beam(spark, wh, cfg, run_id, final, ip_v, valid, log)
     state = user_state.build_state(spark, wh, cfg.split, cfg.model.seq_len, inter_v, run_id, cfg.hash())
     end_ts = user_state.data_end_ts(spark, wh, state["item_state"])
     log(f"user_state v{state['user_state']}, item_state v{state['item_state']} (data end {end_ts})")

@@ -1,5 +1,5 @@
 """`dr train`'s driver-bounded steps equal the in-process ones: the initial paths on Spark (the tree fitted on
-a sample), and the retrieval beam counted by a Spark join with the path index."""
+a sample), and the retrieval beam chosen over the run's serving bundle."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,36 +37,55 @@ def test_spark_initial_paths_equal_the_in_process_ones_with_a_sampled_tree(spark
     assert sizes.max() <= 4 * sizes[sizes > 0].mean()                # balanced although fitted on a sample
 
 
-def test_retrieval_beam_from_the_path_index_equals_the_in_process_choice(spark, tmp_path):
-    import pyarrow as pa
+def test_retrieval_beam_from_the_serving_bundle_equals_the_in_process_choice(spark, tmp_path):
     from types import SimpleNamespace
 
     from dr_model.evaluation import EvalUsers, choose_beam
     from dr_model.index import PathIndex
     from dr_model.mstep import initial_assignment
     from dr_model.vocab import Vocab
-    from jobs.path_index import build_path_index
+    from jobs.path_index import find_path_index
     from jobs.retrieval_beam import choose_retrieval_beam
-    from jobs.tables import CommitMeta
+    from jobs.serving import bundle_dir, record_trained_model
 
     cfg = DRConfig.from_dict({"model": {"K": 8, "D": 3, "J": 2, "rerank_dim": 16, "item_dim": 16, "user_dim": 16,
                                         "seq_len": 6}, "search": {"items_per_user": 60}})
-    V, J, rng = 900, 2, np.random.default_rng(1)
+    V, J, U, k, rng = 900, 2, 40, cfg.eval.k, np.random.default_rng(1)
     torch.manual_seed(1)
     model = DRModel(cfg.model, V).eval()
     ids = np.arange(0, 3 * V, 3, dtype=np.int64)
     assign = initial_assignment(V, J, cfg.model.num_paths, 0)
     wh = Warehouse(tmp_path / "wh")
-    ip = wh.write_arrow("item_paths", pa.table({"item_id": np.repeat(ids, J), "slot": np.tile(np.arange(J, dtype=np.int32), V),
-                                                "path": assign.ravel(), "score": pa.nulls(V * J, pa.float64())}),
-                        CommitMeta("test", "r1", 0), mode="overwrite").version
-    pi = build_path_index(spark, wh, ip, "r1", log=lambda m: None)
-    hist = rng.choice(ids, size=(40, 6))
+    rec = record_trained_model(spark, wh, "r1", model, ids, assign, cfg)
+    hist = rng.choice(ids, size=(U, 6))
     hist[::5, 3:] = -1                                                  # padded histories
-    empty = np.zeros(41, np.int64)
-    valid = EvalUsers(hist, empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64))
-    est = SimpleNamespace(model_state=model.state_dict(), item_ids=ids)
-    got = choose_retrieval_beam(spark, wh, cfg, est, pi.version, valid, lambda m: None)
-    beam, cost = choose_beam(model, Vocab(ids), valid, PathIndex.build(assign), 60)
-    assert got == {"retrieval_beam": beam, "budget": 60, "items_scored_per_validation_user": cost}
-    assert 1 < beam < cfg.model.num_paths                              # the search had something to choose
+    inp = [h[h >= 0] for h in hist]
+    # every item is a truth item: recall = items returned / V, so a beam reaches brute force's recall exactly
+    # when its paths hold k items beyond a user's input, and fp16 (bundle) and fp32 (model) vectors agree on it
+    valid = EvalUsers(hist, np.append(0, np.cumsum([len(x) for x in inp])), np.concatenate(inp),
+                      np.arange(U + 1, dtype=np.int64) * V, np.tile(ids, U))
+    est = SimpleNamespace(model_state=model.state_dict(), item_ids=ids, checkpoint_path=rec.checkpoint)
+    ip_v = rec.table_versions["item_paths"]
+    index = PathIndex.build(assign)
+    for target in (0.98, 0.0):
+        run_cfg = cfg.with_overrides([f"search.recall_target={target}"])
+        logs: list[str] = []
+        got = choose_retrieval_beam(spark, wh, run_cfg, "r1", est, ip_v, valid, logs.append)
+        want = choose_beam(model, Vocab(ids), valid, index, 60, k, target)
+        assert got == {**want.metrics(), "budget": 60}, (got, want)
+        assert 1 < want.budget_beam < cfg.model.num_paths                # the budget had something to choose
+        if target:      # the smallest beam whose paths give every user its k items: below the budget's
+            assert want.recall >= want.floor == target * want.brute_force_recall > 0
+            assert 1 < want.beam < want.budget_beam
+            assert validation_recall_at(model, ids, valid, index, want.beam - 1, k) < want.floor
+        else:
+            assert want.beam == want.budget_beam and want.recall is None
+        assert f"retrieval beam {want.beam}:" in logs[-1], logs
+    assert (bundle_dir(wh, "r1", find_path_index(wh, ip_v)) / "meta.json").exists()   # dr candidates reuses it
+
+
+def validation_recall_at(model, ids, valid, index, beam, k):  # noqa: ANN001, ANN201
+    from dr_model.evaluation import validation_recall
+    from dr_model.vocab import Vocab
+
+    return validation_recall(model, Vocab(ids), valid, k, index, beam)
