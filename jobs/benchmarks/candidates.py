@@ -148,7 +148,8 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     model, vocab = res.model.eval(), res.vocab
     rec = record_trained_model(spark, wh, "bench", model, vocab.ids, res.assign, cfg,
                                {"interactions": loaded.versions["interactions"], **sp.versions},
-                               {"retrieval_beam": res.beam, "alpha": res.alpha})
+                               {**(res.beam_choice.metrics() if res.beam_choice else {"retrieval_beam": res.beam}),
+                                "alpha": res.alpha})
     bundle = ServingBundle.open(ensure_bundle(spark, wh, rec, log=_log))
     spark.stop()
     _log(f"{items} items ({vocab.size} with events), {users} users: trained in {train_s:.0f}s, beam {res.beam}")
@@ -167,7 +168,7 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     bf_recall = recall(vocab.raw(bf))
     index = PathIndex.build(res.assign)
     beams = []
-    for b in sorted({*BEAM_SWEEP, res.beam}):
+    for b in sorted({*BEAM_SWEEP, res.beam, res.beam_choice.budget_beam if res.beam_choice else res.beam}):
         (pred, _, vec), s = _timed(lambda b=b: bundle.retrieve(test.hist, b, K), REPEATS)
         beams.append({"beam": b, "recall": recall(pred), "items_scored_per_user": float(distinct_items(model, seq, index, b).mean()),
                       "vectors_scored_per_user": float(vec.mean()), "users_per_s_per_core": n / s})
@@ -185,7 +186,8 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     ev = run_module_json("jobs.benchmarks.candidates", ["--evaluate", str(wh.root), "bench"])
     return {
         "items": items, "items_with_events": vocab.size, "users": users, "test_users": n,
-        "beam": res.beam, "items_scored_per_user": at_run["items_scored_per_user"],
+        "beam": res.beam, "budget_beam": res.beam_choice.budget_beam if res.beam_choice else res.beam,
+        "items_scored_per_user": at_run["items_scored_per_user"],
         "vectors_scored_per_user": at_run["vectors_scored_per_user"],
         "dr_recall": dr_recall, "brute_force_recall": bf_recall,
         "dr_recall_over_brute_force": dr_recall / bf_recall if bf_recall else None,     # null: brute force found nothing
