@@ -61,13 +61,35 @@ def report_dir(wh: Warehouse, run_id: str) -> Path:
     return Path(wh.root) / "reports" / run_id
 
 
+def evaluation_task(wh: Warehouse, run: runs.RunRecord, users: Any, valid: Any, beam: int, peers: Any,
+                    overrides: list[str] | None) -> dict[str, Any]:
+    """The report's model half (DR's beam sweep, brute force, the ANN peer, the peers' lists judged), run
+    inside one Spark task: the model, the assignment and the faiss indexes live there, never on the driver."""
+    from spark_udfs.beam_udf import set_task_threads
+
+    from .peers import in_model_indices
+
+    set_task_threads()
+    model, item_ids, assign, cfg = load_run_model(wh, run)
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    return evaluate_users(model, item_ids, PathIndex.build(assign), users, cfg, valid=valid, beam=beam,
+                          peers=in_model_indices(peers, Vocab(item_ids)))
+
+
 def run_evaluate(spark: Any, wh: Warehouse, run_id: str | None = None, overrides: list[str] | None = None,
                  role: int = 2, log=_log) -> dict[str, Any]:
     """Evaluate `run_id` (default: the latest succeeded train run) -> report dict; writes report files.
 
-    The driver holds the model and the evaluation users only: the classical peers run on Spark
-    over samples_train (jobs/peers.py) and return their top-k lists.
+    The driver holds the evaluation users, the peers' top-k lists and the report: O(evaluation users).
+    The classical peers run on Spark over samples_train (jobs/peers.py); the model's half runs in one
+    Spark task (evaluation_task), which holds the model (item rows up to model.item_rows), the
+    assignment [V, J] and, up to eval.ann_max_items, the reranker's item vectors and one faiss index at
+    a time: ~V (8 d + 8 ann_hnsw_m) bytes with HNSW's graph. EASE's Gram reaches the driver only up to eval.ease_max_items (dense, as EASE needs).
     """
+    from ray_trainers.checkpoint import check_pairing, read_meta
+    from ray_trainers.estep_data import load_item_paths
+
     from .peers import spark_peers
     from .split import load_eval_users
 
@@ -75,20 +97,27 @@ def run_evaluate(spark: Any, wh: Warehouse, run_id: str | None = None, overrides
     if run is None:
         which = f"run {run_id!r}" if run_id else "any run"
         raise LookupError(f"no succeeded train run for {which} in {wh.root}: run `dr train` first")
-    model, item_ids, assign, cfg = load_run_model(wh, run)
-    index = PathIndex.build(assign)
+    tv = run.table_versions
+    meta = read_meta(run.checkpoint)
+    check_pairing(meta, run.checkpoint, tv["item_paths"])    # refused here, not deep inside a Spark task
+    cfg = DRConfig.from_dict(meta.config)
     if overrides:
         cfg = cfg.with_overrides(overrides)
-    tv = run.table_versions
+    V = wh.rows("item_paths", tv["item_paths"])             # from the Delta log: no item read
     users, valid = load_eval_users(wh, tv["eval_users"], role), load_eval_users(wh, tv["eval_users"], 1)
     beam = retrieval_beam(run, cfg, overrides)
-    log(f"run {run.run_id}: {len(users)} {'test' if role == 2 else 'validation'} users, "
-        f"{len(item_ids)} items, beam {beam}")
+    log(f"run {run.run_id}: {len(users)} {'test' if role == 2 else 'validation'} users, {V} items, beam {beam}")
     # an incremental run's samples_train is one night's: the peers learn from the last full night's
     sv = tv.get("full_samples_train", tv["samples_train"])
-    peers = spark_peers(spark, wh.read_spark(spark, "samples_train", sv), Vocab(item_ids), users,
-                        cfg.eval.k, len(item_ids) <= cfg.eval.ease_max_items)
-    report = evaluate_users(model, item_ids, index, users, cfg, valid=valid, beam=beam, peers=peers)
+    gram_vocab = Vocab(load_item_paths(wh, tv["item_paths"], cfg.model.J)[0]) if V <= cfg.eval.ease_max_items else None
+    peers = spark_peers(spark, wh.read_spark(spark, "samples_train", sv), users, cfg.eval.k, gram_vocab)
+    log("peers' lists computed; DR, brute force and the ANN peer in one Spark task")
+    sc = spark.sparkContext
+    args = sc.broadcast((wh, run, users, valid, beam, peers, overrides))
+    try:
+        report = sc.parallelize([0], 1).map(lambda _: evaluation_task(*args.value)).collect()[0]
+    finally:
+        args.destroy()
     report["budget"] = run.metrics.get("budget")
     report["alpha_used"] = run.metrics.get("alpha")
     report["run_id"] = run.run_id

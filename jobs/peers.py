@@ -70,10 +70,11 @@ def gram(pairs: Any, item_index: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([g["i"].to_numpy(np.int64), g["j"].to_numpy(np.int64)]), g["count"].to_numpy(np.float64)
 
 
-def spark_peers(spark: Any, samples: Any, vocab: Any, users: Any, k: int, with_gram: bool) -> Any:
-    """dr_model.evaluation.Peers of the evaluated `users` (EvalUsers) from a samples_train DataFrame.
-
-    vocab: the model's dr_model.vocab.Vocab; with_gram: also EASE's Gram (small catalogs only).
+def spark_peers(spark: Any, samples: Any, users: Any, k: int, gram_vocab: Any = None) -> Any:
+    """dr_model.evaluation.Peers of the evaluated `users` (EvalUsers) from a samples_train DataFrame, in RAW
+    item ids (popular, item_cf; -1 pad): the driver needs no catalog (in_model_indices maps them where the
+    model is). gram_vocab: a dr_model.vocab.Vocab whose items get EASE's Gram (small catalogs only: G is
+    dense V x V on the driver), or None.
     """
     from dr_model.evaluation import Peers
 
@@ -81,19 +82,27 @@ def spark_peers(spark: Any, samples: Any, vocab: Any, users: Any, k: int, with_g
     try:
         longest = int(np.diff(users.input_offsets).max(initial=0))
         top, count = popularity(pairs, k + longest)
-        top_idx = vocab.index(top)
         row = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(users.input_offsets))
-        cf = item_cf(spark, pairs, pd.DataFrame({"row": row, "item_id": users.input_items}), k)
-        cf_idx = vocab.index(to_topk(cf, len(users), k))
+        cf = to_topk(item_cf(spark, pairs, pd.DataFrame({"row": row, "item_id": users.input_items}), k), len(users), k)
         G = None
-        if with_gram:
-            ids = spark.createDataFrame(pd.DataFrame({"item_id": vocab.ids, "idx": np.arange(vocab.size)}))
+        if gram_vocab is not None:
+            v = gram_vocab
+            ids = spark.createDataFrame(pd.DataFrame({"item_id": v.ids, "idx": np.arange(v.size)}))
             (i, j), c = gram(pairs, ids)
-            G = np.zeros((vocab.size, vocab.size))
+            G = np.zeros((v.size, v.size))
             G[i, j] = c
     finally:
         pairs.unpersist()
-    return Peers(top_idx[top_idx >= 0], count[top_idx >= 0], cf_idx, G)
+    return Peers(top, count, cf, G)
+
+
+def in_model_indices(peers: Any, vocab: Any) -> Any:
+    """Peers in raw ids -> the same in the model's indices (popular items outside the model dropped, -1 kept)."""
+    from dr_model.evaluation import Peers
+
+    top = vocab.index(peers.popular)
+    keep = top >= 0
+    return Peers(top[keep], peers.popular_count[keep], vocab.index(peers.item_cf), peers.gram)
 
 
 def to_topk(rows: pd.DataFrame, n_rows: int, k: int) -> np.ndarray:
@@ -103,4 +112,4 @@ def to_topk(rows: pd.DataFrame, n_rows: int, k: int) -> np.ndarray:
     return out
 
 
-__all__ = ["training_pairs", "item_counts", "popularity", "item_cf", "gram", "spark_peers", "to_topk"]
+__all__ = ["training_pairs", "item_counts", "popularity", "item_cf", "gram", "spark_peers", "in_model_indices", "to_topk"]

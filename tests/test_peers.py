@@ -9,7 +9,7 @@ from dr_model.evaluation import EvalUsers, Peers
 from dr_model.split import paper_split
 from dr_model.synthetic import SyntheticSpec, generate
 from dr_model.vocab import Vocab
-from jobs.peers import spark_peers
+from jobs.peers import in_model_indices, spark_peers
 
 
 def test_spark_peers_equal_the_in_process_ones(spark):
@@ -20,7 +20,10 @@ def test_spark_peers_equal_the_in_process_ones(spark):
     k = 10
     want = Peers.in_process(split.train_user, split.train_target, vocab, users, k, with_gram=True)
     samples = spark.createDataFrame(pd.DataFrame({"user_id": split.train_user, "target": split.train_target}))
-    got = spark_peers(spark, samples, vocab, users, k, with_gram=True)
+    raw = spark_peers(spark, samples, users, k, gram_vocab=vocab)
+    # the driver gets raw ids; the evaluation task maps them onto the model's items
+    assert set(raw.item_cf[raw.item_cf >= 0].tolist()) <= set(vocab.ids.tolist())
+    got = in_model_indices(raw, vocab)
 
     np.testing.assert_array_equal(got.gram, want.gram)
     np.testing.assert_array_equal(got.popular_count, want.popular_count[: len(got.popular_count)])

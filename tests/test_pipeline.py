@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dr_model.config import DRConfig
+from jobs import evaluate as evaluate_job
 from jobs import runs
 from jobs.candidates import run_candidates
 from jobs.datasets import movielens
@@ -38,7 +39,7 @@ def _cfg() -> DRConfig:
     return DRConfig()
 
 
-def test_train_candidates_evaluate_and_idempotent_reruns(spark, ray_local, ml100k):
+def test_train_candidates_evaluate_and_idempotent_reruns(spark, ray_local, ml100k, monkeypatch):
     wh, cfg = ml100k, _cfg()
     ray_cfg = RayConfig(num_workers=0)          # in-process Ray Train loop; real workers: test_ray_estep
     res = run_train(spark, wh, cfg, ray_cfg, "night-1", log=lambda m: None)
@@ -98,6 +99,11 @@ def test_train_candidates_evaluate_and_idempotent_reruns(spark, ray_local, ml100
     idx = wh.read_arrow("path_index", cold.versions["path_index"]).to_pandas()
     assert {900001, 900002} <= set(idx.item_id) and len(idx) == len(ip) + len(cp)
 
+    def not_on_the_driver(*args, **kwargs):
+        raise AssertionError("dr evaluate loaded the model on the driver")
+
+    # the model's half runs in a Spark task's Python worker, where jobs.evaluate is imported afresh
+    monkeypatch.setattr(evaluate_job, "load_run_model", not_on_the_driver)
     report = run_evaluate(spark, wh, log=lambda m: None)
     m = report["methods"]
     assert set(m) == {"dr", "brute_force", "hnsw", "ivf", "popularity", "item_cf", "ease"}
