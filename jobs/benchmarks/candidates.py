@@ -64,6 +64,12 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _python_workers(spark) -> tuple[list[int], int]:  # noqa: ANN001
+    """(pids of the Spark Python daemon and workers, the JVM's pid)."""
+    jvm = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
+    return [p for p in _descendants(jvm) if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")], jvm
+
+
 def candidates_job(warehouse: str, run_id: str) -> dict:
     """`dr candidates` for every user on local[2] (run in a fresh process) -> wall time and peak RSS."""
     from jobs.candidates import run_candidates
@@ -75,8 +81,7 @@ def candidates_job(warehouse: str, run_id: str) -> dict:
     t0 = time.perf_counter()
     res = run_candidates(spark, wh, train_run_id=run_id, top_n=K, log=_log)
     wall = time.perf_counter() - t0
-    jvm = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
-    workers = [p for p in _descendants(jvm) if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")]
+    workers, jvm = _python_workers(spark)
     out = {"users": res.users, "rows": res.rows, "seconds": wall,
            # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a process started from the
            # bench's own (model-holding) interpreter would report its parent's peak
@@ -99,7 +104,9 @@ def evaluate_job(warehouse: str, run_id: str) -> dict:
     report = run_evaluate(spark, Warehouse(warehouse), run_id, log=_log)
     out = {"seconds": time.perf_counter() - t0, "methods": sorted(report["methods"]),
            "recall": {m: round(v["recall"], 4) for m, v in report["methods"].items()},
-           "peak_driver_rss_mb": _vm_hwm_mb(os.getpid())}
+           "peak_driver_rss_mb": _vm_hwm_mb(os.getpid()),
+           # the evaluation task's worker: the model, the assignment and the faiss indexes live there
+           "peak_executor_rss_mb": max((_vm_hwm_mb(p) for p in _python_workers(spark)[0]), default=0.0)}
     spark.stop()
     return out
 
@@ -208,6 +215,7 @@ def measure(items: int, users: int, workdir: Path) -> dict:
         "peak_jvm_rss_mb": job["peak_jvm_rss_mb"], "train_seconds": train_s,
         "evaluate_seconds": ev["seconds"], "evaluate_methods": ev["methods"],
         "evaluate_recall_at_10": ev["recall"], "evaluate_peak_driver_rss_mb": ev["peak_driver_rss_mb"],
+        "evaluate_peak_executor_rss_mb": ev["peak_executor_rss_mb"],
     }
 
 
