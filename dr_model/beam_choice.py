@@ -12,6 +12,7 @@ in-process caller.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,13 +28,7 @@ def search_beam(cost: Callable[[int], float], budget: float, max_beam: int) -> t
 
     A doubling search then a bisection: O(log beam) calls of cost, each evaluated once.
     """
-    cache: dict[int, float] = {}
-
-    def c(b: int) -> float:
-        if b not in cache:
-            cache[b] = cost(b)
-        return cache[b]
-
+    c = functools.cache(cost)
     lo, hi = 1, 1
     while hi < max_beam and c(hi) <= budget:
         lo, hi = hi, min(2 * hi, max_beam)
@@ -86,13 +81,8 @@ class BeamChoice:
 def pick_beam(cost: Callable[[int], float], recall: Callable[[int], float], brute_force_recall: float,
               budget: float, max_beam: int, target: float) -> BeamChoice:
     """cost(b): mean distinct items per validation user at beam b; recall(b): their DR recall@k at beam b."""
-    cache: dict[int, float] = {}
-
-    def r(b: int) -> float:
-        if b not in cache:
-            cache[b] = recall(b)
-        return cache[b]
-
+    # each beam's cost and recall are measured once, the chosen beam's cost included
+    cost, r = functools.cache(cost), functools.cache(recall)
     top, items = search_beam(cost, budget, max_beam)
     if target <= 0 or brute_force_recall <= 0:
         return BeamChoice(top, items, top)
@@ -100,7 +90,7 @@ def pick_beam(cost: Callable[[int], float], recall: Callable[[int], float], brut
     if r(top) < floor:
         return BeamChoice(top, items, top, r(top), brute_force_recall, floor)
     b = smallest_beam(lambda b: r(b) >= floor, top)
-    return BeamChoice(b, items if b == top else cost(b), top, r(b), brute_force_recall, floor)
+    return BeamChoice(b, cost(b), top, r(b), brute_force_recall, floor)
 
 
 def distinct_items(model: DRModel, seq: torch.Tensor, index: PathIndex, beam: int) -> np.ndarray:

@@ -100,7 +100,8 @@ class SearchConfig:
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "search.batch_size", "an integer >= 1", self.batch_size)
         _check(isinstance(self.items_per_user, int) and self.items_per_user >= 0, "search.items_per_user",
                "an integer >= 0 (0 = auto)", self.items_per_user)
-        _check(isinstance(self.recall_target, (int, float)) and not isinstance(self.recall_target, bool) and 0 <= self.recall_target <= 2, "search.recall_target",
+        target = self.recall_target
+        _check(isinstance(target, (int, float)) and not isinstance(target, bool) and 0 <= target <= 2, "search.recall_target",
                "a number in [0, 2] (a share of brute force's validation recall; 0 = the budget's beam)",
                self.recall_target)
 

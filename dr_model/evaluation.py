@@ -18,8 +18,8 @@ import torch
 from scipy import sparse
 
 from . import ann
-from .beam_choice import BeamChoice, distinct_items, pick_beam
 from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popular_topk, to_raw, user_item_matrix
+from .beam_choice import BeamChoice, distinct_items, pick_beam
 from .config import DRConfig
 from .index import PathIndex, member, pair_keys
 from .metrics import PRF, prf_at_k

@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .beam_choice import BeamChoice
 from .calibrate import is_collapsed, start_path_size, with_exploration
 from .config import DRConfig
-from .beam_choice import BeamChoice
 from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_path_recall, validation_recall
 from .index import PathIndex
 from .init_paths import paths_from_embeddings

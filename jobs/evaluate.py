@@ -61,18 +61,17 @@ def report_dir(wh: Warehouse, run_id: str) -> Path:
     return Path(wh.root) / "reports" / run_id
 
 
-def evaluation_task(wh: Warehouse, run: runs.RunRecord, users: Any, valid: Any, beam: int, peers: Any,
-                    overrides: list[str] | None) -> dict[str, Any]:
-    """The report's model half (DR's beam sweep, brute force, the ANN peer, the peers' lists judged), run
-    inside one Spark task: the model, the assignment and the faiss indexes live there, never on the driver."""
+def evaluation_task(wh: Warehouse, run: runs.RunRecord, cfg: DRConfig, users: Any, valid: Any, beam: int,
+                    peers: Any) -> dict[str, Any]:
+    """The report's model half (DR's beam sweep, brute force, the ANN peer, the peers' lists judged) under
+    `cfg` (the run's, overrides applied), run inside one Spark task: the model, the assignment and the faiss
+    indexes live there, never on the driver."""
     from spark_udfs.beam_udf import set_task_threads
 
     from .peers import in_model_indices
 
     set_task_threads()
-    model, item_ids, assign, cfg = load_run_model(wh, run)
-    if overrides:
-        cfg = cfg.with_overrides(overrides)
+    model, item_ids, assign, _ = load_run_model(wh, run)
     return evaluate_users(model, item_ids, PathIndex.build(assign), users, cfg, valid=valid, beam=beam,
                           peers=in_model_indices(peers, Vocab(item_ids)))
 
@@ -85,7 +84,8 @@ def run_evaluate(spark: Any, wh: Warehouse, run_id: str | None = None, overrides
     The classical peers run on Spark over samples_train (jobs/peers.py); the model's half runs in one
     Spark task (evaluation_task), which holds the model (item rows up to model.item_rows), the
     assignment [V, J] and, up to eval.ann_max_items, the reranker's item vectors and one faiss index at
-    a time: ~V (8 d + 8 ann_hnsw_m) bytes with HNSW's graph. EASE's Gram reaches the driver only up to eval.ease_max_items (dense, as EASE needs).
+    a time: ~V (8 d + 8 ann_hnsw_m) bytes with HNSW's graph. EASE's Gram reaches the driver only up to
+    eval.ease_max_items (dense, as EASE needs).
     """
     from ray_trainers.checkpoint import check_pairing, read_meta
     from ray_trainers.estep_data import load_item_paths
@@ -113,7 +113,7 @@ def run_evaluate(spark: Any, wh: Warehouse, run_id: str | None = None, overrides
     peers = spark_peers(spark, wh.read_spark(spark, "samples_train", sv), users, cfg.eval.k, gram_vocab)
     log("peers' lists computed; DR, brute force and the ANN peer in one Spark task")
     sc = spark.sparkContext
-    args = sc.broadcast((wh, run, users, valid, beam, peers, overrides))
+    args = sc.broadcast((wh, run, cfg, users, valid, beam, peers))
     try:
         report = sc.parallelize([0], 1).map(lambda _: evaluation_task(*args.value)).collect()[0]
     finally:

@@ -175,7 +175,8 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     bf_recall = recall(vocab.raw(bf))
     index = PathIndex.build(res.assign)
     beams = []
-    for b in sorted({*BEAM_SWEEP, res.beam, res.beam_choice.budget_beam if res.beam_choice else res.beam}):
+    budget_beam = res.beam_choice.budget_beam if res.beam_choice else res.beam
+    for b in sorted({*BEAM_SWEEP, res.beam, budget_beam}):
         (pred, _, vec), s = _timed(lambda b=b: bundle.retrieve(test.hist, b, K), REPEATS)
         beams.append({"beam": b, "recall": recall(pred), "items_scored_per_user": float(distinct_items(model, seq, index, b).mean()),
                       "vectors_scored_per_user": float(vec.mean()), "users_per_s_per_core": n / s})
@@ -193,7 +194,7 @@ def measure(items: int, users: int, workdir: Path) -> dict:
     ev = run_module_json("jobs.benchmarks.candidates", ["--evaluate", str(wh.root), "bench"])
     return {
         "items": items, "items_with_events": vocab.size, "users": users, "test_users": n,
-        "beam": res.beam, "budget_beam": res.beam_choice.budget_beam if res.beam_choice else res.beam,
+        "beam": res.beam, "budget_beam": budget_beam,
         "items_scored_per_user": at_run["items_scored_per_user"],
         "vectors_scored_per_user": at_run["vectors_scored_per_user"],
         "dr_recall": dr_recall, "brute_force_recall": bf_recall,
