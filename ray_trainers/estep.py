@@ -59,6 +59,7 @@ from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, fi
 from .config import RayConfig, ensure_ray
 from .estep_data import (Tables, batch_tensors, count_vector, item_paths_files, load_item_paths,
                          read_item_paths, read_shard, samples_dataset, shuffled_batches, target_counts)
+from .faults import hold_target, maybe_hold
 from .grad_sync import GradSync
 
 Log = Callable[[str], None]
@@ -227,6 +228,8 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             if len(target) == 0:
                 continue
             s, r = train_step(model, opt, seq, target, assign_t, q, log_q, tc.negatives, ph, gen, sync)
+            if step == 0 and resume is None:       # a test's node kill lands mid-epoch (faults.py)
+                maybe_hold(c["hold"], em_round, epochs_done + 1, rank, _stderr)
             n = len(target)
             sums[0] += (s if ph.train_structure else 0.0) * n
             sums[1] += (r if ph.train_reranker else 0.0) * n
@@ -344,6 +347,7 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
         # round 1 is the structure model's first round (round 0 trained the reranker)
         "seed_structure_encoder": em_round == 1 and warm_from is None,
         "warm_from": warm_from,
+        "hold": hold_target(),
     }
     resume, warm = _resolve_start(root, em_round, conf)
     prev = 0 if resume is None else read_meta(resume).epochs_done    # read now: finishing removes partials

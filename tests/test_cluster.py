@@ -3,9 +3,10 @@
 Both clusters run on loopback, started by the launchers that ship with pyspark and ray
 (tests/clusters.py). `dr train` -> `dr candidates` -> `dr evaluate` on MovieLens-100K runs
 once in local mode (local[2], a local Ray) and once with --spark-master spark://... and
---ray-address against the clusters, with the same short schedule and 2 E-step workers. While
-the cluster E-step trains, the Ray worker node is killed (SIGKILL to its process group) and a
-new one joins: Ray Train restarts the worker group, which resumes from the last checkpoint.
+--ray-address against the clusters, with the same short schedule and 2 E-step workers. The
+cluster's first E-step pauses inside its third epoch (DR_ESTEP_HOLD, ray_trainers/faults.py); the
+Ray worker node is killed then (SIGKILL to its process group) and a new one joins: Ray Train
+restarts the worker group, which resumes from the second epoch's checkpoint.
 While the cluster writes candidates, a Spark worker is killed: its tasks are retried on the other.
 
 Tolerances (stated in README "Clusters"): the split, the vocabulary and the candidate users are
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from jobs.tables import Warehouse
+from ray_trainers.faults import ENV as HOLD_ENV, HOLD_LINE
 from clusters import RAY_ENV, RayCluster, SparkStandalone
 
 pytestmark = pytest.mark.system
@@ -43,10 +46,11 @@ DR_SPREAD = 0.25       # |DR cluster - DR local| / brute force
 RERANKER_TOLERANCE = 0.08   # measured 0 %, 3.6 %, 5.1 % (the killed epoch re-trained on other batches)
 
 
-def _dr(args: list[str], on_line=None) -> tuple[int, str, str]:
+def _dr(args: list[str], on_line=None, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run `dr ARGS`; on_line(line) sees each stderr line as it comes. -> (rc, stdout, stderr)."""
     p = subprocess.Popen([*DR, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1", "SPARK_LOCAL_IP": "127.0.0.1"})
+                         env={**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1", "SPARK_LOCAL_IP": "127.0.0.1",
+                              **(env or {})})
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
     reader.start()
@@ -60,10 +64,11 @@ def _dr(args: list[str], on_line=None) -> tuple[int, str, str]:
     return p.returncode, "".join(out), "".join(err)
 
 
-def _nightly(wh: Path, spark: list[str], ray: list[str], train_line=None, candidates_line=None) -> dict:
+def _nightly(wh: Path, spark: list[str], ray: list[str], train_line=None, candidates_line=None,
+             train_env: dict[str, str] | None = None) -> dict:
     common = ["--warehouse", str(wh), *spark]
     rc, _, err = _dr(["train", "--dataset", "ml-100k", "--run-id", "night-1", *SCHEDULE, *common, *ray,
-                      "--ray-workers", "2"], train_line)
+                      "--ray-workers", "2"], train_line, train_env)
     assert rc == 0, err[-4000:]
     rc, out, err2 = _dr(["candidates", "--train-run-id", "night-1", "--top-n", "50", "--json", *common],
                         candidates_line)
@@ -83,10 +88,10 @@ def runs(tmp_path_factory):
         killed: dict[str, float] = {}
 
         def kill_ray_node(line: str) -> None:
-            # the second finished epoch of the first E-step (rank 0 logs an epoch after saving its
-            # checkpoint): a checkpoint to resume from, and two epochs left to fail on (~3 s on
-            # ML-100K; with one left the run could end before the node's death reached the group)
-            if "ray-node" not in killed and "[estep] round 0" in line and "epoch 2:" in line:
+            # the first E-step pauses in its third epoch (DR_ESTEP_HOLD), after the second epoch's
+            # checkpoint: an ML-100K epoch lasts under a second, less than the log line takes to come
+            # here, and the round once ended before the node's death reached the group
+            if "ray-node" not in killed and HOLD_LINE in line:
                 killed["ray-node"] = time.time()
                 ray.procs[1].kill()
                 ray.add_worker(1)
@@ -98,15 +103,18 @@ def runs(tmp_path_factory):
                 threading.Timer(1.0, spark.worker(0).kill).start()
 
         cluster = _nightly(base / "cluster", ["--spark-master", spark.url],
-                           ["--ray-address", ray.address, "--ray-cpus-per-worker", "2"], kill_ray_node, kill_spark_worker)
+                           ["--ray-address", ray.address, "--ray-cpus-per-worker", "2"], kill_ray_node, kill_spark_worker,
+                           {HOLD_ENV: "0:3:60"})
         master_log = spark.procs[0].text()
+    (logs / "cluster-train.log").write_text(cluster["train_log"])   # kept for a failed run's post-mortem
     return local, cluster, killed, master_log, Warehouse(base / "local"), Warehouse(base / "cluster")
 
 
 def test_the_cluster_run_used_both_clusters_and_survived_the_kills(runs):
     _, cluster, killed, master_log, _, _ = runs
     assert set(killed) == {"ray-node", "spark-worker"}
-    assert "resuming from" in cluster["train_log"]          # Ray Train restarted the group from a checkpoint
+    # Ray Train restarted the group, which resumed from the checkpoint before the held epoch
+    assert re.search(r"round 0: resuming from \S+ after 2 of 4 epochs", cluster["train_log"])
     assert "Registering app dr-train" in master_log and "Removing worker" in master_log
 
 

@@ -25,6 +25,7 @@ from jobs.benchmarks.estep import synthetic_inputs
 from jobs.tables import CommitMeta, Warehouse
 from ray_trainers.checkpoint import CheckpointMismatch, load_checkpoint, read_meta, run_dir
 from ray_trainers.config import RayConfig
+from ray_trainers.faults import ENV as HOLD_ENV, hold_target
 from ray_trainers.estep import (batch_tensors, count_vector, load_item_paths, run_estep, samples_dataset,
                                 target_counts)
 
@@ -84,6 +85,18 @@ def test_ray_config_is_validated():
     assert (per, total) == (256, 1024) and lr == pytest.approx(2e-3)
     with pytest.raises(ConfigError, match="batch_per_worker"):
         RayConfig(batch_per_worker=0)
+
+
+def test_the_epoch_hold_is_validated(monkeypatch):
+    """DR_ESTEP_HOLD (the cluster test's mid-epoch pause) parses or says what it expects."""
+    monkeypatch.delenv(HOLD_ENV, raising=False)
+    assert hold_target() is None
+    monkeypatch.setenv(HOLD_ENV, "0:3")
+    assert hold_target() == (0, 3, 60.0)
+    for bad in ("0", "0:0", "x:3", "0:3:-1", "0:3:5:1"):
+        monkeypatch.setenv(HOLD_ENV, bad)
+        with pytest.raises(ValueError, match="round>:<epoch>"):
+            hold_target()
 
 
 def test_item_paths_and_batches_from_delta(inputs):
