@@ -68,7 +68,9 @@ def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: n
     if width > S:
         return None
     runs = item[starts]
-    if np.unique(runs).shape[0] != m:                         # an item's rows are not together
+    # the files' items in order -> no sort; else the sort that orders them also finds a repeated item
+    by_item = None if (runs[1:] > runs[:-1]).all() else np.argsort(runs, kind="stable")
+    if by_item is not None and (runs[by_item[1:]] == runs[by_item[:-1]]).any():   # an item's rows are not together
         return None
     if (counts == width).all():                               # every item holds the same number of rows
         paths, scores = path.reshape(m, width), score.reshape(m, width)
@@ -91,8 +93,7 @@ def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: n
         o = np.lexsort((paths, -scores, paths == EMPTY), axis=-1)
         paths, scores = np.take_along_axis(paths, o, 1), np.take_along_axis(scores, o, 1)
     nv = np.asarray(n_v, dtype=np.float64)[starts]
-    if not (runs[1:] > runs[:-1]).all():
-        by_item = np.argsort(runs, kind="stable")
+    if by_item is not None:
         runs, paths, scores, nv = runs[by_item], paths[by_item], scores[by_item], nv[by_item]
     out_p = np.full((m, S), EMPTY, dtype=np.int64)
     out_s = np.zeros((m, S))

@@ -7,7 +7,7 @@ import pytest
 
 from dr_model.config import SplitConfig
 from dr_model.metrics import per_user_prf, prf_at_k
-from dr_model.scores import EMPTY, PathScores, aggregate_pairs, streaming_merge
+from dr_model.scores import EMPTY, PathScores, _grouped_lists, aggregate_pairs, streaming_merge
 from dr_model.split import paper_split, roles
 
 
@@ -82,6 +82,28 @@ def test_streaming_merge_equals_batch_when_eta_is_one_and_lists_fit():
         for p, s in paths.items():
             seeded = 0.0 if (v not in da or p in da[v]) else mins
             assert dm[v][p] == pytest.approx(s + seeded)
+
+
+def test_from_long_reads_written_rows_like_aggregate_pairs():
+    """path_scores rows as written (an item's rows together, any item order) take the fast path; an item
+    whose rows are split falls back to the exact sum; both equal aggregate_pairs."""
+    rng = np.random.default_rng(1)
+    m, S = 40, 5
+    items = rng.permutation(np.arange(100, 100 + m))            # items in no order, as a file may hold them
+    width = rng.integers(1, S + 1, m)
+    width[0] = S                                                 # the first item's rows can be split
+    item = np.repeat(items, width)
+    path = np.concatenate([rng.choice(50, w, replace=False) for w in width])
+    score = rng.random(len(item))
+    n_v = np.repeat(rng.integers(1, 9, m).astype(float), width)
+    want = aggregate_pairs(item, path, score, S, n_v=n_v, n_v_is_per_item=True)
+    for rows, fast in ((np.arange(len(item)), True), (np.r_[np.arange(2, len(item)), np.arange(2)], False)):
+        assert (_grouped_lists(item[rows], path[rows], score[rows], n_v[rows], S) is not None) == fast
+        got = PathScores.from_long(item[rows], path[rows], score[rows], n_v[rows], S)
+        np.testing.assert_array_equal(got.items, want.items)
+        np.testing.assert_array_equal(got.paths, want.paths)
+        np.testing.assert_allclose(got.scores, want.scores)
+        np.testing.assert_allclose(got.n_v, want.n_v)
 
 
 def test_metrics_match_hand_computed_cases():
