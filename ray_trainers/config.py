@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from dr_model.config import ConfigError
 
+from .log_filter import install as install_log_filter
+
 
 def _check(cond: bool, name: str, rule: str, value: object) -> None:
     if not cond:
@@ -138,3 +140,5 @@ def ensure_ray(cfg: RayConfig) -> None:
              object_store_memory=cfg.object_store_memory if cfg.address is None else None,
              include_dashboard=False, configure_logging=False,
              logging_config=ray.LoggingConfig(log_level="ERROR"))
+    # what the cluster's processes print reaches this driver without Ray's own chatter
+    install_log_filter()

@@ -1,0 +1,61 @@
+"""Ray's forwarded output as the driver prints it: the job's lines once, Ray's own chatter never."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ray_trainers.log_filter import RayLogFilter
+
+# lines seen in the cluster test's `dr train` log (2026-12-03), Ray's, not the job's
+RAY_LINES = [
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "\u2714\ufe0f  Dataset train_0358Hlnv3oa9jBBTZDBO4u_0 execution finished in 7.39 seconds",
+    "[2026-12-03 13:04:43,885 E 21537 21537] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor 89b9cc",
+    "[mutex.cc : 1954] RAW: Lock blocking 0x7f3f2dbec0d0   @ 0x7f3f2faca7a7",
+    "[estep] round 0 joint epoch 1: rerank loss 6.5943\x1b[32m [repeated 2x across cluster]\x1b[0m",
+]
+SHUTDOWN = [
+    "Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",
+    "Traceback (most recent call last):",
+    '  File "/x/ray/train/torch/config.py", line 333, in on_shutdown',
+    "    ray.get(futures, timeout=timeout_s)",
+    "           ^^^^^^^^^^^^^^^^^^^",
+    "ray.exceptions.ActorUnavailableError: The actor 7ceb98 is unavailable",
+]
+
+
+def test_ray_chatter_is_dropped_and_the_jobs_lines_pass_once():
+    now = [0.0]
+    f = RayLogFilter(window_s=60, clock=lambda: now[0])
+    job = ["[estep] round 0 joint epoch 1: rerank loss 6.5943", "[estep] round 0: resuming from /c after 2 of 4 epochs"]
+    assert f.keep(RAY_LINES + job[:1]) == job[:1]
+    # the expected traceback goes, its one-line reason stays; what follows it prints again
+    assert f.keep(SHUTDOWN + job[1:]) == SHUTDOWN[:1] + job[1:]
+    assert f.keep(job) == []                       # the second node's copy of the same lines
+    now[0] = 61.0
+    assert f.keep(job[:1]) == job[:1]              # past the window a line prints again
+    # a traceback of the job's own (no quiet header before it) passes whole
+    own = ["Traceback (most recent call last):", '  File "ray_trainers/estep.py", line 9', "ValueError: bad"]
+    assert f.keep(own) == own
+
+
+def test_a_real_ray_driver_prints_its_workers_lines_filtered():
+    """ensure_ray installs the filter: a task's noise line and a twice-printed line, as the driver prints them."""
+    script = """
+import sys, time, ray
+from ray_trainers.config import RayConfig, ensure_ray
+ensure_ray(RayConfig(num_cpus=1))
+@ray.remote
+def talk():
+    print("Progress bars disabled. To enable, set it", file=sys.stderr, flush=True)
+    for _ in range(2):
+        print("[estep] the job's own line", file=sys.stderr, flush=True)
+    return 1
+ray.get(talk.remote())
+time.sleep(5)          # Ray's log monitor forwards within about a second
+ray.shutdown()
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("[estep] the job's own line") == 1, p.stderr[-3000:]
+    assert "Progress bars disabled" not in p.stderr
