@@ -15,8 +15,9 @@ the epoch killed with the node is re-trained from its checkpoint on another sche
 structure's outcome, and the structure is not reproducible bit for bit across topologies: the
 gradient exchange sums in another order across nodes and the beam's ties break differently. With the
 structure cut to 2 epochs those differences moved whole paths (DR/brute force 0.65 local vs 0.93
-cluster on one run, 0.49 local on CI's machine); with its default early-stopped schedule DR must reach
-DR_FLOOR of brute force in both modes and the two may differ by DR_SPREAD of brute force's recall.
+cluster on one run, 0.49 local on CI's machine); with its default early-stopped schedule DR at a fixed
+beam must reach STRUCTURE_FLOOR of brute force in both modes, the two may differ by DR_SPREAD of brute
+force's recall, and DR at the run's own (recall-chosen, smallest) beam must reach OWN_BEAM_FLOOR.
 """
 from __future__ import annotations
 
@@ -41,8 +42,14 @@ DR = [sys.executable, "-m", "jobs.cli"]
 # the structure keeps its default schedule (early-stopped, at most 10 epochs): cut to 2 epochs it had not
 # settled, and DR/brute force moved with the float rounding of the machine (0.65 here, 0.49 on CI)
 SCHEDULE = ["--set", "train.em_rounds=1", "--set", "train.joint_epochs=4"]
-DR_FLOOR = 0.75        # DR recall / brute force in each mode (measured 0.90 locally, same day)
-DR_SPREAD = 0.25       # |DR cluster - DR local| / brute force
+# DR at beam 10 (a point of eval.beam_sweep, ~150 items, 11 % of the catalog): the structure, whatever beam
+# the run chose; measured 0.96 local / 0.92 cluster (2026-12-03). A random structure gives ~0.11 there.
+STRUCTURE_BEAM, STRUCTURE_FLOOR = "10", 0.80
+# DR at the run's own beam, the smallest whose recall reaches 0.98 x brute force's on the 179 validation
+# users (dr_model/beam_choice.py): on the 179 test users it lands below by the validation noise
+# (measured 0.90 / 0.80 / 0.91 and 0.80 local / 0.71 cluster at beams 4 / 3, 2026-12-03)
+OWN_BEAM_FLOOR = 0.60
+DR_SPREAD = 0.25       # |DR cluster - DR local| at STRUCTURE_BEAM / brute force (measured 0.07)
 RERANKER_TOLERANCE = 0.08   # measured 0 %, 3.6 %, 5.1 % (the killed epoch re-trained on other batches)
 
 
@@ -130,8 +137,10 @@ def test_cluster_results_equal_local_within_tolerance(runs):
     bl, bc = ml["brute_force"]["recall"], mc["brute_force"]["recall"]
     assert abs(bc - bl) <= RERANKER_TOLERANCE * bl, (bl, bc)
     dl, dc = ml["dr"]["recall"], mc["dr"]["recall"]
-    assert dl >= DR_FLOOR * bl and dc >= DR_FLOOR * bc, (dl, bl, dc, bc)
-    assert abs(dc - dl) <= DR_SPREAD * bl, (dl, dc)
+    assert dl >= OWN_BEAM_FLOOR * bl and dc >= OWN_BEAM_FLOOR * bc, (dl, bl, dc, bc)
+    sl, sc = (e["dr_recall_by_beam"][STRUCTURE_BEAM]["recall"] for e in (local["evaluation"], cluster["evaluation"]))
+    assert sl >= STRUCTURE_FLOOR * bl and sc >= STRUCTURE_FLOOR * bc, (sl, bl, sc, bc)
+    assert abs(sc - sl) <= DR_SPREAD * bl, (sl, sc)
 
 
 def test_no_doubled_rows_after_the_spark_worker_was_lost(runs):
