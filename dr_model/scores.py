@@ -70,8 +70,10 @@ def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: n
     runs = item[starts]
     # the files' items in order -> no sort; else the sort that orders them also finds a repeated item
     by_item = None if (runs[1:] > runs[:-1]).all() else np.argsort(runs, kind="stable")
-    if by_item is not None and (runs[by_item[1:]] == runs[by_item[:-1]]).any():   # an item's rows are not together
-        return None
+    if by_item is not None:
+        runs = runs[by_item]
+        if (runs[1:] == runs[:-1]).any():                     # an item's rows are not together
+            return None
     if (counts == width).all():                               # every item holds the same number of rows
         paths, scores = path.reshape(m, width), score.reshape(m, width)
     else:
@@ -93,8 +95,8 @@ def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: n
         o = np.lexsort((paths, -scores, paths == EMPTY), axis=-1)
         paths, scores = np.take_along_axis(paths, o, 1), np.take_along_axis(scores, o, 1)
     nv = np.asarray(n_v, dtype=np.float64)[starts]
-    if by_item is not None:
-        runs, paths, scores, nv = runs[by_item], paths[by_item], scores[by_item], nv[by_item]
+    if by_item is not None:                                   # runs is already in item order
+        paths, scores, nv = paths[by_item], scores[by_item], nv[by_item]
     out_p = np.full((m, S), EMPTY, dtype=np.int64)
     out_s = np.zeros((m, S))
     out_p[:, :width], out_s[:, :width] = paths, scores

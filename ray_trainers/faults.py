@@ -10,6 +10,7 @@ pause starts. Used by tests/test_cluster.py; harmless when unset.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Callable
 
@@ -22,16 +23,11 @@ def hold_target() -> tuple[int, int, float] | None:
     raw = os.environ.get(ENV, "").strip()
     if not raw:
         return None
-    parts = raw.split(":")
-    try:
-        rnd, epoch = int(parts[0]), int(parts[1])
-        seconds = float(parts[2]) if len(parts) == 3 else 60.0
-    except (ValueError, IndexError):
-        rnd, epoch, seconds = -1, 0, 0.0
-    if len(parts) not in (2, 3) or rnd < 0 or epoch < 1 or seconds <= 0:
+    m = re.fullmatch(r"(\d+):(\d+)(?::(\d+(?:\.\d*)?))?", raw)
+    if m is None or int(m[2]) < 1 or (m[3] is not None and float(m[3]) <= 0):
         raise ValueError(f"{ENV}={raw!r}: expected <round>:<epoch>[:<seconds>] with round >= 0, epoch >= 1, "
                          f"seconds > 0, e.g. 0:3:60")
-    return rnd, epoch, seconds
+    return int(m[1]), int(m[2]), 60.0 if m[3] is None else float(m[3])
 
 
 def maybe_hold(target: tuple[int, int, float] | None, em_round: int, epoch: int, rank: int,

@@ -113,7 +113,7 @@ def runs(tmp_path_factory):
                            ["--ray-address", ray.address, "--ray-cpus-per-worker", "2"], kill_ray_node, kill_spark_worker,
                            {HOLD_ENV: "0:3:60"})
         master_log = spark.procs[0].text()
-    (logs / "cluster-train.log").write_text(cluster["train_log"])   # kept for a failed run's post-mortem
+    (logs / "cluster-train.log").write_text(cluster["train_log"])   # kept for a failed test's post-mortem
     return local, cluster, killed, master_log, Warehouse(base / "local"), Warehouse(base / "cluster")
 
 

@@ -42,9 +42,17 @@ def test_ray_chatter_is_dropped_and_the_jobs_lines_pass_once():
 def test_a_real_ray_driver_prints_its_workers_lines_filtered():
     """ensure_ray installs the filter: a task's noise line and a twice-printed line, as the driver prints them."""
     script = """
-import sys, time, ray
+import io, sys, time, ray
 from ray_trainers.config import RayConfig, ensure_ray
 ensure_ray(RayConfig(num_cpus=1))
+seen = io.StringIO()
+class Tee:                 # Ray prints forwarded lines to sys.stderr at call time: watch what reaches it
+    def write(self, s):
+        seen.write(s)
+        return sys.__stderr__.write(s)
+    def flush(self):
+        sys.__stderr__.flush()
+sys.stderr = Tee()
 @ray.remote
 def talk():
     print("Progress bars disabled. To enable, set it", file=sys.stderr, flush=True)
@@ -52,7 +60,10 @@ def talk():
         print("[estep] the job's own line", file=sys.stderr, flush=True)
     return 1
 ray.get(talk.remote())
-time.sleep(5)          # Ray's log monitor forwards within about a second
+deadline = time.time() + 120
+while "the job's own line" not in seen.getvalue() and time.time() < deadline:
+    time.sleep(0.2)
+time.sleep(3)              # room for a second copy to arrive, had the filter let it through
 ray.shutdown()
 """
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
