@@ -85,7 +85,8 @@ class SearchConfig:
     The budget is a ceiling: the retrieval beam is the smallest within it whose reranked
     validation recall@k reaches `recall_target` x brute force's (dr_model.beam_choice); past
     that point a bigger beam costs items for recall the reranker cannot add. 0 = the largest
-    beam the budget allows.
+    beam the budget allows. `recall_confidence`: "reaches" holds with this one-sided confidence
+    over the validation users (a paired bound, so a small validation set climbs to a larger beam).
     """
 
     beam: int = 10              # B: paths per user that the path sizes are planned for
@@ -93,6 +94,7 @@ class SearchConfig:
     batch_size: int = 1024      # users per beam-search call
     items_per_user: int = 0     # retrieval budget (items reranked per user); 0 = auto (see above)
     recall_target: float = 0.98  # retrieval beam: the cheapest reaching this share of brute force's recall
+    recall_confidence: float = 0.95  # ... with this one-sided confidence over the validation users (0: point estimate)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beam, int) and self.beam >= 1, "search.beam", "an integer >= 1", self.beam)
@@ -104,6 +106,10 @@ class SearchConfig:
         _check(isinstance(target, (int, float)) and not isinstance(target, bool) and 0 <= target <= 2, "search.recall_target",
                "a number in [0, 2] (a share of brute force's validation recall; 0 = the budget's beam)",
                self.recall_target)
+        conf = self.recall_confidence
+        _check(isinstance(conf, (int, float)) and not isinstance(conf, bool) and 0 <= conf < 1,
+               "search.recall_confidence", "a number in [0, 1) (one-sided confidence that the beam reaches "
+               "recall_target on users beyond the validation sample; 0 = the point estimate)", conf)
 
     def budget(self, num_items: int, k: int) -> int:
         """Items DR may score per user for a catalog of num_items (the configured or the auto budget)."""

@@ -22,7 +22,7 @@ from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk,
 from .beam_choice import BeamChoice, distinct_items, pick_beam
 from .config import DRConfig
 from .index import PathIndex, member, pair_keys
-from .metrics import PRF, prf_at_k
+from .metrics import PRF, per_user_prf, prf_at_k
 from .model import DRModel
 from .split import Split
 from .vocab import Vocab
@@ -73,6 +73,13 @@ class EvalUsers:
 def validation_recall(model: DRModel, vocab: Vocab, users: EvalUsers, k: int, index: PathIndex | None = None,
                       beam: int = 0) -> float:
     """Recall@k on held-out users: brute force over the reranker (index None), else DR at `beam`."""
+    r = validation_recalls(model, vocab, users, k, index, beam)
+    return float(r.mean()) if len(r) else 0.0
+
+
+def validation_recalls(model: DRModel, vocab: Vocab, users: EvalUsers, k: int, index: PathIndex | None = None,
+                       beam: int = 0) -> np.ndarray:
+    """Each held-out user's recall@k [N] (validation_recall's terms)."""
     model.eval()
     seq = vocab.seq(users.hist)
     seen = users.input_pairs(vocab)
@@ -81,7 +88,7 @@ def validation_recall(model: DRModel, vocab: Vocab, users: EvalUsers, k: int, in
     else:
         pred, _, _ = model.retrieve(seq, index, beam, k, exclude=seen)
     model.train()
-    return prf_at_k(to_raw(vocab.ids, pred), users.truth_offsets, users.truth_items, k).recall
+    return per_user_prf(to_raw(vocab.ids, pred), users.truth_offsets, users.truth_items, k)[1]
 
 
 def validation_path_recall(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, beam: int) -> float:
@@ -104,14 +111,14 @@ def validation_path_recall(model: DRModel, vocab: Vocab, users: EvalUsers, index
 
 
 def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, budget: float, k: int,
-                target: float, max_beam: int = 4096) -> BeamChoice:
+                target: float, max_beam: int = 4096, confidence: float = 0.0) -> BeamChoice:
     """The retrieval beam for held-out `users` (dr_model.beam_choice's rule) over the fp32 model and index."""
     seq = vocab.seq(users.hist)
     measured = target > 0 and len(users) > 0
     return pick_beam(lambda b: float(distinct_items(model, seq, index, b).mean()) if len(users) else 0.0,
-                     lambda b: validation_recall(model, vocab, users, k, index, b),
-                     validation_recall(model, vocab, users, k) if measured else 0.0,
-                     budget, min(max_beam, model.cfg.num_paths), target)
+                     lambda b: validation_recalls(model, vocab, users, k, index, b),
+                     validation_recalls(model, vocab, users, k) if measured else 0.0,
+                     budget, min(max_beam, model.cfg.num_paths), target, confidence)
 
 
 def ann_peer(model: DRModel, seq: torch.Tensor, cfg: DRConfig, exclude: tuple[np.ndarray, np.ndarray] | None,

@@ -23,8 +23,8 @@ def choose_retrieval_beam(spark: Any, wh: Warehouse, cfg: DRConfig, run_id: str,
     choice) for a final E-step `est` (model_state, item_ids, checkpoint_path) trained against item_paths_version,
     whose path_index is built."""
     from dr_model.beam_choice import distinct_on_paths, pick_beam
-    from dr_model.evaluation import validation_recall
-    from dr_model.metrics import prf_at_k
+    from dr_model.evaluation import validation_recalls
+    from dr_model.metrics import per_user_prf
     from dr_model.model import DRModel
     from dr_model.serving import ServingBundle
     from dr_model.vocab import Vocab
@@ -43,15 +43,15 @@ def choose_retrieval_beam(spark: Any, wh: Warehouse, cfg: DRConfig, run_id: str,
     seen = valid.input_pairs(bundle.model_vocab)     # the model's items keep their indices in the catalog
     truth = (valid.truth_offsets, valid.truth_items)
     target = cfg.search.recall_target
-    reference = 0.0
+    reference: Any = 0.0
     if target > 0:
         model = DRModel(cfg.model, V)
         model.load_state_dict(est.model_state)
-        reference = validation_recall(model.eval(), Vocab(est.item_ids), valid, k)
+        reference = validation_recalls(model.eval(), Vocab(est.item_ids), valid, k)
         del model
     choice = pick_beam(lambda b: float(distinct_on_paths(bundle.towers.beam(seq, b).numpy(), bundle.index).mean()),
-                       lambda b: prf_at_k(bundle.retrieve(valid.hist, b, k, exclude=seen)[0], *truth, k).recall,
-                       reference, budget, min(4096, cfg.model.num_paths), target)
+                       lambda b: per_user_prf(bundle.retrieve(valid.hist, b, k, exclude=seen)[0], *truth, k)[1],
+                       reference, budget, min(4096, cfg.model.num_paths), target, cfg.search.recall_confidence)
     log(choice.line(budget, V))
     return {**choice.metrics(), "budget": budget}
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 import dr_model.init_paths as init_paths
+from dr_model.beam_choice import confidence_z, margin_lower_bound
 from dr_model.config import DRConfig
 from dr_model.model import DRModel
 from jobs.embedding_paths import embedding_item_paths
@@ -67,25 +68,29 @@ def test_retrieval_beam_from_the_serving_bundle_equals_the_in_process_choice(spa
     est = SimpleNamespace(model_state=model.state_dict(), item_ids=ids, checkpoint_path=rec.checkpoint)
     ip_v = rec.table_versions["item_paths"]
     index = PathIndex.build(assign)
-    for target in (0.98, 0.0):
-        run_cfg = cfg.with_overrides([f"search.recall_target={target}"])
+    for target, confidence in ((0.98, 0.0), (0.98, 0.95), (0.0, 0.95)):
+        run_cfg = cfg.with_overrides([f"search.recall_target={target}", f"search.recall_confidence={confidence}"])
         logs: list[str] = []
         got = choose_retrieval_beam(spark, wh, run_cfg, "r1", est, ip_v, valid, logs.append)
-        want = choose_beam(model, Vocab(ids), valid, index, 60, k, target)
+        want = choose_beam(model, Vocab(ids), valid, index, 60, k, target, confidence=confidence)
         assert got == {**want.metrics(), "budget": 60}, (got, want)
         assert 1 < want.budget_beam < cfg.model.num_paths                # the budget had something to choose
         if target:      # the smallest beam whose paths give every user its k items: below the budget's
             assert want.recall >= want.floor == target * want.brute_force_recall > 0
-            assert 1 < want.beam < want.budget_beam
-            assert validation_recall_at(model, ids, valid, index, want.beam - 1, k) < want.floor
+            assert want.lower >= 0 and 1 < want.beam < want.budget_beam
+            below = validation_recalls_at(model, ids, valid, index, want.beam - 1, k)
+            bf = validation_recalls_at(model, ids, valid, None, 0, k)
+            assert margin_lower_bound(below, bf, target, confidence_z(confidence)) < 0
+            if not confidence:
+                assert below.mean() < want.floor
         else:
             assert want.beam == want.budget_beam and want.recall is None
         assert f"retrieval beam {want.beam}:" in logs[-1], logs
     assert (bundle_dir(wh, "r1", find_path_index(wh, ip_v)) / "meta.json").exists()   # dr candidates reuses it
 
 
-def validation_recall_at(model, ids, valid, index, beam, k):  # noqa: ANN001, ANN201
-    from dr_model.evaluation import validation_recall
+def validation_recalls_at(model, ids, valid, index, beam, k):  # noqa: ANN001, ANN201
+    from dr_model.evaluation import validation_recalls
     from dr_model.vocab import Vocab
 
-    return validation_recall(model, Vocab(ids), valid, k, index, beam)
+    return validation_recalls(model, Vocab(ids), valid, k, index, beam)
