@@ -35,6 +35,8 @@ new paths, which share a prefix its beam already finds.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 
 import numpy as np
@@ -170,36 +172,64 @@ def exploration_paths(items: np.ndarray, best: np.ndarray, K: int, D: int, n: in
     return out
 
 
-def with_exploration(ps: PathScores, K: int, D: int, n: int, score_frac: float, seed: int = 0) -> PathScores:
+EXPLORE_ROWS = 1 << 14      # rows placed at a time: the temporaries stay small and are reused, not first-touched
+
+
+def with_exploration(ps: PathScores, K: int, D: int, n: int, score_frac: float, seed: int = 0,
+                     out: tuple[np.ndarray, np.ndarray] | None = None) -> PathScores:
     """ps with `n` exploration paths per item (module doc) -> width S + n, rows sorted by score descending.
 
-    A sibling that is already a candidate (or the same as another sibling) is dropped.
+    A sibling that is already a candidate (or the same as another sibling) is dropped. out:
+    (paths, scores) [m, >= S + n] to fill (e.g. rows of a larger array; columns past S + n are
+    padded with empty slots) instead of new arrays.
     """
     if n <= 0 or len(ps) == 0:
         return ps
-    sib = exploration_paths(ps.items, ps.paths[:, 0], K, D, n, seed)
-    dup = np.zeros(sib.shape, dtype=bool)
-    for j in range(n):
-        dup[:, j] = (ps.paths == sib[:, j:j + 1]).any(1) | (sib[:, :j] == sib[:, j:j + 1]).any(1)
-    sib[dup] = EMPTY
-    # siblings score score_frac x the item's best; a row is already descending, so each sibling
-    # goes right after the real candidates scoring at least as much (a stable sort's order), the
-    # dropped ones (EMPTY) at the very end: columns computed, not sorted
     m, S = ps.paths.shape
-    valid = sib != EMPTY
-    sib_score = score_frac * ps.scores[:, :1]
-    pos = ((ps.paths != EMPTY) & (ps.scores >= sib_score)).sum(1, keepdims=True)
-    nv = valid.sum(1, keepdims=True)
-    k = np.arange(S)[None, :]
-    real_cols = k + (k >= pos) * nv
-    sib_cols = np.where(valid, pos + np.cumsum(valid, 1) - 1, S + nv + np.cumsum(~valid, 1) - 1)
-    paths = np.empty((m, S + n), dtype=ps.paths.dtype)
-    scores = np.empty((m, S + n), dtype=ps.scores.dtype)
-    np.put_along_axis(paths, real_cols, ps.paths, 1)
-    np.put_along_axis(scores, real_cols, ps.scores, 1)
-    np.put_along_axis(paths, sib_cols, sib, 1)
-    np.put_along_axis(scores, sib_cols, np.where(valid, sib_score, 0.0), 1)
+    paths, scores = out if out is not None else (np.empty((m, S + n), dtype=ps.paths.dtype),
+                                                 np.empty((m, S + n), dtype=ps.scores.dtype))
+    if paths.shape[1] > S + n:
+        paths[:, S + n:], scores[:, S + n:] = EMPTY, 0.0
+    for lo in range(0, m, EXPLORE_ROWS):
+        hi = min(m, lo + EXPLORE_ROWS)
+        _explore_rows(ps.items[lo:hi], ps.paths[lo:hi], ps.scores[lo:hi], K, D, n, score_frac, seed,
+                      paths[lo:hi, :S + n], scores[lo:hi, :S + n])
     return PathScores(ps.items, paths, scores, ps.n_v)
+
+
+def _explore_rows(items: np.ndarray, real_p: np.ndarray, real_s: np.ndarray, K: int, D: int, n: int,
+                  score_frac: float, seed: int, out_p: np.ndarray, out_s: np.ndarray) -> None:
+    """with_exploration on a block of rows: items [r], real_p/real_s [r, S] -> out_p/out_s [r, S + n] filled."""
+    r, S = real_p.shape
+    sib = exploration_paths(items, real_p[:, 0], K, D, n, seed)
+    valid = np.empty(sib.shape, dtype=bool)
+    for j in range(n):
+        valid[:, j] = ~((real_p == sib[:, j:j + 1]).any(1) | (sib[:, :j] == sib[:, j:j + 1]).any(1)) & (sib[:, j] != EMPTY)
+    # siblings score score_frac x the item's best; a row is already descending, so the kept siblings
+    # go right after the real candidates scoring at least as much (a stable sort's order), the
+    # dropped ones (EMPTY) at the very end. One gather from [real | kept siblings first]:
+    nv = valid.sum(1, keepdims=True)
+    keep_first = np.argsort(~valid, axis=1, kind="stable")
+    cat_p = np.concatenate([real_p, np.where(np.take_along_axis(valid, keep_first, 1),
+                                             np.take_along_axis(sib, keep_first, 1), EMPTY)], 1)
+    sib_score = score_frac * real_s[:, :1]
+    cat_s = np.concatenate([real_s, np.where(np.arange(n)[None, :] < nv, sib_score, 0.0)], 1)
+    pos = ((real_p != EMPTY) & (real_s >= sib_score)).sum(1)
+    src = _placement(S, n)[pos * (n + 1) + nv[:, 0]]
+    src += np.arange(0, r * (S + n), S + n, dtype=src.dtype)[:, None]
+    out_p[:] = cat_p.ravel()[src]
+    out_s[:] = cat_s.ravel()[src]
+
+
+@functools.cache
+def _placement(S: int, n: int) -> np.ndarray:
+    """Source column in [real (S) | kept siblings first (n)] of each result column, per (pos, kept) case:
+    [(S + 1) (n + 1), S + n]. Result column k: real k before pos, kept sibling k - pos, then real
+    k - kept, then the dropped siblings."""
+    k = np.arange(S + n)[None, None, :]
+    pos, kept = np.arange(S + 1)[:, None, None], np.arange(n + 1)[None, :, None]
+    src = np.where(k < pos, k, np.where(k < pos + kept, S + k - pos, np.where(k < S + kept, k - kept, k)))
+    return src.reshape((S + 1) * (n + 1), S + n).astype(np.int64)
 
 
 __all__ = ["assigned_weights", "path_traffic", "traffic_size", "start_path_size", "is_collapsed", "initial_alpha",

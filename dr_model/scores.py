@@ -46,23 +46,41 @@ class PathScores:
         return self.items[rows], self.paths[mask], self.scores[mask], self.n_v[rows]
 
     @classmethod
-    def from_long(cls, item_id: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: np.ndarray, S: int) -> "PathScores":
-        """Flat (item, path, score, n_v) rows -> fixed-width top-S layout (sums duplicate pairs)."""
-        fast = _grouped_lists(item_id, path, score, n_v, S)
+    def from_long(cls, item_id: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: np.ndarray, S: int,
+                  pad: bool = True) -> "PathScores":
+        """Flat (item, path, score, n_v) rows -> fixed-width top-S layout (sums duplicate pairs).
+
+        pad False: lists as written may come back narrower than S (their longest), saving a copy.
+        """
+        fast = _grouped_lists(item_id, path, score, n_v, S, pad)
         return fast if fast is not None else aggregate_pairs(item_id, path, score, S, n_v=n_v, n_v_is_per_item=True)
 
 
-def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: np.ndarray, S: int) -> "PathScores | None":
+CHECK_ROWS = 1 << 16       # rows checked at a time: the temporaries stay small and are reused
+
+
+def _row_chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: np.ndarray, S: int,
+                   pad: bool = True) -> "PathScores | None":
     """The rows of a `path_scores` table as written (each item's rows together, at most S, distinct paths)
     -> the same layout as aggregate_pairs, in O(rows) + a sort of the items; None when the rows are not so.
+
+    Full lists already in order (what the scores job writes) come back as views of the inputs.
     """
     item = np.asarray(item, dtype=np.int64)
     path = np.asarray(path, dtype=np.int64)
     score = np.asarray(score, dtype=np.float64)
     n = item.shape[0]
-    if n == 0 or (path < 0).any() or not (np.isfinite(score).all() and (score >= 0).all()):
+    if n == 0:
         return None
-    starts = np.r_[0, np.flatnonzero(item[1:] != item[:-1]) + 1]
+    flat = _row_chunks(n, CHECK_ROWS * 16)
+    if any((path[a:b] < 0).any() or not (np.isfinite(score[a:b]).all() and (score[a:b] >= 0).all()) for a, b in flat):
+        return None
+    starts = np.concatenate([[0]] + [np.flatnonzero(item[max(a, 1):b] != item[max(a, 1) - 1:b - 1]) + max(a, 1)
+                                     for a, b in flat])
     counts = np.diff(np.r_[starts, n])
     width, m = int(counts.max()), starts.shape[0]
     if width > S:
@@ -83,24 +101,36 @@ def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: n
         scores = np.zeros((m, width))
         paths[row, rank] = path
         scores[row, rank] = score
-    ordered = np.sort(paths, axis=1)
-    if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)).any():   # a path twice: sum them
+    rows = _row_chunks(m, CHECK_ROWS)
+    if any(_repeats_a_path(paths[a:b]) for a, b in rows):    # a path twice: sum them
         return None
     # per item: score descending, ties by path, empty slots last (aggregate_pairs' order); the
     # scores job writes them so, then nothing moves
-    nxt_empty, cur_empty = paths[:, 1:] == EMPTY, paths[:, :-1] == EMPTY
-    in_order = nxt_empty | (~cur_empty & ((scores[:, 1:] < scores[:, :-1])
-                                          | ((scores[:, 1:] == scores[:, :-1]) & (paths[:, 1:] > paths[:, :-1]))))
-    if not in_order.all():
+    if not all(_in_order(paths[a:b], scores[a:b]) for a, b in rows):
         o = np.lexsort((paths, -scores, paths == EMPTY), axis=-1)
         paths, scores = np.take_along_axis(paths, o, 1), np.take_along_axis(scores, o, 1)
     nv = np.asarray(n_v, dtype=np.float64)[starts]
     if by_item is not None:                                   # runs is already in item order
         paths, scores, nv = paths[by_item], scores[by_item], nv[by_item]
+    if width == S or not pad:
+        return PathScores(runs, paths, scores, nv)
     out_p = np.full((m, S), EMPTY, dtype=np.int64)
     out_s = np.zeros((m, S))
     out_p[:, :width], out_s[:, :width] = paths, scores
     return PathScores(runs, out_p, out_s, nv)
+
+
+def _repeats_a_path(paths: np.ndarray) -> bool:
+    """Does a row of paths [r, w] hold a (non-empty) path twice?"""
+    ordered = np.sort(paths, axis=1)
+    return bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY)).any())
+
+
+def _in_order(paths: np.ndarray, scores: np.ndarray) -> bool:
+    """Are rows [r, w] sorted by score descending, ties by path, empty slots last?"""
+    nxt_empty, cur_empty = paths[:, 1:] == EMPTY, paths[:, :-1] == EMPTY
+    return bool((nxt_empty | (~cur_empty & ((scores[:, 1:] < scores[:, :-1])
+                                            | ((scores[:, 1:] == scores[:, :-1]) & (paths[:, 1:] > paths[:, :-1]))))).all())
 
 
 def _pair_order(item: np.ndarray, path: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from dr_model.calibrate import with_exploration
 from dr_model.mstep import CandidateBlocks, prepare_blocks
-from dr_model.scores import PathScores
+from dr_model.scores import EMPTY, PathScores
 from spark_udfs.partitioning import spark_partition, task_of
 
 # where a pass found the partition's candidates (`cache` column of the state; -1: the build pass)
@@ -63,9 +63,15 @@ class MStepContext:
         """Candidate slots per item in the kernel: the path_scores lists plus the exploration paths."""
         return self.S + self.explore
 
-    def candidates(self, ps: PathScores) -> PathScores:
-        """A partition's s[v,c] lists with the exploration paths (width S + explore)."""
-        return with_exploration(ps, self.K, self.D, self.explore, self.explore_score, self.seed) if self.explore else ps
+    def candidates(self, ps: PathScores, out: tuple[np.ndarray, np.ndarray] | None = None) -> PathScores:
+        """A partition's s[v,c] lists with the exploration paths (width S + explore); out: (paths, scores) to fill."""
+        if self.explore:
+            return with_exploration(ps, self.K, self.D, self.explore, self.explore_score, self.seed, out=out)
+        if out is None:
+            return ps
+        w = ps.S
+        out[0][:, :w], out[1][:, :w], out[0][:, w:], out[1][:, w:] = ps.paths, ps.scores, EMPTY, 0.0
+        return PathScores(ps.items, *out, ps.n_v)
 
     @staticmethod
     def new_job() -> str:
@@ -175,7 +181,16 @@ def _read_file(uri: str, S: int) -> PathScores:
     cols = (("item_id", np.int64), ("path", np.int64), ("score", np.float64), ("n_v", np.float64))
     fs, path = pafs.FileSystem.from_uri(uri)
     t = pq.read_table(path, filesystem=fs, columns=[c for c, _ in cols])
-    return PathScores.from_long(*(t.column(c).to_numpy().astype(dt, copy=False) for c, dt in cols), S)
+    # lists narrower than S stay so: the exploration pass writes them into the full width once
+    return PathScores.from_long(*(t.column(c).to_numpy().astype(dt, copy=False) for c, dt in cols), S, pad=False)
+
+
+def _padded(ps: PathScores, S: int) -> PathScores:
+    if ps.S == S:
+        return ps
+    paths, scores = np.full((len(ps), S), EMPTY, np.int64), np.zeros((len(ps), S))
+    paths[:, :ps.S], scores[:, :ps.S] = ps.paths, ps.scores
+    return PathScores(ps.items, paths, scores, ps.n_v)
 
 
 def _cat(xs: list[np.ndarray]) -> np.ndarray:
@@ -215,14 +230,26 @@ def read_scores(ctx: MStepContext, part: int) -> PathScores:
         # an item's rows in two files (a task rolled its file mid-item): its partial lists merged the
         # general way, the other items' lists kept as read
         split = np.unique(items[order[1:]][same])
+        parts = [_padded(p, ctx.S) for p in parts]
         long = [np.concatenate(x) for x in zip(*(_rows_of(p, np.isin(p.items, split)).to_long() for p in parts))]
         parts = [_rows_of(p, ~np.isin(p.items, split)) for p in parts] + [PathScores.from_long(*long, ctx.S)]
         items = _cat([p.items for p in parts])
         order = np.argsort(items, kind="stable")
-    # exploration is row-wise (a hash of the item): added per part, so the lists are copied once
-    parts = [ctx.candidates(p) for p in parts if len(p)]
-    ps = PathScores(items[order], *(_sorted_rows([getattr(p, f) for p in parts], order)
-                                    for f in ("paths", "scores", "n_v")))
+    # exploration is row-wise (a hash of the item): added per part, so the lists are copied once;
+    # files already in item order (the scores job's) are written straight into their rows
+    parts = [p for p in parts if len(p)]
+    if (items[1:] > items[:-1]).all():
+        V, W = len(items), ctx.width
+        out_p, out_s = np.empty((V, W), np.int64), np.empty((V, W))
+        lo = 0
+        for p in parts:
+            ctx.candidates(p, out=(out_p[lo:lo + len(p)], out_s[lo:lo + len(p)]))
+            lo += len(p)
+        ps = PathScores(items, out_p, out_s, _cat([p.n_v for p in parts]))
+    else:
+        parts = [ctx.candidates(_padded(p, ctx.S)) for p in parts]
+        ps = PathScores(items[order], *(_sorted_rows([getattr(p, f) for p in parts], order)
+                                        for f in ("paths", "scores", "n_v")))
     if ps.items.size and (spark_partition(ps.items, ctx.partitions) != part).any():
         raise RuntimeError(f"M-step partition {part} of {ctx.partitions}: path_scores files {files} hold items of "
                            "other partitions (the version's item_buckets do not describe its files)")

@@ -127,10 +127,12 @@ def _rows(tbl: pa.Table, ctx: MStepContext) -> Iterator[tuple[int, np.ndarray, i
 def find_slots(paths: np.ndarray, assign: np.ndarray) -> np.ndarray:
     """Slot of each assigned path among the item's candidates: paths [m, S], assign [m, J] -> int64 [m, J] (-1: none)."""
     out = np.full(assign.shape, -1, dtype=np.int64)
-    for j in range(assign.shape[1]):
-        eq = paths == assign[:, j:j + 1]                 # candidates distinct per row; EMPTY never matches
-        has = eq.any(1)
-        out[has, j] = eq.argmax(1)[has]
+    for lo in range(0, len(out), 1 << 16):              # row blocks: the [rows, S] temporaries are reused
+        p, a, o = paths[lo:lo + (1 << 16)], assign[lo:lo + (1 << 16)], out[lo:lo + (1 << 16)]
+        for j in range(assign.shape[1]):
+            eq = p == a[:, j:j + 1]                      # candidates distinct per row; EMPTY never matches
+            has = eq.any(1)
+            o[has, j] = eq.argmax(1)[has]
     return out
 
 

@@ -90,6 +90,37 @@ def test_exploration_paths_are_near_the_best_path():
         assert all(s[list(p).index(c)] == 0.5 * ps.scores[r, 0] for c in added)
 
 
+def test_with_exploration_places_siblings_as_a_stable_sort_in_row_blocks_and_into_a_wider_out(monkeypatch):
+    """Row blocks (EXPLORE_ROWS) and an `out` wider than S + n (padded with empty slots) give what a stable
+    sort by score of [the real candidates, then the kept siblings] gives, row by row."""
+    import dr_model.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "EXPLORE_ROWS", 3)
+    rng = np.random.default_rng(5)
+    K, D, n, m, S = 4, 3, 2, 23, 4
+    width = rng.integers(0, S + 1, m)
+    paths = np.full((m, S), EMPTY)
+    scores = np.zeros((m, S))
+    for r in range(m):
+        paths[r, :width[r]] = rng.choice(K ** D, width[r], replace=False)
+        scores[r, :width[r]] = np.sort(rng.choice([0.2, 0.5, 1.0, 2.0], width[r]))[::-1]   # ties with siblings
+    ps = PathScores(np.arange(m) * 7, paths, scores, np.ones(m))
+    sib = exploration_paths(ps.items, paths[:, 0], K, D, n, 0)
+    out = (np.full((m, S + n + 2), 99), np.full((m, S + n + 2), 9.0))
+    got = with_exploration(ps, K, D, n, 0.5, out=out)
+    assert got.paths is out[0] and got.scores is out[1]
+    for r in range(m):
+        real = [(p, s) for p, s in zip(paths[r], scores[r]) if p != EMPTY]
+        kept = []
+        for c in sib[r]:
+            if c != EMPTY and c not in paths[r] and c not in kept:
+                kept.append(c)
+        entries = sorted(real + [(c, 0.5 * scores[r, 0]) for c in kept], key=lambda e: -e[1])   # stable
+        want_p = [p for p, _ in entries] + [EMPTY] * (S + n + 2 - len(entries))
+        want_s = [s for _, s in entries] + [0.0] * (S + n + 2 - len(entries))
+        assert got.paths[r].tolist() == want_p and got.scores[r].tolist() == want_s, r
+
+
 def test_exploration_lets_the_penalty_spread_a_collapsed_assignment():
     """Every item scored only on the same 4 paths (a collapse the beam locks in): without exploration
     the M-step cannot spread them; with it the auto alpha brings the path size down."""

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import dr_model.scores as scores_mod
 from dr_model.config import SplitConfig
 from dr_model.metrics import per_user_prf, prf_at_k
 from dr_model.scores import EMPTY, PathScores, _grouped_lists, aggregate_pairs, streaming_merge
@@ -84,7 +85,7 @@ def test_streaming_merge_equals_batch_when_eta_is_one_and_lists_fit():
             assert dm[v][p] == pytest.approx(s + seeded)
 
 
-def test_from_long_reads_written_rows_like_aggregate_pairs():
+def test_from_long_reads_written_rows_like_aggregate_pairs(monkeypatch):
     """path_scores rows as written (an item's rows together, any item order) take the fast path; an item
     whose rows are split falls back to the exact sum; both equal aggregate_pairs."""
     rng = np.random.default_rng(1)
@@ -97,13 +98,24 @@ def test_from_long_reads_written_rows_like_aggregate_pairs():
     score = rng.random(len(item))
     n_v = np.repeat(rng.integers(1, 9, m).astype(float), width)
     want = aggregate_pairs(item, path, score, S, n_v=n_v, n_v_is_per_item=True)
-    for rows, fast in ((np.arange(len(item)), True), (np.r_[np.arange(2, len(item)), np.arange(2)], False)):
-        assert (_grouped_lists(item[rows], path[rows], score[rows], n_v[rows], S) is not None) == fast
-        got = PathScores.from_long(item[rows], path[rows], score[rows], n_v[rows], S)
-        np.testing.assert_array_equal(got.items, want.items)
-        np.testing.assert_array_equal(got.paths, want.paths)
-        np.testing.assert_allclose(got.scores, want.scores)
-        np.testing.assert_allclose(got.n_v, want.n_v)
+    for check_rows in (1 << 16, 3):                              # the checks in row blocks give the same
+        monkeypatch.setattr(scores_mod, "CHECK_ROWS", check_rows)
+        for rows, fast in ((np.arange(len(item)), True), (np.r_[np.arange(2, len(item)), np.arange(2)], False)):
+            assert (_grouped_lists(item[rows], path[rows], score[rows], n_v[rows], S) is not None) == fast
+            got = PathScores.from_long(item[rows], path[rows], score[rows], n_v[rows], S)
+            np.testing.assert_array_equal(got.items, want.items)
+            np.testing.assert_array_equal(got.paths, want.paths)
+            np.testing.assert_allclose(got.scores, want.scores)
+            np.testing.assert_allclose(got.n_v, want.n_v)
+    # pad=False: lists as written keep their longest width (no copy into S columns)
+    narrow = width < S
+    keep = np.isin(item, items[narrow])
+    w = int(width[narrow].max())
+    want_n = aggregate_pairs(item[keep], path[keep], score[keep], S, n_v=n_v[keep], n_v_is_per_item=True)
+    got_n = PathScores.from_long(item[keep], path[keep], score[keep], n_v[keep], S, pad=False)
+    assert got_n.S == w < S
+    np.testing.assert_array_equal(got_n.paths, want_n.paths[:, :w])
+    np.testing.assert_array_equal(got_n.scores, want_n.scores[:, :w])
 
 
 def test_metrics_match_hand_computed_cases():
