@@ -29,7 +29,7 @@ import heapq
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -366,14 +366,19 @@ class CandidateBlocks:
 
 
 def prepare_blocks(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, block_size: int,
-                   dtype: type = np.float32) -> CandidateBlocks:
-    """[V, S] candidate lists -> contiguous slot-major blocks (done once per M-step: scores are fixed)."""
+                   dtype: type = np.float32,
+                   alloc: Callable[[str, tuple[int, ...], Any], np.ndarray] | None = None) -> CandidateBlocks:
+    """[V, S] candidate lists -> contiguous slot-major blocks (done once per M-step: scores are fixed).
+
+    alloc(name, shape, dtype): where the block arrays live (e.g. memory-mapped files), else new arrays.
+    """
     V, S = paths.shape
     nb = max(1, -(-V // block_size))
     full = V // block_size
+    new = alloc or (lambda name, shape, dt: np.empty(shape, dtype=dt))
 
-    def blocks(x: np.ndarray, fill: Any, dt: Any) -> np.ndarray:
-        out = np.empty((nb, S, block_size), dtype=dt)
+    def blocks(name: str, x: np.ndarray, fill: Any, dt: Any) -> np.ndarray:
+        out = new(name, (nb, S, block_size), dt)
         for b in range(full):           # a block at a time: its transpose stays in cache, no padded copy
             out[b] = x[b * block_size:(b + 1) * block_size].T
         if full < nb:
@@ -382,9 +387,10 @@ def prepare_blocks(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, block
             out[full, :, tail:] = fill
         return out
 
-    nv = np.zeros(nb * block_size, dtype=dtype)
-    nv[:V] = n_v
-    return CandidateBlocks(blocks(paths, EMPTY, np.int64), blocks(scores, 0.0, dtype), nv.reshape(nb, block_size), V)
+    nv = new("n_v", (nb, block_size), dtype)
+    flat = nv.reshape(-1)
+    flat[:V], flat[V:] = n_v, 0
+    return CandidateBlocks(blocks("paths", paths, EMPTY, np.int64), blocks("scores", scores, 0.0, dtype), nv, V)
 
 
 def sweep(cands: CandidateBlocks, assign: np.ndarray, sizes: np.ndarray, alpha: float, power: float, *,

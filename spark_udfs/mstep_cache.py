@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -126,21 +126,55 @@ def job_dir(job: str) -> str:
     return os.path.join(_cache_root(), job)
 
 
-def _save_dir(final: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays as .npy into `final` atomically (a temp folder renamed; a concurrent writer may win)."""
-    if os.path.isdir(final):
-        return
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    try:
-        for name, a in arrays.items():
-            np.save(os.path.join(tmp, f"{name}.npy"), a)
-        os.rename(tmp, final)
-    except OSError:
-        if not os.path.isdir(final):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+class _CacheDir:
+    """A cache folder written in place: arrays allocated as .npy memory maps in a temp folder, which is
+    renamed when complete (a concurrent writer may win). Allocated there, a partition's candidates
+    live once, in the machine's page cache, instead of in the worker and again in the file."""
+
+    def __init__(self, final: str) -> None:
+        self.final, self.tmp = final, f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        self.maps: dict[str, tuple[np.ndarray, np.memmap]] = {}
+
+    def alloc(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A new array backed by `name`.npy of this folder (empty arrays: in memory, a file cannot map them)."""
+        if not all(shape):
+            return np.zeros(shape, dtype)
+        os.makedirs(self.tmp, exist_ok=True)
+        mm = np.lib.format.open_memmap(os.path.join(self.tmp, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape)
+        view = np.asarray(mm)
+        self.maps[name] = (view, mm)
+        return view
+
+    def commit(self, arrays: dict[str, np.ndarray]) -> None:
+        """Write the arrays not allocated here, flush the ones that were, publish the folder."""
+        if os.path.isdir(self.final):
+            self.discard()
+            return
+        os.makedirs(self.tmp, exist_ok=True)
+        try:
+            for name, a in arrays.items():
+                mapped = self.maps.get(name)
+                if mapped is not None:
+                    if mapped[0] is not a:      # np.save would overwrite the file the array maps
+                        raise ValueError(f"cache array {name!r}: commit the array alloc returned, not a copy or view")
+                    mapped[1].flush()
+                else:
+                    np.save(os.path.join(self.tmp, f"{name}.npy"), a)
+            os.rename(self.tmp, self.final)
+        except OSError:
+            if not os.path.isdir(self.final):
+                raise
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the temp folder (arrays mapped from it stay valid until released)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def partition_dir(ctx: MStepContext, part: int) -> _CacheDir | None:
+    """Where a partition's candidates are written in place (None: ctx.cache off)."""
+    return _CacheDir(os.path.join(job_dir(ctx.job), f"p{part:05d}")) if ctx.cache else None
 
 
 def _load_dir(path: str, names: Sequence[str]) -> dict[str, np.ndarray] | None:
@@ -155,15 +189,16 @@ def _evict_other_jobs(job: str) -> None:
         del _CACHE[key]
 
 
-def _store(ctx: MStepContext, part: int, items: np.ndarray, ps: PathScores) -> _Entry:
-    """Put a partition's candidates into this machine's cache (files) and this worker's dict."""
+def _store(ctx: MStepContext, part: int, items: np.ndarray, ps: PathScores, into: _CacheDir | None = None) -> _Entry:
+    """Put a partition's candidates into this machine's cache (files; `into`: the folder read_scores wrote
+    them into) and this worker's dict."""
     entry = _Entry(None, items, ps.paths, ps.scores, ps.n_v, {})
     if ctx.cache:
         _evict_other_jobs(ctx.job)
-        d = os.path.join(job_dir(ctx.job), f"p{part:05d}")
-        os.makedirs(os.path.dirname(d), exist_ok=True)
-        _save_dir(d, {"items": items, "paths": ps.paths, "scores": ps.scores, "n_v": ps.n_v})
-        entry.dir = d
+        into = into or partition_dir(ctx, part)
+        os.makedirs(os.path.dirname(into.final), exist_ok=True)
+        into.commit({"items": items, "paths": ps.paths, "scores": ps.scores, "n_v": ps.n_v})
+        entry.dir = into.final
         _CACHE[(ctx.job, part)] = entry
     return entry
 
@@ -215,9 +250,10 @@ def _rows_of(ps: PathScores, keep: np.ndarray) -> PathScores:
     return PathScores(ps.items[keep], ps.paths[keep], ps.scores[keep], ps.n_v[keep])
 
 
-def read_scores(ctx: MStepContext, part: int) -> PathScores:
+def read_scores(ctx: MStepContext, part: int, into: _CacheDir | None = None) -> PathScores:
     """This partition's candidates (width ctx.width: exploration paths included), read from its bucket
-    files one at a time (ctx.buckets > 0), sorted by item (as the shuffled build's)."""
+    files one at a time (ctx.buckets > 0), sorted by item (as the shuffled build's); files in item
+    order are written straight into `into`'s files when given."""
     files = partition_files(ctx, part)
     parts = [_read_file(uri, ctx.S) for uri in files]
     if not parts:
@@ -240,7 +276,8 @@ def read_scores(ctx: MStepContext, part: int) -> PathScores:
     parts = [p for p in parts if len(p)]
     if (items[1:] > items[:-1]).all():
         V, W = len(items), ctx.width
-        out_p, out_s = np.empty((V, W), np.int64), np.empty((V, W))
+        out_p, out_s = ((into.alloc("paths", (V, W), np.int64), into.alloc("scores", (V, W), np.float64))
+                        if into is not None else (np.empty((V, W), np.int64), np.empty((V, W))))
         lo = 0
         for p in parts:
             ctx.candidates(p, out=(out_p[lo:lo + len(p)], out_s[lo:lo + len(p)]))
@@ -312,9 +349,11 @@ def _blocks(e: _Entry, block_size: int, dtype: type) -> CandidateBlocks:
     if got is not None:
         cb = CandidateBlocks(got["paths"], got["scores"], got["n_v"], e.n_scored)
     else:
-        cb = prepare_blocks(np.asarray(e.paths), np.asarray(e.scores), np.asarray(e.n_v), block_size, dtype)
-        if sub:
-            _save_dir(sub, {"paths": cb.paths, "scores": cb.scores, "n_v": cb.n_v})
+        into = _CacheDir(sub) if sub else None
+        cb = prepare_blocks(np.asarray(e.paths), np.asarray(e.scores), np.asarray(e.n_v), block_size, dtype,
+                            alloc=into.alloc if into else None)
+        if into:
+            into.commit({"paths": cb.paths, "scores": cb.scores, "n_v": cb.n_v})
     e.blocks[key] = cb
     return cb
 
@@ -331,4 +370,4 @@ def drop_job(job: str) -> None:
     shutil.rmtree(job_dir(job), ignore_errors=True)
 
 
-__all__ = ["MStepContext", "partition_files", "read_scores", "REBUILT", "FROM_FILES", "FROM_WORKER", "job_dir", "drop_job", "drop_partition"]
+__all__ = ["MStepContext", "partition_files", "partition_dir", "read_scores", "REBUILT", "FROM_FILES", "FROM_WORKER", "job_dir", "drop_job", "drop_partition"]

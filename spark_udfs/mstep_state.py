@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from dr_model.mstep import initial_assignment
 from dr_model.scores import PathScores
-from spark_udfs.mstep_cache import MStepContext, _store, read_scores
+from spark_udfs.mstep_cache import MStepContext, _CacheDir, _store, partition_dir, read_scores
 from spark_udfs.mstep_udf import (_counts, _loglik, _partition_id, _partition_seed, _state_row, _table, _traffic,
                                   find_slots)
 from spark_udfs.partitioning import spark_partition
@@ -104,13 +104,18 @@ def build_state_from_files(batches: Iterator[pa.RecordBatch], ctx: MStepContext,
         init_items, init_assign = _init_paths(tbl, ctx.J)
     else:
         init_items, init_assign = np.zeros(0, np.int64), np.zeros((0, ctx.J), np.int64)
-    ps = read_scores(ctx, part)
-    if len(ps) or len(init_items):
-        yield from _assemble(ctx, part, ps, init_items, init_assign, seed)
+    into = partition_dir(ctx, part)
+    try:
+        ps = read_scores(ctx, part, into)
+        if len(ps) or len(init_items):
+            yield from _assemble(ctx, part, ps, init_items, init_assign, seed, into)
+    finally:
+        if into is not None:
+            into.discard()                              # a failed build leaves no temp folder
 
 
 def _assemble(ctx: MStepContext, part: int, ps: PathScores, init_items: np.ndarray, init_assign: np.ndarray,
-              seed: int) -> Iterator[pa.RecordBatch]:
+              seed: int, into: _CacheDir | None = None) -> Iterator[pa.RecordBatch]:
     """A partition's candidates (with exploration) and starting paths -> its state row; candidates to the cache.
 
     Scored items without a starting assignment get a balanced random one (per partition:
@@ -129,7 +134,7 @@ def _assemble(ctx: MStepContext, part: int, ps: PathScores, init_items: np.ndarr
     item = np.concatenate([ps.items, init_items[rest]])
     assign = np.concatenate([assign, init_assign[rest]])
     m = len(ps)
-    e = _store(ctx, part, item, ps)
+    e = _store(ctx, part, item, ps, into)
     slots = find_slots(ps.paths, assign[:m])
     ll, skipped = _loglik(ps.scores, ps.n_v, slots)
     yield _state_row(ctx, part, item, m, assign, slots, _counts(assign[:m], num_paths), ll, skipped, 0, 0.0, -1,
