@@ -81,3 +81,41 @@ def test_bucket_files_that_split_an_item_read_as_one_list(tmp_path):
     assert got.paths.shape == (300, S + 2)
     for f in ("items", "paths", "scores", "n_v"):
         assert np.array_equal(getattr(got, f), getattr(want, f)), f
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_path, monkeypatch, cache):
+    """Files holding their items in order (the scores job's, lists narrower than S): read one file at a
+    time straight into the result (the cache folder's memory-mapped files with `into`), the same lists as
+    the general merge of every file."""
+    import pyarrow.parquet as pq
+
+    from dr_model.scores import PathScores
+    from spark_udfs import mstep_cache
+
+    K, D = 10, 3
+    ps = synthetic_scores(300, S - 2, K ** D, seed=4, pool=32)         # 6 rows an item, S = 8 columns
+    item, path, score, n_v = ps.to_long()
+    files = []
+    for f, (lo, hi) in enumerate(zip([0, 600, 1_200], [600, 1_200, len(item)])):
+        name = tmp_path / f"part-0000abcd-00000-0-{f:012x}.parquet"
+        pq.write_table(pa.table({"item_id": item[lo:hi], "path": path[lo:hi], "score": score[lo:hi],
+                                 "n_v": n_v[lo:hi]}), name)
+        files.append(name.as_uri())
+    monkeypatch.setattr(mstep_cache, "_cache_root", lambda: str(tmp_path / "cache"))
+    ctx = MStepContext(job="t", S=S, J=J, num_paths=K ** D, alpha=0.0, power=1.0, block_size=256, extrapolate=True,
+                       partitions=1, sources=tuple(files), cache=cache, K=K, D=D, explore=2, buckets=1)
+    general = []
+    monkeypatch.setattr(mstep_cache, "_read_any_order", lambda *a: general.append(1) or PathScores(
+        np.zeros(0, np.int64), np.zeros((0, S + 2), np.int64), np.zeros((0, S + 2)), np.zeros(0)))
+    into = mstep_cache.partition_dir(ctx, 0)
+    got = mstep_cache.read_scores(ctx, 0, into)
+    assert not general                                                  # the in-order path read it
+    want = ctx.candidates(PathScores.from_long(item, path, score, n_v, S))
+    for f in ("items", "paths", "scores", "n_v"):
+        assert np.array_equal(getattr(got, f), getattr(want, f)), f
+    if cache:
+        e = mstep_cache._store(ctx, 0, got.items, got, into)
+        on_disk = mstep_cache._load_dir(e.dir, ("items", "paths", "scores", "n_v"))
+        assert all(np.array_equal(on_disk[f], getattr(want, f)) for f in ("paths", "scores", "n_v"))
+        assert not list((tmp_path / "cache" / "t").glob("*.tmp-*"))     # the temp folder was renamed
