@@ -2,8 +2,9 @@
 
 The budget (search.items_per_user) caps the items a user may cost: the largest beam whose mean
 distinct items per validation user fits it is the ceiling. Below it, the beam is the smallest
-whose reranked validation recall@k reaches search.recall_target x brute force's (the same
-reranker over every item): a bigger beam spends items for recall the reranker cannot add.
+whose reranked validation recall@k (k = search.top_n, the depth `dr candidates` serves) reaches
+search.recall_target x brute force's (the same reranker over every item): a bigger beam spends
+items for recall the reranker cannot add.
 "Reaches" is judged with a margin for the validation sample (search.recall_confidence): the
 users' paired differences d_u = recall_u(b) - target x brute_force_u must have a lower
 confidence bound mean(d) - z sd(d) / sqrt(n) >= 0. The smallest beam whose point estimate crosses

@@ -87,6 +87,8 @@ class SearchConfig:
     that point a bigger beam costs items for recall the reranker cannot add. 0 = the largest
     beam the budget allows. `recall_confidence`: "reaches" holds with this one-sided confidence
     over the validation users (a paired bound, so a small validation set climbs to a larger beam).
+    The recall is measured at `top_n`, the depth `dr candidates` serves, so the beam is chosen for
+    the lists it will fill.
     """
 
     beam: int = 10              # B: paths per user that the path sizes are planned for
@@ -95,6 +97,7 @@ class SearchConfig:
     items_per_user: int = 0     # retrieval budget (items reranked per user); 0 = auto (see above)
     recall_target: float = 0.98  # retrieval beam: the cheapest reaching this share of brute force's recall
     recall_confidence: float = 0.95  # ... with this one-sided confidence over the validation users (0: point estimate)
+    top_n: int = 100            # candidates per user `dr candidates` writes; the beam's recall is measured at this depth
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beam, int) and self.beam >= 1, "search.beam", "an integer >= 1", self.beam)
@@ -106,6 +109,8 @@ class SearchConfig:
         _check(isinstance(target, (int, float)) and not isinstance(target, bool) and 0 <= target <= 2, "search.recall_target",
                "a number in [0, 2] (a share of brute force's validation recall; 0 = the budget's beam)",
                self.recall_target)
+        _check(isinstance(self.top_n, int) and not isinstance(self.top_n, bool) and self.top_n >= 1, "search.top_n",
+               "an integer >= 1 (candidates per user)", self.top_n)
         conf = self.recall_confidence
         _check(isinstance(conf, (int, float)) and not isinstance(conf, bool) and 0 <= conf < 1,
                "search.recall_confidence", "a number in [0, 1) (one-sided confidence that the beam reaches "

@@ -322,7 +322,7 @@ def train_em(train_hist: np.ndarray, train_target: np.ndarray, cfg: DRConfig, lo
     final = run_phase(model, seq, target, res.assign, cfg, schedule(cfg, cfg.train.em_rounds + 1)[0], check, log)
     res.history.append({"round": cfg.train.em_rounds + 1, "estep": final})
     if check is not None:
-        res.beam_choice = choose_beam(model, vocab, valid, res.index(), budget, cfg.eval.k, cfg.search.recall_target,
+        res.beam_choice = choose_beam(model, vocab, valid, res.index(), budget, cfg.search.top_n, cfg.search.recall_target,
                                       confidence=cfg.search.recall_confidence)
         res.beam = res.beam_choice.beam
         log(f"[em] {res.beam_choice.line(budget, V)}")

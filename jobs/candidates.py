@@ -124,11 +124,12 @@ def candidate_batches(batches: Iterator[pa.RecordBatch], bundle_path: str, beam:
 
 
 def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, run_id: str | None = None,
-                   run_date: date | None = None, active_on: date | None = None, top_n: int = 100,
+                   run_date: date | None = None, active_on: date | None = None, top_n: int | None = None,
                    beam: int | None = None, log=_log) -> CandidatesResult:
     """Generate and commit candidates for the users of one train run's model (latest succeeded by default).
 
-    beam None: the beam the train run chose for its retrieval budget.
+    beam None: the beam the train run chose for its retrieval budget; top_n None: the run's search.top_n
+    (the depth that beam was chosen for).
     """
     t0 = time.perf_counter()
     run = runs.latest(wh, "train", train_run_id, status="succeeded")
@@ -146,6 +147,7 @@ def run_candidates(spark: Any, wh: Warehouse, train_run_id: str | None = None, r
     cfg = DRConfig.from_dict(json.loads((Path(run.checkpoint) / "meta.json").read_text())["config"])
     users = user_histories(spark, wh, run.table_versions, cfg.model.seq_len, active_on)
     beam = beam or int(run.metrics.get("retrieval_beam") or cfg.search.beam)
+    top_n = top_n or cfg.search.top_n
     args = (str(bundle), beam, top_n, run_id, run_date, cfg.search.batch_size)
     out = users.mapInArrow(lambda it: candidate_batches(it, *args), OUT_DDL)
     out = with_keys(spark, wh, out)     # the original user / item ids (null with integer ids)

@@ -182,7 +182,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", default=None, help="candidates run id (default: the train run id)")
     p.add_argument("--date", type=_date, default=None, help="only users active on this date (YYYY-MM-DD)")
     p.add_argument("--run-date", type=_date, default=None, help="partition date to write (default today)")
-    p.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")
+    p.add_argument("--top-n", type=int, default=None,
+                   help="candidates per user (default: the train run's search.top_n, the depth its beam was chosen for)")
     p.add_argument("--beam", type=int, default=None,
                    help="paths per user (default: the beam the train run chose for its retrieval budget)")
     _cluster_options(p)
@@ -216,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", default=None, help="candidates / cold-items: the train run (default latest succeeded)")
     p.add_argument("--date", type=_date, default=None, help="candidates: only users active on this date")
     p.add_argument("--run-date", type=_date, default=None, help="candidates: partition date (default today)")
-    p.add_argument("--top-n", type=int, default=100)
+    p.add_argument("--top-n", type=int, default=None, help="candidates: per user (default: the run's search.top_n)")
     _cluster_options(p)
     p.set_defaults(func=cmd_backfill, cmd_name="backfill")
 

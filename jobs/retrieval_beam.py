@@ -31,8 +31,8 @@ def choose_retrieval_beam(spark: Any, wh: Warehouse, cfg: DRConfig, run_id: str,
 
     from .serving import ensure_bundle
 
-    V, k = len(est.item_ids), cfg.eval.k
-    budget = cfg.search.budget(V, k)
+    V, k = len(est.item_ids), cfg.search.top_n      # recall at the depth `dr candidates` serves
+    budget = cfg.search.budget(V, cfg.eval.k)
     if valid is None or len(valid) == 0:
         log(f"no validation users: retrieval beam {cfg.search.beam} (search.beam)")
         return {"retrieval_beam": cfg.search.beam, "budget": budget}

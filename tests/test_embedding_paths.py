@@ -50,8 +50,8 @@ def test_retrieval_beam_from_the_serving_bundle_equals_the_in_process_choice(spa
     from jobs.serving import bundle_dir, record_trained_model
 
     cfg = DRConfig.from_dict({"model": {"K": 8, "D": 3, "J": 2, "rerank_dim": 16, "item_dim": 16, "user_dim": 16,
-                                        "seq_len": 6}, "search": {"items_per_user": 60}})
-    V, J, U, k, rng = 900, 2, 40, cfg.eval.k, np.random.default_rng(1)
+                                        "seq_len": 6}, "search": {"items_per_user": 60, "top_n": 20}})
+    V, J, U, k, rng = 900, 2, 40, cfg.search.top_n, np.random.default_rng(1)   # the beam is chosen at top_n
     torch.manual_seed(1)
     model = DRModel(cfg.model, V).eval()
     ids = np.arange(0, 3 * V, 3, dtype=np.int64)
