@@ -7,7 +7,8 @@ every Python worker of that executor (page cache: one copy per machine, shared b
 whichever worker gets the partition), plus a per-process dict of the mapped arrays. A miss (a
 lost executor, a partition scheduled elsewhere) rebuilds the entry from the `path_scores`
 version's files (only this partition's items), so a round never depends on the cache for
-correctness, only for speed. (spark_udfs.mstep_udf runs the rounds.)
+correctness, only for speed. (spark_udfs.mstep_files reads the files, spark_udfs.mstep_udf runs
+the rounds.)
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import pyarrow as pa
 from dr_model.calibrate import with_exploration
 from dr_model.mstep import CandidateBlocks, prepare_blocks
 from dr_model.scores import EMPTY, PathScores
-from spark_udfs.partitioning import spark_partition, task_of
 
 # where a pass found the partition's candidates (`cache` column of the state; -1: the build pass)
 REBUILT, FROM_FILES, FROM_WORKER = 0, 1, 2
@@ -203,128 +203,12 @@ def _store(ctx: MStepContext, part: int, items: np.ndarray, ps: PathScores, into
     return entry
 
 
-def partition_files(ctx: MStepContext, part: int) -> list[str]:
-    """The path_scores files of this partition's buckets (ctx.buckets > 0): bucket b goes to partition b % partitions."""
-    return [u for u in ctx.sources if (task_of(u) or 0) % ctx.partitions == part]
-
-
-def _read_columns(uri: str, columns: Sequence[str]) -> pa.Table:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return pq.read_table(path, filesystem=fs, columns=list(columns))
-
-
-def _file_items(uri: str) -> np.ndarray:
-    """The items of one path_scores file, one per run of equal item_id rows, in file order."""
-    ids = _read_columns(uri, ["item_id"]).column(0).to_numpy()
-    return ids[np.r_[True, ids[1:] != ids[:-1]]] if ids.size else ids
-
-
-def _read_file(uri: str, S: int) -> PathScores:
-    """One path_scores file's s[v,c] lists (width S), its items in file order."""
-    cols = (("item_id", np.int64), ("path", np.int64), ("score", np.float64), ("n_v", np.float64))
-    t = _read_columns(uri, [c for c, _ in cols])
-    # lists narrower than S stay so: the exploration pass writes them into the full width once
-    return PathScores.from_long(*(t.column(c).to_numpy().astype(dt, copy=False) for c, dt in cols), S, pad=False)
-
-
-def _padded(ps: PathScores, S: int) -> PathScores:
-    if ps.S == S:
-        return ps
-    paths, scores = np.full((len(ps), S), EMPTY, np.int64), np.zeros((len(ps), S))
-    paths[:, :ps.S], scores[:, :ps.S] = ps.paths, ps.scores
-    return PathScores(ps.items, paths, scores, ps.n_v)
-
-
-def _cat(xs: list[np.ndarray]) -> np.ndarray:
-    return xs[0] if len(xs) == 1 else np.concatenate(xs)
-
-
-def _sorted_rows(xs: list[np.ndarray], order: np.ndarray) -> np.ndarray:
-    """_cat(xs)[order] with one copy: each part's rows scattered straight to their sorted places."""
-    if len(xs) == 1 and np.array_equal(order, np.arange(len(order))):
-        return xs[0]
-    at = np.empty_like(order)
-    at[order] = np.arange(len(order))
-    out = np.empty((len(order),) + xs[0].shape[1:], dtype=xs[0].dtype)
-    lo = 0
-    for x in xs:
-        out[at[lo:lo + len(x)]] = x
-        lo += len(x)
-    return out
-
-
-def _rows_of(ps: PathScores, keep: np.ndarray) -> PathScores:
-    return PathScores(ps.items[keep], ps.paths[keep], ps.scores[keep], ps.n_v[keep])
-
-
-def read_scores(ctx: MStepContext, part: int, into: _CacheDir | None = None) -> PathScores:
-    """This partition's candidates (width ctx.width: exploration paths included), read from its bucket
-    files (ctx.buckets > 0), sorted by item (as the shuffled build's); `into`: the cache folder the
-    lists are written into in place, when the files hold their items in order."""
-    files = partition_files(ctx, part)
-    runs = [_file_items(uri) for uri in files]
-    items = _cat(runs) if runs else np.zeros(0, np.int64)
-    if items.size and (items[1:] > items[:-1]).all():
-        ps = _read_in_order(ctx, files, items, into)
-    else:
-        ps = _read_any_order(ctx, files)
-    if ps.items.size and (spark_partition(ps.items, ctx.partitions) != part).any():
-        raise RuntimeError(f"M-step partition {part} of {ctx.partitions}: path_scores files {files} hold items of "
-                           "other partitions (the version's item_buckets do not describe its files)")
-    return ps
-
-
-def _read_in_order(ctx: MStepContext, files: list[str], items: np.ndarray, into: _CacheDir | None) -> PathScores:
-    """Files whose items are in order (the scores job's), each item in one file: one file at a time, its
-    lists written with their exploration paths straight into their rows (into's files when given), so
-    memory holds the result and one file."""
-    V, W = len(items), ctx.width
-    out_p, out_s = ((into.alloc("paths", (V, W), np.int64), into.alloc("scores", (V, W), np.float64))
-                    if into is not None else (np.empty((V, W), np.int64), np.empty((V, W))))
-    n_v = np.empty(V)
-    lo = 0
-    for uri in files:
-        p = _read_file(uri, ctx.S)
-        hi = lo + len(p)
-        if not np.array_equal(p.items, items[lo:hi]):
-            raise RuntimeError(f"path_scores file {uri} changed while the M-step read it")
-        ctx.candidates(p, out=(out_p[lo:hi], out_s[lo:hi]))
-        n_v[lo:hi] = p.n_v
-        lo = hi
-    return PathScores(items, out_p, out_s, n_v)
-
-
-def _read_any_order(ctx: MStepContext, files: list[str]) -> PathScores:
-    """Files in any order, an item's rows maybe in two files: all read, then merged and sorted by item."""
-    parts = [_read_file(uri, ctx.S) for uri in files]
-    if not parts:
-        W = ctx.width
-        return PathScores(np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W)), np.zeros(0))
-    items = _cat([p.items for p in parts])
-    order = np.argsort(items, kind="stable")
-    same = items[order[1:]] == items[order[:-1]]
-    if same.any():
-        # an item's rows in two files (a task rolled its file mid-item): its partial lists merged the
-        # general way, the other items' lists kept as read
-        split = np.unique(items[order[1:]][same])
-        parts = [_padded(p, ctx.S) for p in parts]
-        long = [np.concatenate(x) for x in zip(*(_rows_of(p, np.isin(p.items, split)).to_long() for p in parts))]
-        parts = [_rows_of(p, ~np.isin(p.items, split)) for p in parts] + [PathScores.from_long(*long, ctx.S)]
-        items = _cat([p.items for p in parts])
-        order = np.argsort(items, kind="stable")
-    # exploration is row-wise (a hash of the item): added per part, so the lists are copied once
-    parts = [ctx.candidates(_padded(p, ctx.S)) for p in parts if len(p)]
-    return PathScores(items[order], *(_sorted_rows([getattr(p, f) for p in parts], order)
-                                      for f in ("paths", "scores", "n_v")))
-
-
 def _rebuild(ctx: MStepContext, part: int, items: np.ndarray, n_scored: int) -> _Entry:
     """Cache miss: this partition's candidates straight from the path_scores files (its items only)."""
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
+
+    from spark_udfs.mstep_files import read_scores     # it imports this module
 
     S = ctx.S
     scored = items[:n_scored]
@@ -398,4 +282,4 @@ def drop_job(job: str) -> None:
     shutil.rmtree(job_dir(job), ignore_errors=True)
 
 
-__all__ = ["MStepContext", "partition_files", "partition_dir", "read_scores", "REBUILT", "FROM_FILES", "FROM_WORKER", "job_dir", "drop_job", "drop_partition"]
+__all__ = ["MStepContext", "partition_dir", "REBUILT", "FROM_FILES", "FROM_WORKER", "job_dir", "drop_job", "drop_partition"]

@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from dr_model.mstep import initial_assignment
 from dr_model.scores import PathScores
-from spark_udfs.mstep_cache import MStepContext, _CacheDir, _store, partition_dir, read_scores
+from spark_udfs.mstep_cache import MStepContext, _CacheDir, _store, partition_dir
+from spark_udfs.mstep_files import read_scores
 from spark_udfs.mstep_udf import (_counts, _loglik, _partition_id, _partition_seed, _state_row, _table, _traffic,
                                   find_slots)
 from spark_udfs.partitioning import spark_partition

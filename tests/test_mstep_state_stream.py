@@ -60,7 +60,7 @@ def test_bucket_files_that_split_an_item_read_as_one_list(tmp_path):
     import pyarrow.parquet as pq
 
     from dr_model.scores import PathScores
-    from spark_udfs.mstep_cache import read_scores
+    from spark_udfs.mstep_files import read_scores
 
     K, D = 10, 3
     ps = synthetic_scores(300, S, K ** D, seed=3, pool=32)
@@ -91,7 +91,7 @@ def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_pa
     import pyarrow.parquet as pq
 
     from dr_model.scores import PathScores
-    from spark_udfs import mstep_cache
+    from spark_udfs import mstep_cache, mstep_files
 
     K, D = 10, 3
     ps = synthetic_scores(300, S - 2, K ** D, seed=4, pool=32)         # 6 rows an item, S = 8 columns
@@ -106,10 +106,10 @@ def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_pa
     ctx = MStepContext(job="t", S=S, J=J, num_paths=K ** D, alpha=0.0, power=1.0, block_size=256, extrapolate=True,
                        partitions=1, sources=tuple(files), cache=cache, K=K, D=D, explore=2, buckets=1)
     general = []
-    monkeypatch.setattr(mstep_cache, "_read_any_order", lambda *a: general.append(1) or PathScores(
+    monkeypatch.setattr(mstep_files, "_read_any_order", lambda *a: general.append(1) or PathScores(
         np.zeros(0, np.int64), np.zeros((0, S + 2), np.int64), np.zeros((0, S + 2)), np.zeros(0)))
     into = mstep_cache.partition_dir(ctx, 0)
-    got = mstep_cache.read_scores(ctx, 0, into)
+    got = mstep_files.read_scores(ctx, 0, into)
     assert not general                                                  # the in-order path read it
     want = ctx.candidates(PathScores.from_long(item, path, score, n_v, S))
     for f in ("items", "paths", "scores", "n_v"):
