@@ -36,7 +36,6 @@ new paths, which share a prefix its beam already finds.
 from __future__ import annotations
 
 import functools
-
 import math
 
 import numpy as np

@@ -39,6 +39,14 @@ class PathScores:
     def __len__(self) -> int:
         return self.items.shape[0]
 
+    def padded(self, S: int) -> "PathScores":
+        """The same lists in S >= self.S columns (empty slots appended); self when already S wide."""
+        if self.S == S:
+            return self
+        paths, scores = np.full((len(self), S), EMPTY, dtype=np.int64), np.zeros((len(self), S))
+        paths[:, :self.S], scores[:, :self.S] = self.paths, self.scores
+        return PathScores(self.items, paths, scores, self.n_v)
+
     def to_long(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Non-empty entries as flat columns (item_id, path, score, n_v), for tables."""
         mask = self.paths != EMPTY
@@ -112,12 +120,8 @@ def _grouped_lists(item: np.ndarray, path: np.ndarray, score: np.ndarray, n_v: n
     nv = np.asarray(n_v, dtype=np.float64)[starts]
     if by_item is not None:                                   # runs is already in item order
         paths, scores, nv = paths[by_item], scores[by_item], nv[by_item]
-    if width == S or not pad:
-        return PathScores(runs, paths, scores, nv)
-    out_p = np.full((m, S), EMPTY, dtype=np.int64)
-    out_s = np.zeros((m, S))
-    out_p[:, :width], out_s[:, :width] = paths, scores
-    return PathScores(runs, out_p, out_s, nv)
+    got = PathScores(runs, paths, scores, nv)
+    return got.padded(S) if pad else got
 
 
 def _repeats_a_path(paths: np.ndarray) -> bool:

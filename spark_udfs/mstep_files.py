@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from dr_model.scores import EMPTY, PathScores
+from dr_model.scores import PathScores
 from spark_udfs.mstep_cache import MStepContext, _CacheDir
 from spark_udfs.partitioning import spark_partition, task_of
 
@@ -43,14 +43,6 @@ def _read_file(uri: str, S: int) -> PathScores:
     t = _read_columns(uri, [c for c, _ in cols])
     # lists narrower than S stay so: the exploration pass writes them into the full width once
     return PathScores.from_long(*(t.column(c).to_numpy().astype(dt, copy=False) for c, dt in cols), S, pad=False)
-
-
-def _padded(ps: PathScores, S: int) -> PathScores:
-    if ps.S == S:
-        return ps
-    paths, scores = np.full((len(ps), S), EMPTY, np.int64), np.zeros((len(ps), S))
-    paths[:, :ps.S], scores[:, :ps.S] = ps.paths, ps.scores
-    return PathScores(ps.items, paths, scores, ps.n_v)
 
 
 def _cat(xs: list[np.ndarray]) -> np.ndarray:
@@ -125,13 +117,13 @@ def _read_any_order(ctx: MStepContext, files: list[str]) -> PathScores:
         # an item's rows in two files (a task rolled its file mid-item): its partial lists merged the
         # general way, the other items' lists kept as read
         split = np.unique(items[order[1:]][same])
-        parts = [_padded(p, ctx.S) for p in parts]
+        parts = [p.padded(ctx.S) for p in parts]
         long = [np.concatenate(x) for x in zip(*(_rows_of(p, np.isin(p.items, split)).to_long() for p in parts))]
         parts = [_rows_of(p, ~np.isin(p.items, split)) for p in parts] + [PathScores.from_long(*long, ctx.S)]
         items = _cat([p.items for p in parts])
         order = np.argsort(items, kind="stable")
     # exploration is row-wise (a hash of the item): added per part, so the lists are copied once
-    parts = [ctx.candidates(_padded(p, ctx.S)) for p in parts if len(p)]
+    parts = [ctx.candidates(p.padded(ctx.S)) for p in parts if len(p)]
     return PathScores(items[order], *(_sorted_rows([getattr(p, f) for p in parts], order)
                                       for f in ("paths", "scores", "n_v")))
 
