@@ -316,8 +316,10 @@ def _row_all(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fill_least_loaded(new: np.ndarray, sizes: np.ndarray) -> None:
+def _fill_least_loaded(new: np.ndarray, sizes: np.ndarray, step: int = 1) -> None:
     """Fill rule, in item order: EMPTY slots of new [B, J] take the least-loaded path (ties: smallest id).
+
+    Each placement adds `step` to its path's size (an extrapolated table, see sweep's `scale`).
 
     Sizes only grow during the fill, so F requests can only land on the F + J paths with
     the smallest (size, id) keys at the start: each request still has an untouched pool
@@ -338,8 +340,8 @@ def _fill_least_loaded(new: np.ndarray, sizes: np.ndarray) -> None:
             aside.append(heapq.heappop(heap))
         k, c = heapq.heappop(heap)
         new[r, j] = c
-        sizes[c] += 1
-        heapq.heappush(heap, (k + P, c))
+        sizes[c] += step
+        heapq.heappush(heap, (k + P * step, c))
         for e in aside:
             heapq.heappush(heap, e)
 
@@ -394,16 +396,20 @@ def prepare_blocks(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, block
 
 
 def sweep(cands: CandidateBlocks, assign: np.ndarray, sizes: np.ndarray, alpha: float, power: float, *,
-          slots: np.ndarray | None = None, damping: bool = True, improving_only: bool = True) -> np.ndarray:
+          slots: np.ndarray | None = None, damping: bool = True, improving_only: bool = True,
+          scale: int = 1) -> np.ndarray:
     """One round over a set of items, block by block: assign [V, J] -> new assign [V, J].
 
     `sizes` [P] is updated in place. A distributed job runs this per partition against its
-    copy of the broadcast size table, which then carries that partition's own changes.
+    copy of the broadcast size table; with `scale` > 1 every local move counts `scale` times
+    in it (extrapolated local deltas: the other partitions' unseen share of the same moves,
+    spark_udfs.mstep_udf), entries clipped at 0. scale = 1 is the sequential sweep.
     slots [V, J] (own slots, see update_block) is read and updated in place when given.
     """
     V = cands.num_items
     out = np.empty_like(assign)
     B = cands.block_size
+    extra = scale - 1
     for b in range(cands.paths.shape[0]):
         lo, hi = b * B, min(V, (b + 1) * B)
         pb, sb, nb = cands.block(b)
@@ -411,6 +417,11 @@ def sweep(cands: CandidateBlocks, assign: np.ndarray, sizes: np.ndarray, alpha: 
         out[lo:hi] = update_block(pb, sb, nb, assign[lo:hi], sizes, alpha, power, slot_major=True,
                                   own_slots=own, slots_out=own, damping=damping,
                                   improving_only=improving_only, dtype=cands.scores.dtype.type)
+        if extra > 0:
+            old_f, new_f = assign[lo:hi].ravel(), out[lo:hi].ravel()
+            np.subtract.at(sizes, old_f, extra)
+            np.add.at(sizes, new_f, extra)
+            sizes[old_f] = np.maximum(sizes[old_f], 0)
     return out
 
 

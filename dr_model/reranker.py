@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import ModelConfig
 from .item_table import ROWS, init_rows, item_table, table_rows
 
 
@@ -118,6 +119,21 @@ class Reranker(nn.Module):
                 best_s, sel = torch.topk(best_s, k, dim=1)
                 best_i = torch.gather(best_i, 1, sel)
         return best_s, best_i
+
+
+def reranker_from_state(state: dict[str, torch.Tensor], m: ModelConfig, num_items: int, assign: bool = False) -> Reranker:
+    """The reranker of a DRModel state_dict (its `reranker.*` entries) over num_items items.
+
+    assign=True keeps the state's tensors (e.g. memory-mapped by torch.load(mmap=True)) instead of
+    copying them into fresh ones: inference only.
+    """
+    # tied: the reranker reads its encoder's input table ([V + 1] rows, the pad last)
+    table = (item_table(num_items + 1, m.item_dim, m.item_rows, m.item_exact_share, padding_idx=num_items)
+             if m.tie_item_tables else None)
+    rr = Reranker(num_items, m.rerank_dim, False, m.item_rows, m.item_exact_share, table=table)
+    rr.load_state_dict({k[len("reranker."):]: v for k, v in state.items() if k.startswith("reranker.")},
+                       assign=assign)
+    return rr
 
 
 def _targets(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,51 +1,49 @@
 """`dr backfill cold-items`: paths and reranker vectors for catalog items that have no paths yet.
 
 A cold item (in `items`, not in the run's item_paths version: no training interactions) takes
-its category's statistics over the run's assigned items (dr_model.cold):
+its category's statistics over the run's assigned items (dr_model.cold), all computed on Spark:
 * paths: candidates are the category's top S (= search.score_paths) paths by the share of its
-  items on them; the J paths come from the M-step's penalized coordinate descent against the
-  LIVE path sizes (the run's assignment) with the run's calibrated alpha, so a category's cold
-  items spread over its paths as they fill up. No category, or a category with no assigned
-  item: the least-loaded paths (the M-step's fill rule). `method` says which (category |
-  least_loaded); `neighbor_item_id` is the category's assigned item nearest (cosine) its mean
-  embedding (-1 without one): the item whose users the cold item is meant to reach.
+  items on them (a group-by and a window per category); the J paths come from the M-step's
+  penalized coordinate descent against the LIVE path sizes (the run's assignment) with the run's
+  calibrated alpha, so a category's cold items spread over its paths as they fill up. The cold
+  items are hash-partitioned by id; each partition counts its placements as the M-step's
+  partitions do (extrapolated local deltas), so one partition is the sequential descent. No
+  category, or a category with no assigned item: the least-loaded paths (the M-step's fill
+  rule). `method` says which (category | least_loaded); `neighbor_item_id` is the category's
+  assigned item nearest (cosine) its mean embedding (-1 without one): the item whose users the
+  cold item is meant to reach.
 * reranker vector: the mean embedding and bias of the category's assigned items, else of all.
+  Executors look the assigned items' vectors up in the run's checkpoint (spark_udfs.cold_udf).
 
 Outputs: `cold_item_paths` and `cold_item_vectors` (both overwritten, rows tagged with the
-item_paths version), and a new `path_index` version for that item_paths version holding the
-learned rows plus the cold ones (score NULL), so find_path_index(item_paths version) returns it.
-`item_paths` is not changed: it stays the assignment the model was trained against. Idempotent
-per (train run, item_paths version, items version): a rerun on the same catalog commits nothing.
+item_paths version, written by the executors), and a new `path_index` version for that
+item_paths version holding the learned rows plus the cold ones (score NULL), so
+find_path_index(item_paths version) returns it. `item_paths` is not changed: it stays the
+assignment the model was trained against. Idempotent per (train run, item_paths version, items
+version): a rerun on the same catalog commits nothing.
 
-Driver memory, V assigned items, C cold ones, G categories, d = model.rerank_dim: the run's model
-and assignment (load_run_model: O(V d) floats, O(V J) ints); O(V + C) int64 ids and category codes
-(Spark joins items with item_paths and turns categories into codes: no category string reaches
-the driver); O(G (S + d)) per-category statistics, computed vectorized, the embedding ones in
-passes of CHUNK items; O(C (S + J + d)) for the cold items' candidates, paths and vectors.
-DESIGN.md section 8 asks O(1): this job stays O(V) because it averages the reranker's item table,
-which it loads whole (as `dr evaluate` does); nothing else is catalog-sized.
+Driver memory: the live path-size table and the cold items' per-path counts, O(P) (the M-step
+driver's bound; DESIGN.md section 8 asks O(1) of this stage, the size table is what the partitions
+must share), the checkpoint's meta.json and a few counts. Per task: one batch of assigned items
+(their vectors looked up in the memory-mapped checkpoint), a partition's category sums, or one
+partition of cold items with their candidates [C_p, S] and the size table. Categories are
+grouped by Spark (a category's (path, count) rows meet in one task: at most P of them).
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from dr_model.cold import assign_cold, category_means, category_neighbors, category_paths
 from dr_model.config import DRConfig
-from dr_model.mstep import path_sizes
-from dr_model.scores import EMPTY
-from dr_model.vocab import Vocab
 
 from . import runs
-from .tables import CommitMeta, Warehouse, list_array
+from .tables import CommitMeta, Warehouse
 
 JOB = "cold_items"
-CHUNK = 1 << 16                 # assigned items per pass over the reranker tables
 
 
 def _log(msg: str) -> None:
@@ -76,43 +74,85 @@ def run_alpha(run: runs.RunRecord, cfg: DRConfig, log=_log) -> float:
     return 0.0
 
 
-def catalog_codes(spark: Any, wh: Warehouse, ip_v: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Spark scan -> (assigned ids [V] sorted, their category codes [V], cold ids [C] sorted, cold codes [C], G).
+@dataclass(frozen=True)
+class _Frames:
+    """The job's Spark inputs: item_paths rows, assigned and cold items with their category (null: none)."""
 
-    Codes index the catalog's distinct non-empty categories in sorted order (-1: none); a
-    category without assigned items still gets a code. Only integers reach the driver: one
-    (id, code, assigned) row per catalog or assigned item, never a category string.
-    """
-    from pyspark.sql import Window
+    paths: Any          # item_id, slot, path of item_paths@v
+    assigned: Any       # item_id, category: every item with paths
+    cold: Any           # item_id, category: catalog items without paths
+
+
+def _frames(spark: Any, wh: Warehouse, ip_v: int) -> _Frames:
     from pyspark.sql import functions as F
 
     items = wh.read_spark(spark, "items").select(
         "item_id", F.when(F.col("category") != "", F.col("category")).alias("category"))
-    cats = items.where(F.col("category").isNotNull()).select("category").distinct()
-    # one window over the distinct categories only (G rows), not over the catalog
-    cats = cats.withColumn("code", (F.dense_rank().over(Window.orderBy("category")) - 1).cast("long"))
-    coded = items.join(F.broadcast(cats), "category", "left").select(
-        "item_id", F.coalesce(F.col("code"), F.lit(-1).cast("long")).alias("code"))
-    learned = wh.read_spark(spark, "item_paths", ip_v).where(F.col("slot") == 0).select(
-        "item_id", F.lit(True).alias("assigned"))
-    # one pass: every catalog item and every assigned item (an assigned item missing from the catalog: code -1)
-    got = coded.join(learned, "item_id", "full_outer").select(
-        "item_id", F.coalesce(F.col("code"), F.lit(-1).cast("long")).alias("code"),
-        F.coalesce(F.col("assigned"), F.lit(False)).alias("assigned")).toArrow()
-    ids, codes = got.column("item_id").to_numpy(), got.column("code").to_numpy().astype(np.int64)
-    assigned = got.column("assigned").to_numpy(zero_copy_only=False)
-    del got
-    order = np.argsort(ids, kind="stable")                 # on the driver: a Spark sort costs a sampling job
-    ids, codes, assigned = ids[order], codes[order], assigned[order]
-    # every category code belongs to some item, assigned or cold: the codes seen are all the categories
-    G = int(codes.max(initial=-1)) + 1
-    return ids[assigned], codes[assigned], ids[~assigned], codes[~assigned], G
+    paths = wh.read_spark(spark, "item_paths", ip_v).select("item_id", "slot", "path")
+    learned = paths.where(F.col("slot") == 0).select("item_id")
+    # an assigned item missing from the catalog: no category
+    return _Frames(paths, learned.join(items, "item_id", "left"), items.join(learned, "item_id", "left_anti"))
 
 
-def _vector_chunks(model: Any, item_cat: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row, codes [n], reranker embeddings [n, d], biases [n]) over the model's items, CHUNK at a time."""
-    for lo, emb, bias in model.reranker.chunks(CHUNK):
-        yield lo, item_cat[lo:lo + len(bias)], emb.float().numpy(), bias.double().numpy()
+def category_candidates(fr: _Frames, S: int) -> Any:
+    """(category, cand_paths [<= S], cand_shares): each category's top S paths by the share of its assigned
+    items on them, descending (ties: smaller path id); categories without assigned items absent."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    members = fr.assigned.where(F.col("category").isNotNull())
+    sizes = members.groupBy("category").agg(F.count("*").alias("members"))
+    on = fr.paths.join(members, "item_id").groupBy("category", "path").agg(F.count("*").alias("n"))
+    w = Window.partitionBy("category").orderBy(F.desc("n"), F.asc("path"))
+    top = (on.withColumn("rank", F.row_number().over(w) - 1).where(F.col("rank") < S).join(sizes, "category")
+           .select("category", F.struct("rank", "path", (F.col("n") / F.col("members")).alias("share")).alias("c")))
+    got = top.groupBy("category").agg(F.sort_array(F.collect_list("c")).alias("c"))
+    return got.select("category", F.col("c.path").alias("cand_paths"), F.col("c.share").alias("cand_shares"))
+
+
+def category_vectors(fr: _Frames, state_file: str, cfg: DRConfig) -> tuple[Any, Any, Any]:
+    """(per category with assigned items: category, items, emb [d] mean, bias mean; the same over all items,
+    1 row; the persisted sums both read, for the caller to unpersist)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from spark_udfs.cold_udf import SUMS_DDL, category_sum_batches
+
+    model = asdict(cfg.model)
+    d = cfg.model.rerank_dim
+    vsum = lambda c: F.aggregate(F.collect_list(c), F.array_repeat(F.lit(0.0), d),  # noqa: E731
+                                 lambda acc, x: F.zip_with(acc, x, lambda a, b: a + b))
+    sums = lambda df: df.agg(F.sum("items").alias("items"), F.sum("bias").alias("bias"),  # noqa: E731
+                             vsum("emb").alias("emb"))
+    partial = fr.assigned.mapInArrow(lambda it: category_sum_batches(it, state_file, model), SUMS_DDL)
+    # the null group: uncategorised items, counted in the global mean only
+    by_cat = sums(partial.groupBy("category")).persist(StorageLevel.MEMORY_AND_DISK)
+    mean = lambda df: df.select(  # noqa: E731
+        *[c for c in ("category",) if c in df.columns], "items",
+        F.transform("emb", lambda x: x / F.col("items")).alias("emb"), (F.col("bias") / F.col("items")).alias("bias"))
+    return mean(by_cat.where(F.col("category").isNotNull())), mean(sums(by_cat)), by_cat
+
+
+def category_neighbors(fr: _Frames, means: Any, state_file: str, cfg: DRConfig) -> Any:
+    """(category, neighbor_item_id): per category, its assigned item nearest (cosine) the mean, ties to the smaller id."""
+    from pyspark.sql import functions as F
+
+    from spark_udfs.cold_udf import NEAR_DDL, nearest_batches
+
+    model = asdict(cfg.model)
+    rows = fr.assigned.where(F.col("category").isNotNull()).join(
+        means.select("category", F.col("emb").alias("centroid")), "category")
+    best = rows.mapInArrow(lambda it: nearest_batches(it, state_file, model), NEAR_DDL)
+    top = best.groupBy("category").agg(F.max(F.struct("sim", (-F.col("item_id")).alias("neg"))).alias("m"))
+    return top.select("category", (-F.col("m.neg")).alias("neighbor_item_id"))
+
+
+def live_sizes(fr: _Frames, P: int) -> np.ndarray:
+    """Items per path [P] of the run's assignment (the one O(P) array the driver holds)."""
+    got = fr.paths.groupBy("path").count().toArrow()
+    out = np.zeros(P, dtype=np.int64)
+    out[got.column("path").to_numpy()] = got.column("count").to_numpy()
+    return out
 
 
 def _watermark(wh: Warehouse, table: str, label: str) -> int:
@@ -132,9 +172,18 @@ def _path_index_done(wh: Warehouse, label: str, ip_v: int) -> int | None:
     return mine if mine is not None and mine == find_path_index(wh, ip_v) else None
 
 
+def _state_file(checkpoint: str) -> str:
+    """A checkpoint folder -> its state.pt, as a plain path when it is local (executors memory-map it)."""
+    return f"{checkpoint[len('file://'):] if checkpoint.startswith('file://') else checkpoint}/state.pt"
+
+
 def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, log=_log) -> ColdResult:
     """Paths and reranker vectors for the catalog's items without paths, for one succeeded train run (latest by default)."""
-    from .evaluate import load_run_model
+    from pyspark.sql import functions as F
+
+    from ray_trainers.checkpoint import check_pairing, read_meta
+    from spark_udfs.cold_udf import PATHS_DDL, assign_batches
+
     from .path_index import build_path_index
 
     t0 = time.perf_counter()
@@ -143,66 +192,69 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
         raise LookupError(f"no succeeded train run {train_run_id or ''} in {wh.root}: run `dr train` first")
     if not wh.exists("items"):
         raise FileNotFoundError(f"no `items` catalog in {wh.root}: load one with `dr data` first")
-    model, item_ids, assign, cfg = load_run_model(wh, run)
     ip_v, items_v = run.table_versions["item_paths"], wh.version("items")
+    meta = read_meta(run.checkpoint)
+    check_pairing(meta, run.checkpoint, ip_v)           # refuses a checkpoint trained against other paths
+    cfg = DRConfig.from_dict(meta.config)
     J, P, S = cfg.model.J, cfg.model.num_paths, cfg.search.score_paths
-
-    known_ids, known_codes, cold_ids, cold_cat, G = catalog_codes(spark, wh, ip_v)
-    if not np.array_equal(known_ids, item_ids):
-        raise ValueError(f"item_paths v{ip_v} changed under the run's model ({len(known_ids)} vs {len(item_ids)} items)")
-    paths_g, shares_g = category_paths(known_codes, assign, G, S)
-    emb_g, bias_g, count_g = category_means(((c, e, b) for _, c, e, b in _vector_chunks(model, known_codes)),
-                                            G, cfg.model.rerank_dim)
-    nearest_g = category_neighbors(lambda: ((lo, c, e) for lo, c, e, _ in _vector_chunks(model, known_codes)),
-                                   emb_g[:G])
-    by_cat = cold_cat >= 0
-    by_cat[by_cat] = count_g[cold_cat[by_cat]] > 0
-    g = np.where(by_cat, cold_cat, G)                      # row G: no category -> no candidates, global mean
-    cand_p = np.concatenate([paths_g, np.full((1, S), EMPTY, dtype=np.int64)])[g]
-    cand_s = np.concatenate([shares_g, np.zeros((1, S))])[g]
-    live = path_sizes(assign, P)
-    alpha = run_alpha(run, cfg, log)
-    paths = assign_cold(cand_p, cand_s, live, J, alpha, cfg.mstep)
-    neighbor = Vocab(item_ids).raw(np.append(nearest_g, -1)[g])
-    C = len(cold_ids)
-    after = live + np.bincount(paths.ravel(), minlength=P)
-    log(f"train run {run.run_id} (item_paths v{ip_v}, items v{items_v}): {C} catalog items without paths, "
-        f"{int(by_cat.sum())} by category over {len(np.unique(paths[by_cat]))} paths, {int((~by_cat).sum())} "
-        f"least-loaded; alpha {alpha:.4g}; largest path {int(live.max(initial=0))} -> {int(after.max(initial=0))}")
-
+    state_file = _state_file(run.checkpoint)
     label = f"{run.run_id}@{ip_v}/items@{items_v}"
-    extra = {"cold_items": C, "item_paths_version": ip_v, "items_version": items_v, "train_run_id": run.run_id}
-    path_rows = pa.table({
-        "item_id": np.repeat(cold_ids, J), "slot": np.tile(np.arange(J, dtype=np.int32), C),
-        "path": paths.ravel(), "method": np.repeat(np.where(by_cat, "category", "least_loaded"), J),
-        "neighbor_item_id": np.repeat(neighbor, J), "item_paths_version": np.full(C * J, ip_v, dtype=np.int64),
-        "run_id": pa.array([run.run_id] * (C * J), pa.string()),
-    })
-    cv = wh.write_arrow("cold_item_paths", path_rows,
-                        CommitMeta(JOB, label, watermark=_watermark(wh, "cold_item_paths", label), extra=extra),
-                        mode="overwrite")
+    extra = {"item_paths_version": ip_v, "items_version": items_v, "train_run_id": run.run_id}
+    tag = [F.lit(ip_v).cast("long").alias("item_paths_version"), F.lit(run.run_id).alias("run_id")]
 
-    def vector_rows() -> Iterator[pa.Table]:
-        for lo in range(0, max(C, 1), CHUNK):         # one (maybe empty) table at least: the schema
-            rows = g[lo:lo + CHUNK]
-            yield pa.table({"item_id": cold_ids[lo:lo + CHUNK], "embedding": list_array(emb_g[rows], dtype=np.float32),
-                            "bias": bias_g[rows], "item_paths_version": np.full(len(rows), ip_v, dtype=np.int64),
-                            "run_id": pa.array([run.run_id] * len(rows), pa.string())})
-    vv = wh.write_arrow("cold_item_vectors", vector_rows(),
-                        CommitMeta(JOB, label, watermark=_watermark(wh, "cold_item_vectors", label), extra=extra),
-                        mode="overwrite")
+    fr = _frames(spark, wh, ip_v)
+    V = fr.assigned.count()
+    if V != meta.num_items:
+        raise ValueError(f"item_paths v{ip_v} has {V} items, the run's checkpoint {meta.num_items}: they disagree")
+    C = fr.cold.count()
+    extra["cold_items"] = C
+    live = live_sizes(fr, P)
+    alpha = run_alpha(run, cfg, log)
+    means, overall, cached = category_vectors(fr, state_file, cfg)
+    try:
+        cands = category_candidates(fr, S).join(category_neighbors(fr, means, state_file, cfg), "category", "left")
+        cold = fr.cold.join(cands, "category", "left").select(
+            "item_id", F.coalesce("cand_paths", F.array().cast("array<long>")).alias("cand_paths"),
+            F.coalesce("cand_shares", F.array().cast("array<double>")).alias("cand_shares"),
+            F.when(F.col("cand_paths").isNotNull(), "category").otherwise("least_loaded").alias("method"),
+            F.coalesce("neighbor_item_id", F.lit(-1).cast("long")).alias("neighbor_item_id"))
+        n = int(spark.conf.get("spark.sql.shuffle.partitions"))
+        live_bc = spark.sparkContext.broadcast(live)
+        placed = (cold.repartition(n, "item_id").sortWithinPartitions("item_id")
+                  .mapInArrow(lambda it: assign_batches(it, live_bc, C, J, S, alpha, cfg.mstep), PATHS_DDL))
+        cv = wh.write_spark("cold_item_paths", placed.select("*", *tag),
+                            CommitMeta(JOB, label, watermark=_watermark(wh, "cold_item_paths", label), extra=extra),
+                            mode="overwrite")
+        glob = overall.select(F.col("emb").alias("g_emb"), F.col("bias").alias("g_bias"))
+        vectors = fr.cold.join(means, "category", "left").crossJoin(F.broadcast(glob)).select(
+            "item_id", F.coalesce("emb", "g_emb").cast("array<float>").alias("embedding"),
+            F.coalesce("bias", "g_bias").alias("bias"), *tag)
+        vv = wh.write_spark("cold_item_vectors", vectors,
+                            CommitMeta(JOB, label, watermark=_watermark(wh, "cold_item_vectors", label), extra=extra),
+                            mode="overwrite")
+    finally:
+        cached.unpersist()
 
     # the index for this item_paths version, learned items plus the cold ones (score NULL)
     pi_label = f"cold-{label}"
     pi_v = _path_index_done(wh, pi_label, ip_v)
     skipped = cv.skipped and vv.skipped and pi_v is not None
+    written = wh.read_spark(spark, "cold_item_paths", cv.version)
     if pi_v is None:
         learned = wh.read_spark(spark, "item_paths", ip_v).select("item_id", "slot", "path", "score")
-        cold = wh.read_spark(spark, "cold_item_paths", cv.version).selectExpr(
-            "item_id", "slot", "path", "cast(null as double) score")
-        pi_v = build_path_index(spark, wh, ip_v, pi_label, frame=learned.unionByName(cold), log=log).version
+        pi_v = build_path_index(spark, wh, ip_v, pi_label, log=log, frame=learned.unionByName(
+            written.selectExpr("item_id", "slot", "path", "cast(null as double) score"))).version
+    st = written.agg(F.countDistinct("item_id").alias("c"),
+                     F.countDistinct(F.when(F.col("method") == "category", F.col("item_id"))).alias("by_cat"),
+                     F.countDistinct("path").alias("used"),
+                     F.countDistinct(F.when(F.col("method") == "category", F.col("path"))).alias("cat_paths")).first()
+    got = written.groupBy("path").count().toArrow()
+    after = live.copy()
+    after[got.column("path").to_numpy()] += got.column("count").to_numpy()
+    log(f"train run {run.run_id} (item_paths v{ip_v}, items v{items_v}): {st['c']} catalog items without paths, "
+        f"{st['by_cat']} by category over {st['cat_paths']} paths, {st['c'] - st['by_cat']} least-loaded; "
+        f"alpha {alpha:.4g}; largest path {int(live.max(initial=0))} -> {int(after.max(initial=0))}")
     log(f"cold_item_paths v{cv.version}, cold_item_vectors v{vv.version}, path_index v{pi_v}"
         f"{' (all already committed)' if skipped else ''} [{time.perf_counter() - t0:.1f}s]")
-    return ColdResult(run.run_id, ip_v, C, int(by_cat.sum()), int((~by_cat).sum()), int(len(np.unique(paths))),
-                      {"cold_item_paths": cv.version, "cold_item_vectors": vv.version, "path_index": pi_v},
-                      skipped)
+    return ColdResult(run.run_id, ip_v, int(st["c"]), int(st["by_cat"]), int(st["c"] - st["by_cat"]), int(st["used"]),
+                      {"cold_item_paths": cv.version, "cold_item_vectors": vv.version, "path_index": pi_v}, skipped)

@@ -27,8 +27,7 @@ import pyarrow.dataset as pads
 import torch
 
 from dr_model.config import DRConfig
-from dr_model.reranker import Reranker
-from dr_model.item_table import item_table
+from dr_model.reranker import reranker_from_state
 from dr_model.serving import FORMAT, catalog_index, tower_state
 from dr_model.vocab import Vocab
 
@@ -97,13 +96,9 @@ def _write_path_index(wh: Warehouse, pi_v: int, num_paths: int, to_index: Callab
 def _write_item_vectors(state: dict[str, torch.Tensor], cfg: DRConfig, V: int, cold_emb: np.ndarray,
                         cold_bias: np.ndarray, out: Path) -> None:
     """The reranker's item embeddings (fp16) and biases (fp32) of the model's V items, then the cold items'."""
-    m = cfg.model
-    # tied: the reranker reads its encoder's input table ([V + 1] rows, the pad last)
-    table = item_table(V + 1, m.item_dim, m.item_rows, m.item_exact_share, padding_idx=V) if m.tie_item_tables else None
-    rr = Reranker(V, m.rerank_dim, False, m.item_rows, m.item_exact_share, table=table)
-    rr.load_state_dict({k[len("reranker."):]: v for k, v in state.items() if k.startswith("reranker.")})
+    rr = reranker_from_state(state, cfg.model, V)
     C = len(cold_bias)
-    vec = np.lib.format.open_memmap(out / "item_vec.npy", "w+", np.float16, (V + C, m.rerank_dim))
+    vec = np.lib.format.open_memmap(out / "item_vec.npy", "w+", np.float16, (V + C, cfg.model.rerank_dim))
     bias = np.lib.format.open_memmap(out / "item_bias.npy", "w+", np.float32, (V + C,))
     for lo, emb, b in rr.chunks(CHUNK):
         vec[lo:lo + len(b)], bias[lo:lo + len(b)] = emb.numpy(), b.numpy()

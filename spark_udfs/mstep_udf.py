@@ -61,7 +61,7 @@ import pyarrow as pa
 
 from dr_model.calibrate import AlphaSearch, assigned_weights, path_traffic, traffic_size
 from dr_model.mstep import (CandidateBlocks, RoundStats, effective_block, penalty_delta,
-                            size_table, sweep, update_block)
+                            size_table, sweep)
 from dr_model.scores import EMPTY
 from spark_udfs.mstep_cache import (FROM_FILES, FROM_WORKER, REBUILT, MStepContext, _blocks, _entry, _Entry,
                                     drop_job, drop_partition, job_dir)
@@ -201,25 +201,8 @@ def sweep_blocks(cands: CandidateBlocks, assign: np.ndarray, slots: np.ndarray, 
     in the partition's copy of the table (module doc). Every partition uses the full
     kernel block (module doc: "Block size").
     """
-    view = size_table(base_sizes)
-    if scale <= 1:
-        return sweep(cands, assign, view, alpha, power, slots=slots, improving_only=improving_only)
-    out = np.empty_like(assign)
-    extra = scale - 1
-    B, dtype = cands.block_size, cands.scores.dtype.type
-    for b in range(cands.paths.shape[0]):
-        lo, hi = b * B, min(len(assign), (b + 1) * B)
-        pb, sb, nb = cands.block(b)
-        own = slots[lo:hi]
-        new = update_block(pb, sb, nb, assign[lo:hi], view, alpha, power, slot_major=True, own_slots=own,
-                           slots_out=own, improving_only=improving_only, dtype=dtype)
-        # the other partitions' (unseen) share of the same moves
-        old_f, new_f = assign[lo:hi].ravel(), new.ravel()
-        np.subtract.at(view, old_f, extra)
-        np.add.at(view, new_f, extra)
-        view[old_f] = np.maximum(view[old_f], 0)
-        out[lo:hi] = new
-    return out
+    return sweep(cands, assign, size_table(base_sizes), alpha, power, slots=slots, improving_only=improving_only,
+                 scale=max(1, scale))
 
 
 def _partition_round(e: _Entry, ctx: MStepContext, assign: np.ndarray, slots: np.ndarray, base_sizes: np.ndarray,

@@ -13,18 +13,26 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from dr_model.cold import assign_cold, category_means, category_neighbors, category_paths
+from dr_model.cold import assign_cold, code_sums, cosine
 from dr_model.config import DRConfig, MStepConfig
 
 # --------------------------------------------------------------------------- dr_model.cold
 
 
-def test_category_paths_ranks_a_categorys_paths_by_the_share_of_its_items():
-    item_cat = np.array([0, 0, 0, 1, -1])
-    assign = np.array([[0, 1], [0, 2], [0, 1], [4, 3], [5, 6]])
-    paths, shares = category_paths(item_cat, assign, num_cats=3, S=2)
-    assert paths.tolist() == [[0, 1], [3, 4], [-1, -1]]                 # ties to the smaller path id
-    np.testing.assert_allclose(shares, [[1, 2 / 3], [1, 1], [0, 0]])    # category 2 has no assigned item
+def test_category_candidates_rank_a_categorys_paths_by_the_share_of_its_items(spark):
+    from jobs.cold_items import _Frames, category_candidates
+
+    assign = [[0, 1], [0, 2], [0, 1], [4, 3], [5, 6]]
+    paths = spark.createDataFrame([(i, j, p) for i, row in enumerate(assign) for j, p in enumerate(row)],
+                                  "item_id long, slot int, path long")
+    assigned = spark.createDataFrame([(0, "x"), (1, "x"), (2, "x"), (3, "y"), (4, None)], "item_id long, category string")
+    cold = spark.createDataFrame([(9, "z")], "item_id long, category string")
+    got = {r["category"]: (r["cand_paths"], r["cand_shares"])
+           for r in category_candidates(_Frames(paths, assigned, cold), S=2).collect()}
+    assert set(got) == {"x", "y"}                                       # z, none: no assigned item
+    assert got["x"][0] == [0, 1] and got["y"][0] == [3, 4]              # ties to the smaller path id
+    np.testing.assert_allclose(got["x"][1], [1, 2 / 3])
+    np.testing.assert_allclose(got["y"][1], [1, 1])
 
 
 CANDS = np.array([0, 1, 2, 3, 4, 5])
@@ -65,26 +73,31 @@ def test_cold_items_without_candidates_take_the_least_loaded_paths():
     assert assign_cold(np.zeros((0, 3), np.int64), np.zeros((0, 3)), live, 2, 1e-3, MStepConfig()).shape == (0, 2)
 
 
-def test_category_means_and_neighbours_stream_over_chunks():
+def test_a_partition_of_cold_items_counted_at_scale_places_like_the_whole():
+    live = np.zeros(32, dtype=np.int64)
+    whole = np.bincount(_cold(240, 1e-6, live).ravel(), minlength=32)
+    half = np.bincount(assign_cold(np.tile(CANDS, (120, 1)), np.tile(SHARES, (120, 1)), live, 2, 1e-6,
+                                   MStepConfig(), scale=2).ravel(), minlength=32)
+    unscaled = np.bincount(_cold(120, 1e-6, live).ravel(), minlength=32)
+    # two such partitions together spread like the whole; unscaled, each would crowd the best paths
+    assert np.abs(2 * half - whole).max() <= 0.05 * whole.max()
+    assert (2 * unscaled)[0] > 1.4 * whole[0] and (unscaled[4:6] == 0).all() and (whole[4:6] > 0).all()
+
+
+def test_code_sums_merge_partial_sums_and_cosine():
     rng = np.random.default_rng(0)
-    V, d, G = 50, 4, 4                                                 # category 3 has no item
+    V, d = 50, 4
     cat = rng.integers(-1, 3, V)
     emb, bias = rng.normal(size=(V, d)), rng.normal(size=V)
-    chunks = [(lo, cat[lo:lo + 7], emb[lo:lo + 7], bias[lo:lo + 7]) for lo in range(0, V, 7)]
-    m_emb, m_bias, count = category_means(((c, e, b) for _, c, e, b in chunks), G, d)
-    for g in range(3):
-        np.testing.assert_allclose(m_emb[g], emb[cat == g].mean(0))
-        np.testing.assert_allclose(m_bias[g], bias[cat == g].mean())
-    for g in (3, G):                                                   # empty category, "none": the global mean
-        np.testing.assert_allclose(m_emb[g], emb.mean(0))
-        np.testing.assert_allclose(m_bias[g], bias.mean())
-    assert count.tolist() == [*np.bincount(cat[cat >= 0], minlength=G).tolist(), V]
-    near = category_neighbors(lambda: ((lo, c, e) for lo, c, e, _ in chunks), m_emb[:G])
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    for g in range(3):
-        rows = np.flatnonzero(cat == g)
-        assert near[g] == rows[np.argmax(unit[rows] @ (m_emb[g] / np.linalg.norm(m_emb[g])))]
-    assert near[3] == -1
+    parts = [code_sums(cat[lo:lo + 7], emb[lo:lo + 7], bias[lo:lo + 7]) for lo in range(0, V, 7)]
+    keys, n, b, e = code_sums(*(np.concatenate([p[i] for p in parts]) for i in (0, 3, 2, 1)))
+    assert keys.tolist() == [-1, 0, 1, 2] and n.tolist() == np.bincount(cat + 1).tolist()
+    for k, g in enumerate(keys):
+        np.testing.assert_allclose(e[k], emb[cat == g].sum(0))
+        np.testing.assert_allclose(b[k], bias[cat == g].sum())
+    sim = cosine(emb, np.tile(emb[:1], (V, 1)))
+    np.testing.assert_allclose(sim, emb @ emb[0] / np.linalg.norm(emb, axis=1) / np.linalg.norm(emb[0]))
+    assert code_sums(np.zeros(0), np.zeros((0, d)), np.zeros(0))[3].shape == (0, d)
 
 
 # --------------------------------------------------------------------------- the job
@@ -184,7 +197,9 @@ def test_run_cold_items_spreads_a_category_and_writes_paths_vectors_and_index(sp
     final = np.array([20, 7, 7, 6]) + np.bincount(a_rows.path, minlength=4)[:4]      # live sizes + cold
     assert final.max() - final.min() < final.max() / 2                 # A's paths level out, trained items counted
     assert not set(other.path) & {0, 1, 2, 3, 8, 9, 10, 11}             # least-loaded: paths nobody uses
-    assert set(a_rows.neighbor_item_id) <= set(w.items_a) and set(other.neighbor_item_id) == {-1}
+    unit = w.model_emb[:20] / np.linalg.norm(w.model_emb[:20], axis=1, keepdims=True)
+    assert set(a_rows.neighbor_item_id) == {w.items_a[np.argmax(unit @ w.model_emb[:20].mean(0))]}
+    assert set(other.neighbor_item_id) == {-1}
 
     cv = wh.read_arrow("cold_item_vectors")
     assert cv.schema == TABLES["cold_item_vectors"].schema
