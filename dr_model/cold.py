@@ -23,17 +23,19 @@ from dr_model.scores import EMPTY
 
 
 def assign_cold(cand_paths: np.ndarray, cand_scores: np.ndarray, live_sizes: np.ndarray, J: int, alpha: float,
-                cfg: MStepConfig, n_v: float = 1.0, scale: int = 1) -> np.ndarray:
+                cfg: MStepConfig, n_v: float = 1.0, scale: int = 1, fill_offset: int = 0) -> np.ndarray:
     """J paths per cold item: cand_paths / cand_scores [C, S] (PathScores layout), live_sizes [P] -> paths [C, J] int64.
 
     Start: each item on its first min(J, usable) candidates (its category's best paths), the
     rest filled least-loaded (the M-step's fill rule); those starts are added to the live sizes.
     Then cfg.rounds sweeps of the M-step kernel (same gain, blocks, damping, improving-only test)
-    move each item against the live sizes plus every other cold item. n_v is a cold item's
-    weight in the log-likelihood: 1, one training pair, so against a calibrated alpha the
-    penalty dominates and the items fill their category's lighter paths before its crowded ones.
-    Items with no candidate take the least-loaded paths (fill rule). live_sizes is not modified.
-    scale: each placement and move counts `scale` times (one of `scale` similar partitions).
+    move each item with a candidate against the live sizes plus every other cold item. n_v is a
+    cold item's weight in the log-likelihood: 1, one training pair, so against a calibrated alpha
+    the penalty dominates and the items fill their category's lighter paths before its crowded
+    ones. Items with no candidate keep the least-loaded paths of the start. live_sizes is not
+    modified. A partition of the cold items passes scale (each placement and move counts `scale`
+    times: one of `scale` alike partitions) and its own fill_offset (the fill rule's ties start
+    there, so partitions do not all fill the same empty paths).
     """
     C = cand_paths.shape[0]
     sizes = size_table(live_sizes)
@@ -43,15 +45,19 @@ def assign_cold(cand_paths: np.ndarray, cand_scores: np.ndarray, live_sizes: np.
     start = np.full((C, J), EMPTY, dtype=np.int64)
     start[:, :top] = np.where(cand_scores[:, :top] > 0, cand_paths[:, :top], EMPTY)
     np.add.at(sizes, start[start != EMPTY], scale)
-    _fill_least_loaded(start, sizes, step=scale)
+    _fill_least_loaded(start, sizes, step=scale, offset=fill_offset)
+    moving = np.flatnonzero(((cand_paths != EMPTY) & (cand_scores > 0)).any(1))
+    if not len(moving):
+        return start
     # float64: the start may crowd a path far beyond the sizes the run calibrated alpha on
-    blocks = prepare_blocks(cand_paths, cand_scores, np.full(C, float(n_v)), effective_block(cfg.block_size, C),
-                            np.float64)
-    assign = start
+    blocks = prepare_blocks(cand_paths[moving], cand_scores[moving], np.full(len(moving), float(n_v)),
+                            effective_block(cfg.block_size, len(moving)), np.float64)
+    assign = start[moving]
     for _ in range(cfg.rounds):
         assign = sweep(blocks, assign, sizes, alpha, cfg.penalty_power, damping=cfg.damping,
                        improving_only=cfg.improving_only, scale=scale)
-    return assign
+    start[moving] = assign
+    return start
 
 
 def code_sums(codes: np.ndarray, emb: np.ndarray, bias: np.ndarray,

@@ -316,10 +316,12 @@ def _row_all(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fill_least_loaded(new: np.ndarray, sizes: np.ndarray, step: int = 1) -> None:
+def _fill_least_loaded(new: np.ndarray, sizes: np.ndarray, step: int = 1, offset: int = 0) -> None:
     """Fill rule, in item order: EMPTY slots of new [B, J] take the least-loaded path (ties: smallest id).
 
-    Each placement adds `step` to its path's size (an extrapolated table, see sweep's `scale`).
+    Each placement adds `step` to its path's size (an extrapolated table, see sweep's `scale`);
+    ties go to the smallest id counted from `offset` (cyclically), so partitions filling at once
+    with different offsets take different paths of equal size.
 
     Sizes only grow during the fill, so F requests can only land on the F + J paths with
     the smallest (size, id) keys at the start: each request still has an untouched pool
@@ -329,7 +331,7 @@ def _fill_least_loaded(new: np.ndarray, sizes: np.ndarray, step: int = 1) -> Non
     rows, slots = np.nonzero(new == EMPTY)
     P = sizes.shape[0]
     L = min(P, rows.size + new.shape[1])
-    key = sizes * P + np.arange(P, dtype=np.int64)   # (size, id) order as one int64
+    key = sizes * P + (np.arange(P, dtype=np.int64) - offset) % P   # (size, id - offset) order as one int64
     pool = np.argpartition(key, L - 1)[:L] if L < P else np.arange(P)
     heap = [(int(key[c]), int(c)) for c in pool]
     heapq.heapify(heap)

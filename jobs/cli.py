@@ -33,6 +33,8 @@ BENCHMARKS = {
                  "the catalog with and without exact rows for the frequent items, and tied item tables",
     "candidates": "top-100 candidates on a planted-cluster catalog of 10^6 items (--items N): DR vs brute force vs "
                   "HNSW at DR's recall, users/s/core, recall / brute force; `dr candidates` peak driver / worker RSS",
+    "cold-items": "dr backfill cold-items on local[2] at 10^5 and 10^6 catalog items (--items N: N / 10 and N), 10% "
+                  "cold: wall time, cold items/s/core, peak driver / worker RSS (the driver's must not grow)",
     "negatives": "one step's 256 sampled-softmax negatives: torch.multinomial over all items vs the O(1) proposal, 10^4-10^7 items",
     "replay": "MovieLens-1M cut by time into a first period + 8 increments: each night incremental vs full retrain, "
               "recall@10 on the next increment and wall time (--quick: ML-100K, 4 nights)",

@@ -76,22 +76,24 @@ def run_alpha(run: runs.RunRecord, cfg: DRConfig, log=_log) -> float:
 
 @dataclass(frozen=True)
 class _Frames:
-    """The job's Spark inputs: item_paths rows, assigned and cold items with their category (null: none)."""
+    """The job's Spark inputs: item_paths rows and assigned and cold items, with their category (null: none)."""
 
-    paths: Any          # item_id, slot, path of item_paths@v
+    paths: Any          # item_id, slot, path, category of item_paths@v (persisted by _frames)
     assigned: Any       # item_id, category: every item with paths
     cold: Any           # item_id, category: catalog items without paths
 
 
 def _frames(spark: Any, wh: Warehouse, ip_v: int) -> _Frames:
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     items = wh.read_spark(spark, "items").select(
         "item_id", F.when(F.col("category") != "", F.col("category")).alias("category"))
-    paths = wh.read_spark(spark, "item_paths", ip_v).select("item_id", "slot", "path")
-    learned = paths.where(F.col("slot") == 0).select("item_id")
-    # an assigned item missing from the catalog: no category
-    return _Frames(paths, learned.join(items, "item_id", "left"), items.join(learned, "item_id", "left_anti"))
+    # one join of item_paths with the catalog, read by every statistic (an assigned item missing from it: no category)
+    paths = (wh.read_spark(spark, "item_paths", ip_v).select("item_id", "slot", "path")
+             .join(items, "item_id", "left").persist(StorageLevel.MEMORY_AND_DISK))
+    assigned = paths.where(F.col("slot") == 0).select("item_id", "category")
+    return _Frames(paths, assigned, items.join(assigned.select("item_id"), "item_id", "left_anti"))
 
 
 def category_candidates(fr: _Frames, S: int) -> Any:
@@ -100,9 +102,8 @@ def category_candidates(fr: _Frames, S: int) -> Any:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    members = fr.assigned.where(F.col("category").isNotNull())
-    sizes = members.groupBy("category").agg(F.count("*").alias("members"))
-    on = fr.paths.join(members, "item_id").groupBy("category", "path").agg(F.count("*").alias("n"))
+    sizes = fr.assigned.where(F.col("category").isNotNull()).groupBy("category").agg(F.count("*").alias("members"))
+    on = fr.paths.where(F.col("category").isNotNull()).groupBy("category", "path").agg(F.count("*").alias("n"))
     w = Window.partitionBy("category").orderBy(F.desc("n"), F.asc("path"))
     top = (on.withColumn("rank", F.row_number().over(w) - 1).where(F.col("rank") < S).join(sizes, "category")
            .select("category", F.struct("rank", "path", (F.col("n") / F.col("members")).alias("share")).alias("c")))
@@ -203,15 +204,16 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
     tag = [F.lit(ip_v).cast("long").alias("item_paths_version"), F.lit(run.run_id).alias("run_id")]
 
     fr = _frames(spark, wh, ip_v)
-    V = fr.assigned.count()
-    if V != meta.num_items:
-        raise ValueError(f"item_paths v{ip_v} has {V} items, the run's checkpoint {meta.num_items}: they disagree")
-    C = fr.cold.count()
-    extra["cold_items"] = C
-    live = live_sizes(fr, P)
-    alpha = run_alpha(run, cfg, log)
-    means, overall, cached = category_vectors(fr, state_file, cfg)
+    cached = None
     try:
+        V = fr.assigned.count()
+        if V != meta.num_items:
+            raise ValueError(f"item_paths v{ip_v} has {V} items, the run's checkpoint {meta.num_items}: they disagree")
+        C = fr.cold.count()
+        extra["cold_items"] = C
+        live = live_sizes(fr, P)
+        alpha = run_alpha(run, cfg, log)
+        means, overall, cached = category_vectors(fr, state_file, cfg)
         cands = category_candidates(fr, S).join(category_neighbors(fr, means, state_file, cfg), "category", "left")
         cold = fr.cold.join(cands, "category", "left").select(
             "item_id", F.coalesce("cand_paths", F.array().cast("array<long>")).alias("cand_paths"),
@@ -221,7 +223,7 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
         n = int(spark.conf.get("spark.sql.shuffle.partitions"))
         live_bc = spark.sparkContext.broadcast(live)
         placed = (cold.repartition(n, "item_id").sortWithinPartitions("item_id")
-                  .mapInArrow(lambda it: assign_batches(it, live_bc, C, J, S, alpha, cfg.mstep), PATHS_DDL))
+                  .mapInArrow(lambda it: assign_batches(it, live_bc, C, n, J, S, alpha, cfg.mstep), PATHS_DDL))
         cv = wh.write_spark("cold_item_paths", placed.select("*", *tag),
                             CommitMeta(JOB, label, watermark=_watermark(wh, "cold_item_paths", label), extra=extra),
                             mode="overwrite")
@@ -233,7 +235,9 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
                             CommitMeta(JOB, label, watermark=_watermark(wh, "cold_item_vectors", label), extra=extra),
                             mode="overwrite")
     finally:
-        cached.unpersist()
+        if cached is not None:
+            cached.unpersist()
+        fr.paths.unpersist()
 
     # the index for this item_paths version, learned items plus the cold ones (score NULL)
     pi_label = f"cold-{label}"

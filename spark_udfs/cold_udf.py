@@ -146,15 +146,17 @@ def _padded(col: pa.ChunkedArray, width: int, fill: Any, dtype: type) -> np.ndar
     return out
 
 
-def assign_batches(batches: Iterator[pa.RecordBatch], live_bc: Any, total: int, J: int, S: int, alpha: float,
-                   mstep: MStepConfig) -> Iterator[pa.RecordBatch]:
+def assign_batches(batches: Iterator[pa.RecordBatch], live_bc: Any, total: int, partitions: int, J: int, S: int,
+                   alpha: float, mstep: MStepConfig) -> Iterator[pa.RecordBatch]:
     """One partition of cold items (item_id, cand_paths, cand_shares, method, neighbor_item_id), sorted by id
     -> one row per (item, slot) of its J paths.
 
     The partition's placements count round(total / items here) times (dr_model.cold.assign_cold's
-    scale: the other, hash-alike partitions place their share alike). live_bc: a broadcast of the
-    live path sizes [P].
+    scale: the other, hash-alike partitions place their share alike), and its least-loaded fills
+    start at its own 1/partitions of the path ids. live_bc: a broadcast of the live path sizes [P].
     """
+    from pyspark import TaskContext
+
     got = [b for b in batches if b.num_rows]
     if not got:
         return
@@ -162,7 +164,8 @@ def assign_batches(batches: Iterator[pa.RecordBatch], live_bc: Any, total: int, 
     C = t.num_rows
     paths = assign_cold(_padded(t.column("cand_paths"), S, EMPTY, np.int64),
                         _padded(t.column("cand_shares"), S, 0.0, np.float64),
-                        live_bc.value, J, alpha, mstep, scale=max(1, round(total / C)))
+                        live_bc.value, J, alpha, mstep, scale=max(1, round(total / C)),
+                        fill_offset=TaskContext.get().partitionId() * len(live_bc.value) // max(partitions, 1))
     rep = lambda name: pc.take(t.column(name), pa.array(np.repeat(np.arange(C), J)))  # noqa: E731
     yield pa.RecordBatch.from_arrays(
         [rep("item_id").combine_chunks(), pa.array(np.tile(np.arange(J, dtype=np.int32), C)), pa.array(paths.ravel()),

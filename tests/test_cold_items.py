@@ -23,9 +23,10 @@ def test_category_candidates_rank_a_categorys_paths_by_the_share_of_its_items(sp
     from jobs.cold_items import _Frames, category_candidates
 
     assign = [[0, 1], [0, 2], [0, 1], [4, 3], [5, 6]]
-    paths = spark.createDataFrame([(i, j, p) for i, row in enumerate(assign) for j, p in enumerate(row)],
-                                  "item_id long, slot int, path long")
-    assigned = spark.createDataFrame([(0, "x"), (1, "x"), (2, "x"), (3, "y"), (4, None)], "item_id long, category string")
+    cats = ["x", "x", "x", "y", None]
+    paths = spark.createDataFrame([(i, j, p, cats[i]) for i, row in enumerate(assign) for j, p in enumerate(row)],
+                                  "item_id long, slot int, path long, category string")
+    assigned = paths.where("slot = 0").select("item_id", "category")
     cold = spark.createDataFrame([(9, "z")], "item_id long, category string")
     got = {r["category"]: (r["cand_paths"], r["cand_shares"])
            for r in category_candidates(_Frames(paths, assigned, cold), S=2).collect()}

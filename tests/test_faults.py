@@ -1,6 +1,6 @@
 """Faults injected at every commit point: each `dr` command killed (SIGKILL) after each commit it makes.
 
-For ingest, train and candidates (real `dr` processes, real Spark, real Ray, Delta on
+For ingest, train, candidates and cold items (real `dr` processes, real Spark, real Ray, Delta on
 disk): attempt after attempt is killed right after its next commit (DR_FAULT, jobs/faults.py),
 each attempt is checked to have moved exactly one table forward by exactly one version (every
 other table at its previous version), and the attempt that is no longer killed completes the
@@ -32,6 +32,8 @@ COMMANDS = [
     ("ingest", ["ingest", "{events}", "--batch-id", "b1"], 1),
     ("train", ["train", "--run-id", "night-1", *TRAIN], 2),
     ("candidates", ["candidates", "--train-run-id", "night-1", "--top-n", "20"], 1),
+    # cold items (catalog written by _catalog first): cold_item_paths, cold_item_vectors, path_index
+    ("backfill", ["backfill", "cold-items", "--run-id", "night-1"], 1),
 ]
 # the ledger records attempts; every other table must come out as in the clean run
 LEDGER = "runs"
@@ -47,6 +49,16 @@ def _events(path: Path) -> Path:
     pd.DataFrame({"user_id": np.repeat(np.arange(users), events), "item_id": item,
                   "ts": 1_700_000_000 + np.arange(users * events) * 60, "rating": 5.0}).to_parquet(path, index=False)
     return path
+
+
+def _catalog(wh: Warehouse) -> None:
+    """The 300 event items in their planted clusters' categories, plus 30 items without events (cold; 3 uncategorised)."""
+    from jobs.tables import CommitMeta
+
+    ids = np.arange(330)
+    cat = np.array([f"cluster-{i // 30 % 10}" for i in ids], dtype=object)
+    cat[[300, 301, 302]] = None
+    wh.write_arrow("items", pd.DataFrame({"item_id": ids, "title": None, "category": cat}), CommitMeta("test", "catalog"))
 
 
 def _dr(args: list[str], warehouse: Path, fault: str | None) -> subprocess.CompletedProcess:
@@ -71,13 +83,16 @@ def _rows(wh: Warehouse, table: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def warehouses(tmp_path_factory):
-    """(clean warehouse, fault-injected warehouse, {command: killed attempts}) after the three commands."""
+    """(clean warehouse, fault-injected warehouse, {command: killed attempts}) after the four commands."""
     base = tmp_path_factory.mktemp("faults")
     events = _events(base / "events.parquet")
     clean, faulty = base / "clean", base / "faulty"
     killed: dict[str, list[dict[str, int]]] = {}
     for name, args, n in COMMANDS:
         args = [a.format(events=events) for a in args]
+        if name == "backfill":
+            _catalog(Warehouse(clean))
+            _catalog(Warehouse(faulty))
         ok = _dr(args, clean, None)
         assert ok.returncode == 0, ok.stderr[-3000:]
         killed[name] = []
@@ -107,6 +122,8 @@ def test_each_killed_attempt_moved_one_table_by_one_version(warehouses):
                 f"dr {name}: attempt {i}, killed after one commit, moved {moved}"
     # every commit of train was a kill point: as many killed attempts as tables it commits
     assert len(killed["train"]) >= 8
+    # cold items commit cold_item_paths, cold_item_vectors and a path_index: one killed attempt each
+    assert [set(m) for m in killed["backfill"]] == [{"cold_item_paths"}, {"cold_item_vectors"}, {"path_index"}]
 
 
 def test_completed_runs_equal_the_never_killed_run(warehouses):
