@@ -83,36 +83,41 @@ def _doubles(x: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * d), pa.array(x.ravel()))
 
 
+def _merge(parts: list[tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]]) -> tuple[pa.Array, np.ndarray,
+                                                                                     np.ndarray, np.ndarray]:
+    """Partial sums keyed by category string [(categories [g], items [g], bias sums [g], emb sums [g, d])] -> one
+    partial sum per distinct category (null: one row)."""
+    codes, dic = _codes(pa.concat_arrays([p[0] for p in parts]))
+    keys, n, bs, es = code_sums(codes, np.concatenate([p[3] for p in parts]), np.concatenate([p[2] for p in parts]),
+                                np.concatenate([p[1] for p in parts]))
+    return _category(keys, dic), n, bs, es
+
+
 def category_sum_batches(batches: Iterator[pa.RecordBatch], state_file: str,
                          model: dict[str, Any]) -> Iterator[pa.RecordBatch]:
     """Assigned items (item_id, category) -> per category of the partition: items, bias sum, embedding sum.
 
-    One row per category of the partition (null: the uncategorised items); memory: the
-    partition's category sums [G_p, d] plus one batch.
+    One row per category of the partition (null: the uncategorised items). Batches' sums are
+    merged once they outnumber the merged ones, so a task holds O(G_p d) sums (G_p: the
+    partition's categories) plus one batch.
     """
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    names: list[pa.Array] = []
-    base = 0
+    parts: list[tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]] = []
+    pending = merged = 0
     for b in batches:
         if not b.num_rows:
             continue
         emb, bias = _vectors(b.column("item_id").to_numpy(), state_file, model)
         codes, dic = _codes(b.column("category"))
         keys, n, bs, es = code_sums(codes, emb, bias)
-        # per-batch codes -> partition-wide codes (-1 kept): batches' dictionaries are concatenated
-        parts.append((np.where(keys >= 0, keys + base, -1), n, bs, es))
-        names.append(dic)
-        base += len(dic)
+        parts.append((_category(keys, dic), n, bs, es))
+        pending += len(keys)
+        if pending > max(merged, 1 << 14):
+            parts = [_merge(parts)]
+            pending, merged = 0, len(parts[0][1])
     if not parts:
         return
-    allnames = pa.concat_arrays(names) if names else pa.array([], pa.string())
-    # one key per distinct string: the concatenated dictionaries may repeat a category
-    canon, dic = _codes(allnames)
-    keys = np.concatenate([p[0] for p in parts])
-    keys = np.where(keys >= 0, canon[np.maximum(keys, 0)], -1)
-    keys, n, bs, es = code_sums(keys, np.concatenate([p[3] for p in parts]), np.concatenate([p[2] for p in parts]),
-                                np.concatenate([p[1] for p in parts]))
-    yield pa.RecordBatch.from_arrays([_category(keys, dic), pa.array(n), pa.array(bs), _doubles(es)],
+    cats, n, bs, es = _merge(parts)
+    yield pa.RecordBatch.from_arrays([cats, pa.array(n), pa.array(bs), _doubles(es)],
                                      names=["category", "items", "bias", "emb"])
 
 

@@ -101,6 +101,27 @@ def test_code_sums_merge_partial_sums_and_cosine():
     assert code_sums(np.zeros(0), np.zeros((0, d)), np.zeros(0))[3].shape == (0, d)
 
 
+def test_a_partitions_category_sums_merge_across_many_batches(monkeypatch):
+    import spark_udfs.cold_udf as cu
+
+    rng = np.random.default_rng(1)
+    V, d = 50_000, 4
+    emb, bias = rng.normal(size=(V, d)).astype(np.float32), rng.normal(size=V)
+    cats = np.array([f"c{i}" for i in rng.integers(0, 3000, V)], dtype=object)
+    cats[rng.random(V) < 0.1] = None
+    monkeypatch.setattr(cu, "_vectors", lambda ids, state_file, model: (emb[ids], bias[ids]))   # the lookup aside
+    batches = [pa.RecordBatch.from_arrays([pa.array(np.arange(lo, lo + 1000)), pa.array(list(cats[lo:lo + 1000]),
+                                                                                       pa.string())],
+                                          names=["item_id", "category"]) for lo in range(0, V, 1000)]
+    out = pa.Table.from_batches(list(cu.category_sum_batches(iter(batches), "", {}))).to_pandas()
+    assert len(out) == len(set(cats[pd.notna(cats)])) + 1 and out.category.isna().sum() == 1    # one row per category
+    for _, row in out.iterrows():
+        sel = pd.isna(cats) if pd.isna(row.category) else cats == row.category
+        assert row["items"] == sel.sum()
+        np.testing.assert_allclose(row.bias, bias[sel].sum())
+        np.testing.assert_allclose(np.array(row.emb), emb[sel].astype(np.float64).sum(0), rtol=1e-9)
+
+
 # --------------------------------------------------------------------------- the job
 
 
