@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .beam_choice import BeamChoice
+from .best_weights import BestWeights
 from .calibrate import is_collapsed, start_path_size, with_exploration
 from .config import DRConfig
 from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_path_recall, validation_recall
@@ -170,6 +171,7 @@ def run_phase(model: DRModel, seq: torch.Tensor, target: torch.Tensor, assign: n
     q, log_q = proposal(torch.bincount(first_target(target), minlength=model.num_items), cfg)
     assign_t = torch.from_numpy(assign)
     rows: list[dict] = []
+    best = BestWeights()
     for ep in range(phase.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -186,10 +188,14 @@ def run_phase(model: DRModel, seq: torch.Tensor, target: torch.Tensor, assign: n
                "valid_recall": valid(model, phase, assign) if valid is not None else None,
                "seconds": time.perf_counter() - t0}
         rows.append(row)
+        best.after_epoch(model, rows)
         log("  " + epoch_line(row))
         if should_stop([r["valid_recall"] for r in rows], tc.patience, tc.min_delta):
             log(f"  {phase.name}: validation recall stopped improving, stopping after {ep + 1} epochs")
             break
+    kept = best.restore(model, rows)
+    if kept is not None:
+        log(f"  {phase.name}: keeping epoch {kept + 1}'s weights (validation recall {rows[kept]['valid_recall']:.4f})")
     unfreeze(model)
     model.eval()
     return rows

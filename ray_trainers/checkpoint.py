@@ -6,7 +6,9 @@ Layout: `<warehouse>/checkpoints/<run_id>/`
                                    once the round is finished)
 Each directory holds `state.pt` (tensors only: model and vocabulary item ids; loaded with
 `torch.load(weights_only=True)`), `optimizer.pt` (the optimizer's state, read only to resume inside
-a round: readers of the model never load it) and `meta.json` (run, round, table versions, config + hash,
+a round: readers of the model never load it), in a partial checkpoint whose phase's best validation
+epoch is an earlier one `best.pt` (that epoch's trainable parameters, dr_model.best_weights; read only
+to resume) and `meta.json` (run, round, table versions, config + hash,
 epoch counters, per-epoch losses). A directory is written under a hidden temporary name and
 renamed into place, so a reader never sees half a checkpoint.
 """
@@ -64,6 +66,7 @@ class EStepCheckpoint:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any] | None
     item_ids: np.ndarray
+    best_state: dict[str, torch.Tensor] | None = None   # the phase's best epoch's trainable parameters (resume only)
 
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -115,7 +118,8 @@ def previous_final(root: str, em_round: int) -> str | None:
 
 
 def save_checkpoint(root: str, meta: CheckpointMeta, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any] | None, item_ids: np.ndarray) -> str:
+                    optimizer_state: dict[str, Any] | None, item_ids: np.ndarray,
+                    best_state: dict[str, torch.Tensor] | None = None) -> str:
     """Write atomically (temp folder + rename); a final checkpoint removes the round's partial ones."""
     fs, base = _fs(root)
     name = checkpoint_name(meta.round, None if meta.complete else meta.epochs_done)
@@ -130,6 +134,9 @@ def save_checkpoint(root: str, meta: CheckpointMeta, model_state: dict[str, torc
     if optimizer_state is not None:
         with fs.open_output_stream(f"{tmp}/optimizer.pt") as f:
             torch.save(optimizer_state, f)
+    if best_state is not None:
+        with fs.open_output_stream(f"{tmp}/best.pt") as f:
+            torch.save(best_state, f)
     meta = CheckpointMeta(**{**asdict(meta), "created_at": time.time()})
     with fs.open_output_stream(f"{tmp}/meta.json") as f:
         f.write(json.dumps(asdict(meta), indent=1, sort_keys=True).encode())
@@ -175,14 +182,19 @@ def check_pairing(meta: CheckpointMeta, path: str, item_paths_version: int | Non
 def load_checkpoint(path: str, item_paths_version: int | None, samples_version: int | None = None,
                     config_hash: str | None = None, optimizer: bool = False) -> EStepCheckpoint:
     """Load and check pairing; item_paths_version=None only for a deliberate warm start. optimizer:
-    also load the optimizer state (resuming a round; None when the checkpoint has none)."""
+    also load the optimizer state and the best epoch's parameters (resuming a round; None where the
+    checkpoint has none)."""
     meta = read_meta(path)
     check_pairing(meta, path, item_paths_version, samples_version, config_hash)
     fs, p = _fs(path)
     with fs.open_input_file(f"{p}/state.pt") as f:        # seekable: torch.load reads it in place
         state = torch.load(f, weights_only=True)
-    opt = None
-    if optimizer and fs.get_file_info(f"{p}/optimizer.pt").type == pafs.FileType.File:
-        with fs.open_input_file(f"{p}/optimizer.pt") as f:
-            opt = torch.load(f, weights_only=True)
-    return EStepCheckpoint(path, meta, state["model"], opt, state["item_ids"].numpy())
+    opt, best = (_load_if_there(fs, f"{p}/optimizer.pt"), _load_if_there(fs, f"{p}/best.pt")) if optimizer else (None, None)
+    return EStepCheckpoint(path, meta, state["model"], opt, state["item_ids"].numpy(), best)
+
+
+def _load_if_there(fs: pafs.FileSystem, path: str) -> Any:
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_file(path) as f:
+        return torch.load(f, weights_only=True)

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dr_model.best_weights import BestWeights, best_epoch, trainable_state
 from dr_model.config import DRConfig
 from dr_model.encoders import pooled_encoders
 from dr_model.evaluation import EvalUsers
@@ -154,11 +155,12 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = new_model(cfg, vocab.size, counts)
     resume, warm = _resolve_start(root, em_round, c)
-    epochs_done, opt_state, history, trained = 0, None, [], 0
+    epochs_done, opt_state, history, trained, best_state = 0, None, [], 0, None
     if resume is not None:
         ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"], optimizer=True)
         model.load_state_dict(ck.model_state)
         epochs_done, opt_state, history = ck.meta.epochs_done, ck.optimizer_state, list(ck.meta.losses)
+        best_state = ck.best_state
         if rank == 0:
             _stderr(f"[estep] round {em_round}: resuming from {resume} after {epochs_done} of {total} epochs")
     elif warm is not None and warm == c.get("warm_from"):
@@ -199,8 +201,10 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             # A new phase: (un)freeze, fresh Adam over the trainable set (as the single-process
             # trainer does), and a gradient sync over exactly those parameters.
             opt = phase_optimizer(model, cfg, ph, lr)
+            best = BestWeights()
             if opt_state is not None and ep > 0 and trained == 0:
                 opt.load_state_dict(opt_state)  # resuming inside this phase
+                best = _resumed_best(model, _rows(history, i), best_state)
             cur_phase = i
             if sync is not None:
                 sync.close()
@@ -266,15 +270,20 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
                "sync_capacity_bytes": None if sync is None else sync.capacity_bytes,
                "peak_worker_rss_mb": float(peak)}
         history.append(row)
+        rows = _rows(history, i)
+        best.after_epoch(model, rows)
+        ended = phase_finished(rows, ph, tc.patience, tc.min_delta)
+        kept = best.restore(model, rows) if ended else None     # every rank: the models stay identical
         finished = not remaining(phases, history, tc.patience, tc.min_delta)
         if rank == 0:
             # saved before the epoch is logged: a logged epoch is one a restart resumes after
             if c["checkpoint_every_epoch"] or finished:
-                _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished)
-            ended = phase_finished([h for h in history if h.get("phase_index") == i], ph, tc.patience, tc.min_delta)
+                _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished, best, rows)
             _stderr(f"[estep] round {em_round} {epoch_line(row)}, {row['samples']} samples "
                     f"({row['samples_per_s']:.0f}/s, {world} worker(s))"
                     + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else "")
+                    + ("" if kept is None else f", keeping epoch {kept + 1}'s weights "
+                                               f"(validation recall {rows[kept]['valid_recall']:.4f})")
                     + ("" if finished else f"; at most {total - epochs_done} epochs left in the round "
                                            f"(~{(total - epochs_done) * secs / 60:.1f} min)"))
     if sync is not None:
@@ -282,17 +291,34 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     unfreeze(model)
     finished = not remaining(phases, history, tc.patience, tc.min_delta)
     if rank == 0 and trained and not c["checkpoint_every_epoch"] and not finished:
-        _save(c, cfg, model, opt, item_ids, epochs_done, total, history)   # stopped early: keep the progress
+        # stopped early: keep the progress
+        _save(c, cfg, model, opt, item_ids, epochs_done, total, history, False, best, _rows(history, cur_phase))
     return {"epochs_done": epochs_done}
 
 
+def _rows(history: list[dict[str, Any]], phase_index: int) -> list[dict[str, Any]]:
+    return [h for h in history if h.get("phase_index") == phase_index]
+
+
+def _resumed_best(model: DRModel, rows: list[dict[str, Any]], saved: dict[str, torch.Tensor] | None) -> BestWeights:
+    """The phase's best epoch on resuming inside it: the loaded weights when it was the last epoch, else best.pt."""
+    b = best_epoch(rows)
+    if b is None:
+        return BestWeights()
+    if b == len(rows) - 1:
+        return BestWeights(trainable_state(model), b)
+    return BestWeights(saved, b) if saved is not None else BestWeights()
+
+
 def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: HybridAdam, item_ids: np.ndarray,
-          epochs_done: int, total: int, history: list[dict[str, Any]], finished: bool = False) -> str:
+          epochs_done: int, total: int, history: list[dict[str, Any]], finished: bool, best: BestWeights,
+          rows: list[dict[str, Any]]) -> str:
     meta = CheckpointMeta(run_id=c["run_id"], round=c["round"], item_paths_version=c["item_paths_version"],
                           samples_version=c["samples_version"], config=cfg.to_dict(), config_hash=c["config_hash"],
                           epochs_done=epochs_done, epochs_total=total, num_items=len(item_ids), losses=history,
                           finished=finished, dropped_samples=c.get("dropped", 0))
-    return save_checkpoint(c["root"], meta, model.state_dict(), opt.state_dict(), item_ids)
+    return save_checkpoint(c["root"], meta, model.state_dict(), opt.state_dict(), item_ids,
+                           best.state if best.pending(rows) else None)
 
 
 # --------------------------------------------------------------------------------------------

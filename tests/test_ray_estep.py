@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from dr_model.best_weights import best_epoch
 from dr_model.config import ConfigError, DRConfig, SplitConfig
 from dr_model.evaluation import EvalUsers
 from dr_model.schedule import Phase
@@ -232,3 +233,31 @@ def test_two_real_workers_match_one_worker(inputs, baseline):
             assert b["rerank_loss"] == pytest.approx(a["rerank_loss"], rel=LOSS_RTOL)
     # it is not the same run: the data order differs, so the weights do too
     assert not torch.equal(two.model_state["structure.out.0.weight"], baseline.model_state["structure.out.0.weight"])
+
+
+def _shifted_valid_users(cfg: DRConfig) -> EvalUsers:
+    """Held-out users whose interests follow other clusters than the training users': fitting the
+    training users makes their recall fall after the first epochs."""
+    spec = SyntheticSpec(num_users=600, num_items=300, num_clusters=7, events_per_user=16, zipf_a=0.8, seed=5)
+    split = paper_split(generate_users(spec.num_users, 800, spec),
+                        SplitConfig(rating_threshold=0.0, test_users=0, valid_users=200), cfg.model.seq_len)
+    return EvalUsers.of(split, 1)
+
+
+def test_an_early_stopped_round_keeps_its_best_epoch_and_a_resume_ends_the_same(inputs):
+    """The finished round holds its best validation epoch's weights; killed after 2 of its 3 epochs
+    (best.pt holds the best when it is not the last), the resumed round ends with the same weights."""
+    wh, cfg, sv, pv, _ = inputs
+    strict = cfg.with_overrides(["train.patience=2", "train.min_delta=10.0", "train.lr=0.02"])
+    ph, valid = [Phase("joint", 6, True, True, 1)], _shifted_valid_users(cfg)
+    whole = run_estep(wh, "best", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid)
+    assert whole.complete and len(whole.losses) == 3, whole.losses
+    one = run_estep(wh, "best-1", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid, stop_after_epochs=1)
+    two = run_estep(wh, "best-1", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid, stop_after_epochs=1)
+    partial = load_checkpoint(two.checkpoint_path, pv, optimizer=True)
+    done = run_estep(wh, "best-1", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid)
+    assert done.complete and [r["valid_recall"] for r in done.losses] == [r["valid_recall"] for r in whole.losses]
+    assert best_epoch(whole.losses) == 0, whole.losses        # these validation users' recall falls after epoch 1
+    assert partial.best_state is not None                     # killed after epoch 2: best.pt holds epoch 1
+    for k, v in whole.model_state.items():                    # both runs end with epoch 1's weights
+        assert torch.equal(v, done.model_state[k]) and torch.equal(v, one.model_state[k]), k
