@@ -44,20 +44,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dr_model.best_weights import BestWeights, best_epoch, trainable_state
+from dr_model.best_weights import BestWeights
 from dr_model.config import DRConfig
 from dr_model.encoders import pooled_encoders
 from dr_model.evaluation import EvalUsers
-from dr_model.model import DRModel
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
-from dr_model.optim import HybridAdam, sparse_tables
+from dr_model.optim import sparse_tables
 from dr_model.warm_start import grow_state
 from dr_model.trainer import (Validation, Vocab, epoch_line, new_model, phase_optimizer, proposal, rows_per_step,
                               train_step, unfreeze)
 
-from .checkpoint import (CheckpointMeta, CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial,
-                         load_checkpoint, previous_final, read_meta, check_pairing, run_dir, save_checkpoint)
+from .checkpoint import (CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial, load_checkpoint,
+                         read_meta, run_dir)
 from .config import RayConfig, ensure_ray
+from .estep_state import phase_rows, resolve_start, resumed_best, save_progress
 from .estep_data import (Tables, batch_tensors, count_vector, item_paths_files, load_item_paths,
                          read_item_paths, read_shard, samples_dataset, shuffled_batches, target_counts)
 from .faults import hold_target, maybe_hold
@@ -97,20 +97,6 @@ def _peak_rss_mb() -> float:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _resolve_start(root: str, em_round: int, c: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(checkpoint to resume this round from, or to warm-start from) — checked for pairing."""
-    part = latest_partial(root, em_round)
-    if part is not None:
-        meta = read_meta(part)
-        check_pairing(meta, part, c["item_paths_version"], c["samples_version"], c["config_hash"])
-        total = sum(p["epochs"] for p in c["phases"])
-        if meta.epochs_total != total:
-            raise CheckpointMismatch(f"checkpoint {part} belongs to a {meta.epochs_total}-epoch schedule, "
-                                     f"this run asks for {total} epochs")
-        return part, None
-    return None, previous_final(root, em_round) or c.get("warm_from")
 
 
 def _agree(value: float | None, distributed: bool) -> float | None:
@@ -154,7 +140,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(cfg.train.seed)
     model = new_model(cfg, vocab.size, counts)
-    resume, warm = _resolve_start(root, em_round, c)
+    resume, warm = resolve_start(root, em_round, c)
     epochs_done, opt_state, history, trained, best_state = 0, None, [], 0, None
     if resume is not None:
         ck = load_checkpoint(resume, c["item_paths_version"], c["samples_version"], c["config_hash"], optimizer=True)
@@ -204,7 +190,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             best = BestWeights()
             if opt_state is not None and ep > 0 and trained == 0:
                 opt.load_state_dict(opt_state)  # resuming inside this phase
-                best = _resumed_best(model, _rows(history, i), best_state)
+                best = resumed_best(model, phase_rows(history, i), best_state)
             cur_phase = i
             if sync is not None:
                 sync.close()
@@ -270,7 +256,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
                "sync_capacity_bytes": None if sync is None else sync.capacity_bytes,
                "peak_worker_rss_mb": float(peak)}
         history.append(row)
-        rows = _rows(history, i)
+        rows = phase_rows(history, i)
         best.after_epoch(model, rows)
         ended = phase_finished(rows, ph, tc.patience, tc.min_delta)
         kept = best.restore(model, rows) if ended else None     # every rank: the models stay identical
@@ -278,7 +264,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             # saved before the epoch is logged: a logged epoch is one a restart resumes after
             if c["checkpoint_every_epoch"] or finished:
-                _save(c, cfg, model, opt, item_ids, epochs_done, total, history, finished, best, rows)
+                save_progress(c, cfg, model, opt, item_ids, epochs_done, total, history, finished, best, rows)
             _stderr(f"[estep] round {em_round} {epoch_line(row)}, {row['samples']} samples "
                     f"({row['samples_per_s']:.0f}/s, {world} worker(s))"
                     + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else "")
@@ -292,33 +278,8 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
     finished = not remaining(phases, history, tc.patience, tc.min_delta)
     if rank == 0 and trained and not c["checkpoint_every_epoch"] and not finished:
         # stopped early: keep the progress
-        _save(c, cfg, model, opt, item_ids, epochs_done, total, history, False, best, _rows(history, cur_phase))
+        save_progress(c, cfg, model, opt, item_ids, epochs_done, total, history, False, best, phase_rows(history, cur_phase))
     return {"epochs_done": epochs_done}
-
-
-def _rows(history: list[dict[str, Any]], phase_index: int) -> list[dict[str, Any]]:
-    return [h for h in history if h.get("phase_index") == phase_index]
-
-
-def _resumed_best(model: DRModel, rows: list[dict[str, Any]], saved: dict[str, torch.Tensor] | None) -> BestWeights:
-    """The phase's best epoch on resuming inside it: the loaded weights when it was the last epoch, else best.pt."""
-    b = best_epoch(rows)
-    if b is None:
-        return BestWeights()
-    if b == len(rows) - 1:
-        return BestWeights(trainable_state(model), b)
-    return BestWeights(saved, b) if saved is not None else BestWeights()
-
-
-def _save(c: dict[str, Any], cfg: DRConfig, model: DRModel, opt: HybridAdam, item_ids: np.ndarray,
-          epochs_done: int, total: int, history: list[dict[str, Any]], finished: bool, best: BestWeights,
-          rows: list[dict[str, Any]]) -> str:
-    meta = CheckpointMeta(run_id=c["run_id"], round=c["round"], item_paths_version=c["item_paths_version"],
-                          samples_version=c["samples_version"], config=cfg.to_dict(), config_hash=c["config_hash"],
-                          epochs_done=epochs_done, epochs_total=total, num_items=len(item_ids), losses=history,
-                          finished=finished, dropped_samples=c.get("dropped", 0))
-    return save_checkpoint(c["root"], meta, model.state_dict(), opt.state_dict(), item_ids,
-                           best.state if best.pending(rows) else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +336,7 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
         "warm_from": warm_from,
         "hold": hold_target(),
     }
-    resume, warm = _resolve_start(root, em_round, conf)
+    resume, warm = resolve_start(root, em_round, conf)
     prev = 0 if resume is None else read_meta(resume).epochs_done    # read now: finishing removes partials
     log(f"[estep] round {em_round}: {num_items} items x J={cfg.model.J} (item_paths v{item_paths_version}), "
         f"samples_train v{samples_version}, {ray_cfg.num_workers} worker(s), schedule "
