@@ -9,7 +9,7 @@ from jobs.cli_common import config_options
 
 def _plan(args: argparse.Namespace) -> int:
     from dr_model.config import DRConfig
-    from jobs.plan import NIGHT_S, Workload, cores_for, load_rates, predict, scaled
+    from jobs.plan import NIGHT_S, Workload, backfill_cold_items, cores_for, load_rates, predict, scaled
 
     cfg = DRConfig.load(args.config, args.set)
     rates = load_rates(args.rates)
@@ -25,6 +25,8 @@ def _plan(args: argparse.Namespace) -> int:
     out["cores_for_night"] = {f"{n:.0e}".replace("+0", ""): {m: cores_for(scaled(w, int(n)), cfg, rates, mode=m, **kw)
                                                               for m in ("full", "incremental")}
                               for n in (1e8, 1e9)}
+    cold = backfill_cold_items(w.items, args.cores, rates, args.efficiency)
+    out["backfill_cold_items_s"] = None if cold is None else round(cold, 1)
     out["rates"] = {k: {"value": r.value, "unit": r.unit, "date": r.date} for k, r in rates.items()}
     if args.json:
         print(json.dumps(out, sort_keys=True))
@@ -34,6 +36,8 @@ def _plan(args: argparse.Namespace) -> int:
     for mode in ("full", "incremental"):
         stages = ", ".join(f"{k} {v:,.0f}s" for k, v in out[f"{mode}_stages_s"].items())
         print(f"  {mode:11s} night {out[f'{mode}_total_s'] / 3600:6.2f} h: {stages}")
+    if cold is not None:
+        print(f"  backfill cold-items over the catalog (not nightly): {cold:,.0f}s")
     for n, need in out["cores_for_night"].items():
         print(f"  cores for a {NIGHT_S / 3600:.0f}-hour night at {n} items (same shape): "
               f"full {need['full']}, incremental {need['incremental']}")

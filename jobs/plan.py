@@ -16,6 +16,10 @@ with their dates. Work per stage follows what the jobs do:
   candidates   users x the retrieval budget (items scored per user)
   evaluate     the catalog through the peers (HNSW + IVF builds dominate; eval users are a fixed few thousand)
 
+Not a nightly stage: `dr backfill cold-items` (the backfill DAG, run when items arrive without
+interactions) reads the whole catalog and item_paths; `backfill_cold_items` predicts it from its own
+rate (optional in a rates file).
+
 Fixed costs: one per command start and per E-step phase (Ray Train's start and rendezvous); the
 scores and M-step rates are whole-job rates, their Spark job starts included.
 
@@ -136,6 +140,13 @@ def cores_for(w: Workload, cfg: DRConfig, rates: dict[str, Rate], budget_s: floa
     if fixed >= budget_s:
         return None
     return max(1, math.ceil(core_s / (budget_s - fixed)))
+
+
+def backfill_cold_items(items: int, cores: int, rates: dict[str, Rate], efficiency: float = 0.8) -> float | None:
+    """Seconds of `dr backfill cold-items` over a catalog of `items` (None: the rates have no such rate)."""
+    if "cold_items_catalog" not in rates:
+        return None
+    return Stage("cold_items", items, "cold_items_catalog", 3).seconds(rates, cores, efficiency)
 
 
 def scaled(w: Workload, items: int) -> Workload:

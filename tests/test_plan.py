@@ -8,7 +8,7 @@ import pytest
 
 from dr_model.config import DRConfig
 from jobs.cli import main
-from jobs.plan import NIGHT_S, Workload, cores_for, load_rates, predict, scaled, stages
+from jobs.plan import NIGHT_S, Workload, backfill_cold_items, cores_for, load_rates, predict, scaled, stages
 
 W = Workload(items=1_000_000, users=100_000, interactions=10_000_000, new_interactions=300_000)
 
@@ -65,8 +65,17 @@ def test_the_command_prints_one_json_object(capsys, tmp_path):
     assert out["full_total_s"] == pytest.approx(sum(out["full_stages_s"].values()), rel=1e-3)
     assert set(out["cores_for_night"]) == {"1e8", "1e9"}
     assert out["rates"]["estep_samples"]["date"]
+    assert out["backfill_cold_items_s"] == pytest.approx(backfill_cold_items(10 ** 6, 8, load_rates()), abs=0.1)
     bad = tmp_path / "rates.toml"
     bad.write_text('[fixed]\nvalue = 1\nunit = "s"\nsource = "x"\ndate = "2026-12-01"\n')
     assert main(["plan", "--items", "10", "--users", "10", "--interactions", "10", "--rates", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "rates file" in err and "missing" in err
+
+
+def test_the_cold_items_backfill_follows_the_catalog_and_is_optional():
+    rates = load_rates()
+    fixed = 3 * rates["fixed"].value
+    small, big = backfill_cold_items(10 ** 6, 2, rates), backfill_cold_items(10 ** 7, 2, rates)
+    assert big - fixed == pytest.approx(10 * (small - fixed))
+    assert backfill_cold_items(10 ** 6, 2, {k: r for k, r in rates.items() if k != "cold_items_catalog"}) is None
