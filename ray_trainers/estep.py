@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dr_model.best_weights import BestWeights
+from dr_model.best_weights import BestWeights, best_epoch
 from dr_model.config import DRConfig
 from dr_model.encoders import pooled_encoders
 from dr_model.evaluation import EvalUsers
@@ -363,7 +363,10 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
     ck = load_checkpoint(path, item_paths_version, samples_version, cfg.hash())
     rows = ck.meta.losses[prev:]
     if rows:                                   # the workers printed every epoch as it ended
-        log(f"[estep] round {em_round}: {len(rows)} epochs trained, last {epoch_line(rows[-1])}")
+        phase = phase_rows(ck.meta.losses, rows[-1].get("phase_index"))
+        b = best_epoch(phase)
+        kept = "" if b is None or b == len(phase) - 1 else f"; the phase kept epoch {b + 1}'s weights"
+        log(f"[estep] round {em_round}: {len(rows)} epochs trained, last {epoch_line(rows[-1])}{kept}")
     return _result(ck, ck.meta.epochs_done - prev, resume or warm)
 
 

@@ -250,8 +250,10 @@ def test_an_early_stopped_round_keeps_its_best_epoch_and_a_resume_ends_the_same(
     wh, cfg, sv, pv, _ = inputs
     strict = cfg.with_overrides(["train.patience=2", "train.min_delta=10.0", "train.lr=0.02"])
     ph, valid = [Phase("joint", 6, True, True, 1)], _shifted_valid_users(cfg)
-    whole = run_estep(wh, "best", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid)
+    lines: list[str] = []
+    whole = run_estep(wh, "best", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid, log=lines.append)
     assert whole.complete and len(whole.losses) == 3, whole.losses
+    assert "the phase kept epoch 1's weights" in lines[-1], lines
     one = run_estep(wh, "best-1", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid, stop_after_epochs=1)
     two = run_estep(wh, "best-1", 0, strict, LOCAL, sv, pv, phases=ph, valid_users=valid, stop_after_epochs=1)
     partial = load_checkpoint(two.checkpoint_path, pv, optimizer=True)
