@@ -350,7 +350,7 @@ def _fill_least_loaded(new: np.ndarray, sizes: np.ndarray, step: int = 1, offset
 
 @dataclass(frozen=True)
 class CandidateBlocks:
-    """Candidates in the kernel's layout: paths [nb, S, B] int64, scores [nb, S, B], n_v [nb, B] (V items)."""
+    """Candidates in the kernel's layout: paths [nb, S, B] (the lists' integer type), scores [nb, S, B], n_v [nb, B] (V items)."""
 
     paths: np.ndarray
     scores: np.ndarray
@@ -394,7 +394,7 @@ def prepare_blocks(paths: np.ndarray, scores: np.ndarray, n_v: np.ndarray, block
     nv = new("n_v", (nb, block_size), dtype)
     flat = nv.reshape(-1)
     flat[:V], flat[V:] = n_v, 0
-    return CandidateBlocks(blocks("paths", paths, EMPTY, np.int64), blocks("scores", scores, 0.0, dtype), nv, V)
+    return CandidateBlocks(blocks("paths", paths, EMPTY, paths.dtype), blocks("scores", scores, 0.0, dtype), nv, V)
 
 
 def sweep(cands: CandidateBlocks, assign: np.ndarray, sizes: np.ndarray, alpha: float, power: float, *,

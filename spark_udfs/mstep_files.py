@@ -89,8 +89,10 @@ def _read_in_order(ctx: MStepContext, files: list[str], items: np.ndarray, into:
     lists written with their exploration paths straight into their rows (into's files when given), so
     memory holds the result and one file."""
     V, W = len(items), ctx.width
-    out_p, out_s = ((into.alloc("paths", (V, W), np.int64), into.alloc("scores", (V, W), np.float64))
-                    if into is not None else (np.empty((V, W), np.int64), np.empty((V, W))))
+    # paths as narrow as the path ids allow (int32 below 2^31 paths): the lists and the kernel's
+    # blocks made from them are the M-step's largest arrays
+    new = into.alloc if into is not None else (lambda name, shape, dt: np.empty(shape, dt))
+    out_p, out_s = new("paths", (V, W), ctx.assign_dtype), new("scores", (V, W), np.float64)
     n_v = np.empty(V)
     lo = 0
     for uri in files:
