@@ -52,7 +52,11 @@ def embedding_item_paths(spark: Any, wh: Warehouse, cfg: DRConfig, model_state: 
     starts = spark.range(0, V, chunk, numPartitions=max(1, min(chunks, 4 * sc.defaultParallelism)))
     out = starts.mapInArrow(lambda it: init_path_batches(it, key, bc, tree, V, chunk, mc.J, mc.K), ITEM_PATHS_DDL)
     meta = CommitMeta(job=job, run_id=run_id, round=0, config_hash=cfg.hash(), watermark=1)
-    res = wh.write_spark("item_paths", out, meta, mode="overwrite")
+    try:
+        res = wh.write_spark("item_paths", out, meta, mode="overwrite")
+    finally:
+        bc.destroy()                # the model, held by the driver's and executors' block managers
+        tree.destroy()
     sizes = wh.read_spark(spark, "item_paths", res.version).groupBy("path").count()
     st = sizes.agg(F.count("*").alias("n"), F.max("count").alias("largest")).first()
     log(f"initial paths from the reranker's item embeddings: {st['n']} non-empty paths, largest {st['largest']}, "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -60,16 +60,18 @@ def item_buckets(spark: SparkSession, opts: ScoresOptions) -> int:
 
 def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig,
                       previous: DataFrame | None = None, opts: ScoresOptions = ScoresOptions(),
-                      item_paths: DataFrame | None = None, decay: float | None = None) -> DataFrame:
+                      item_paths: DataFrame | None = None, decay: float | None = None, bc: Any = None) -> DataFrame:
     """The s[v,c] rows (item_id, path, score, n_v), top-S (+ J with item_paths) per item; merged into
     `previous` when given, with decay eta (required then).
 
     One scan of the samples, one shuffle: one row per pair (its beam outputs as lists,
     n_v = 1) goes straight to its item's partition, where dr_model sums them per (item,
     path) exactly and keeps the top S (beam_udf module doc). With item_paths, the samples
-    are joined to their target's paths first (a broadcast join while the table is small).
+    are joined to their target's paths first (a broadcast join while the table is small). bc: the
+    model's broadcast (the caller destroys it once the frame is written), else one is made.
     """
-    bc = spark.sparkContext.broadcast(model.data)     # shipped once per executor, not per task
+    if bc is None:
+        bc = spark.sparkContext.broadcast(model.data)     # shipped once per executor, not per task
     key, S, bs = model.key, cfg.search.score_paths, cfg.search.batch_size
     src = samples.select("hist", "target")
     width = S
@@ -110,14 +112,20 @@ def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelP
     mode = "batch" if previous is None else f"streaming (decay {decay:.4f} = {cfg.incremental.decay_per_day} ** {days:.2f} days, previous version {previous_version})"
     log(f"beam S={cfg.search.score_paths}" + (f" + own paths of item_paths@{item_paths_version}" if ip is not None else "")
         + f", batch {cfg.search.batch_size}, samples_train@{samples_version}, {mode}")
-    df = path_scores_frame(spark, samples, model, cfg, previous, opts, ip, decay)
+    # the model's broadcast, destroyed once written: a night's rounds would otherwise keep every
+    # round's model in the driver's and the executors' block managers
+    bc = spark.sparkContext.broadcast(model.data)
+    df = path_scores_frame(spark, samples, model, cfg, previous, opts, ip, decay, bc)
     # watermark = the round: a rerun after a crash between this commit and the M-step's reuses it
     meta = CommitMeta(JOB, run_id, round, cfg.hash(), watermark=round if round is not None else 1, extra={
         "samples_version": samples_version, "previous_version": previous_version, "model_key": model.key,
         "item_paths_version": item_paths_version, "width": cfg.search.score_paths + (cfg.model.J if ip is not None else 0),
         "mode": "batch" if previous is None else "streaming", "decay": decay if previous is not None else None,
         "item_buckets": item_buckets(spark, opts)})
-    res = warehouse.write_spark("path_scores", df, meta, mode="overwrite")
+    try:
+        res = warehouse.write_spark("path_scores", df, meta, mode="overwrite")
+    finally:
+        bc.destroy()
     log(f"path_scores v{res.version} already committed by run {run_id} round {round}: reused" if res.skipped else
         f"committed path_scores v{res.version}: {res.rows} rows in {res.files} files [{time.perf_counter() - t0:.1f}s]")
     return res

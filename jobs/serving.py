@@ -124,12 +124,15 @@ def _write_path_vectors(out: Path) -> None:
 
 
 def ensure_bundle(spark: Any, wh: Warehouse, run: runs.RunRecord, log: Callable[[str], None] = _log) -> Path:
-    """The serving bundle of a succeeded train run, built if missing -> its folder."""
+    """The serving bundle of a succeeded train run, built if missing -> its folder. spark None (inside a
+    Spark task): the run's path_index must exist already."""
     from ray_trainers.checkpoint import load_checkpoint
 
     ip_v = run.table_versions["item_paths"]
     pi_v = find_path_index(wh, ip_v)
     if pi_v is None:
+        if spark is None:
+            raise RuntimeError(f"run {run.run_id}: no path_index for item_paths v{ip_v}; build it before the bundle")
         pi_v = build_path_index(spark, wh, ip_v, f"serving-{run.run_id}", log=log).version
     final = bundle_dir(wh, run.run_id, pi_v)
     if (final / "meta.json").exists():

@@ -198,6 +198,7 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
         if cfg.train.init_paths == "embeddings":
             emb_v = embedding_item_paths(spark, wh, cfg, est0.model_state, est0.item_ids, run_id, f"{JOB}.init_paths",
                                          log)
+        del est0                   # its model (item rows up to model.item_rows): not needed past the initial paths
     ip_v = emb_v if emb_v is not None else ip_v
     alpha, ps_v = None, None
     for r in range(1, cfg.train.em_rounds + 1):
@@ -221,6 +222,7 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
         ip_v, alpha, ps_v = res.version, stats[-1].alpha, ps.version
         rounds.append({"round": r, "path_scores": ps.version, "item_paths": ip_v, "alpha": alpha,
                        "estep": est.losses, "mstep": [vars(s) for s in stats]})
+        del est, payload           # the round's model, twice: the driver holds one model at a time
     final_round = cfg.train.em_rounds + 1
     log(f"final E-step against item_paths v{ip_v}")
     final = run_estep(wh, run_id, final_round, cfg, ray_cfg, sv, ip_v, valid_users=valid, log=log)
