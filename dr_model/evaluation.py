@@ -21,7 +21,7 @@ from . import ann
 from .baselines import EASE, choose_ease_lambda, ease_lambda_grid, item_cf_topk, popular_topk, to_raw, user_item_matrix
 from .beam_choice import BeamChoice, distinct_items, pick_beam
 from .config import DRConfig
-from .index import PathIndex, member, pair_keys
+from .index import PathIndex, member, pair_keys, row_blocks
 from .metrics import PRF, per_user_prf, prf_at_k
 from .model import DRModel
 from .split import Split
@@ -99,15 +99,20 @@ def validation_path_recall(model: DRModel, vocab: Vocab, users: EvalUsers, index
     beam learns to reach the rest.
     """
     model.eval()
-    paths, _ = model.beam(vocab.seq(users.hist), beam)
-    row, item = index.lookup(paths.numpy())
+    paths = model.beam(vocab.seq(users.hist), beam)[0].numpy()
+    model.train()
     t_row = np.repeat(np.arange(len(users), dtype=np.int64), np.diff(users.truth_offsets))
     t_item = vocab.index(users.truth_items)
-    model.train()
     if len(t_row) == 0:
         return 0.0
-    hit = member(pair_keys(t_row, t_item, vocab.size), pair_keys(row, item, vocab.size)) & (t_item >= 0)
-    return float(hit.mean())
+    hits = 0
+    # users in blocks of ~LOOKUP_PAIRS (user, item) pairs: the users' paths may hold ~budget items each
+    for lo, hi in row_blocks(index.counts(paths)):
+        row, item = index.lookup(paths[lo:hi])
+        t = slice(users.truth_offsets[lo], users.truth_offsets[hi])
+        hit = member(pair_keys(t_row[t] - lo, t_item[t], vocab.size), pair_keys(row, item, vocab.size))
+        hits += int((hit & (t_item[t] >= 0)).sum())
+    return hits / len(t_row)
 
 
 def choose_beam(model: DRModel, vocab: Vocab, users: EvalUsers, index: PathIndex, budget: float, k: int,

@@ -224,3 +224,29 @@ def test_validation_path_recall_counts_truth_items_the_beam_reaches():
     users = EvalUsers(hist, np.array([0, 2]), np.array([10, 11]), np.array([0, 3]), np.array([12, 13, 99]))
     # 3 truth pairs: 12 reached, 13 not, 99 not in the catalog
     assert validation_path_recall(model, vocab, users, index, 2) == pytest.approx(1 / 3)
+
+
+def test_validation_path_recall_in_user_blocks_equals_one_lookup(monkeypatch):
+    """Users go through the index in blocks of ~LOOKUP_PAIRS pairs: the same figure as all at once."""
+    import dr_model.index as index_mod
+    from dr_model.evaluation import EvalUsers, validation_path_recall
+    from dr_model.index import PathIndex
+    from dr_model.mstep import initial_assignment
+    from dr_model.vocab import Vocab
+
+    cfg = DRConfig.from_dict({"model": {"K": 6, "D": 2, "J": 2, "item_dim": 8, "user_dim": 8, "node_dim": 4,
+                                        "hidden": 16, "rerank_dim": 8, "seq_len": 3}})
+    torch.manual_seed(2)
+    V, U, rng = 300, 50, np.random.default_rng(2)
+    model = DRModel(cfg.model, V).eval()
+    vocab = Vocab(np.arange(V, dtype=np.int64) * 2)
+    hist = rng.choice(vocab.ids, size=(U, 3))
+    n_truth = rng.integers(0, 6, U)
+    offsets = np.r_[0, np.cumsum(n_truth)]
+    truth = np.where(rng.random(offsets[-1]) < 0.1, 1, rng.choice(vocab.ids, offsets[-1]))    # 1: not in the catalog
+    users = EvalUsers(hist, np.arange(U + 1) * 3, hist.ravel(), offsets, truth)
+    index = PathIndex.build(initial_assignment(V, 2, cfg.model.num_paths, 0))
+    whole = validation_path_recall(model, vocab, users, index, 4)
+    monkeypatch.setattr(index_mod, "LOOKUP_PAIRS", 40)          # a few users per block
+    assert len(index_mod.row_blocks(index.counts(model.beam(vocab.seq(hist), 4)[0].numpy()))) > 5
+    assert validation_path_recall(model, vocab, users, index, 4) == whole > 0
