@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "benchmark and date it came from). The config (--config/--set) sets the "
                                    "schedule: epochs, EM rounds, M-step rounds, J, the retrieval budget.")
     config_options(p)
-    p.add_argument("--items", type=int, required=True, help="catalog size")
+    p.add_argument("--items", type=int, required=True,
+                   help="items the model trains: those with interactions (the rest are cold items, a backfill)")
     p.add_argument("--users", type=int, required=True, help="users to generate candidates for")
     p.add_argument("--interactions", type=int, required=True, help="interactions in the training history")
     p.add_argument("--new-interactions", type=int, default=None,

@@ -14,7 +14,11 @@ with their dates. Work per stage follows what the jobs do:
   M-step       items x mstep.rounds per EM round
   paths        initial paths + path index: items x J rows
   candidates   users x the retrieval budget (items scored per user)
-  evaluate     the catalog through the peers (HNSW + IVF builds dominate; eval users are a fixed few thousand)
+  evaluate     the catalog through the peers (HNSW + IVF builds dominate; eval users are a fixed few thousand);
+               above eval.ann_max_items no ANN peer is built and brute force / DR's sweep over the
+               catalog remain (rate `eval_items`, falling back to the HNSW rate where a rates file lacks it)
+
+`items` are the items the model trains (those with interactions): cold items are a backfill.
 
 Not a nightly stage: `dr backfill cold-items` (the backfill DAG, run when items arrive without
 interactions) reads the whole catalog and item_paths; `backfill_cold_items` predicts it from its own
@@ -88,7 +92,8 @@ def load_rates(path: str | Path | None = None) -> dict[str, Rate]:
     return rates
 
 
-def stages(w: Workload, cfg: DRConfig, mode: str = "full", evaluate: bool = True) -> list[Stage]:
+def stages(w: Workload, cfg: DRConfig, mode: str = "full", evaluate: bool = True,
+           rates: dict[str, Rate] | None = None) -> list[Stage]:
     """The night's stages with their work, in the order the nightly DAG runs them."""
     t, m = cfg.train, cfg.model
     budget = cfg.search.budget(w.items, cfg.eval.k)
@@ -115,7 +120,8 @@ def stages(w: Workload, cfg: DRConfig, mode: str = "full", evaluate: bool = True
         Stage("candidates", w.users * budget, "retrieval_item_scores", 1),
     ]
     if evaluate:
-        out.append(Stage("evaluate", w.items, "hnsw_build_items", 1))
+        ann = w.items <= cfg.eval.ann_max_items or "eval_items" not in (rates or {})
+        out.append(Stage("evaluate", w.items, "hnsw_build_items" if ann else "eval_items", 1))
     return out
 
 
@@ -126,7 +132,7 @@ def predict(w: Workload, cfg: DRConfig, cores: int, rates: dict[str, Rate], mode
         raise ConfigError(f"plan: cores must be >= 1, got {cores}")
     if not 0 < efficiency <= 1:
         raise ConfigError(f"plan: efficiency must be in (0, 1], got {efficiency}")
-    secs = {s.name: s.seconds(rates, cores, efficiency) for s in stages(w, cfg, mode, evaluate)}
+    secs = {s.name: s.seconds(rates, cores, efficiency) for s in stages(w, cfg, mode, evaluate, rates)}
     secs["total"] = sum(secs.values())
     return secs
 
@@ -134,7 +140,7 @@ def predict(w: Workload, cfg: DRConfig, cores: int, rates: dict[str, Rate], mode
 def cores_for(w: Workload, cfg: DRConfig, rates: dict[str, Rate], budget_s: float = NIGHT_S, mode: str = "full",
               efficiency: float = 0.8, evaluate: bool = True) -> int | None:
     """Fewest cores whose night fits budget_s (None: the fixed costs alone exceed it)."""
-    st = stages(w, cfg, mode, evaluate)
+    st = stages(w, cfg, mode, evaluate, rates)
     fixed = sum(s.starts for s in st) * rates["fixed"].value
     core_s = sum(s.work / rates[s.rate].value for s in st) / efficiency
     if fixed >= budget_s:

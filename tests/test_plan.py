@@ -79,3 +79,13 @@ def test_the_cold_items_backfill_follows_the_catalog_and_is_optional():
     small, big = backfill_cold_items(10 ** 6, 2, rates), backfill_cold_items(10 ** 7, 2, rates)
     assert big - fixed == pytest.approx(10 * (small - fixed))
     assert backfill_cold_items(10 ** 6, 2, {k: r for k, r in rates.items() if k != "cold_items_catalog"}) is None
+
+
+def test_evaluate_above_the_ann_limit_builds_no_index():
+    rates, cfg = load_rates(), DRConfig()
+    big = Workload(cfg.eval.ann_max_items + 1, 1000, 10_000, 1000)
+    small = Workload(cfg.eval.ann_max_items, 1000, 10_000, 1000)
+    assert {s.name: s.rate for s in stages(big, cfg, rates=rates)}["evaluate"] == "eval_items"
+    assert {s.name: s.rate for s in stages(small, cfg, rates=rates)}["evaluate"] == "hnsw_build_items"
+    without = {k: r for k, r in rates.items() if k != "eval_items"}     # an older rates file: the HNSW rate
+    assert {s.name: s.rate for s in stages(big, cfg, rates=without)}["evaluate"] == "hnsw_build_items"
