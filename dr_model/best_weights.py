@@ -55,4 +55,9 @@ class BestWeights:
         return epoch
 
 
-__all__ = ["BestWeights", "best_epoch", "trainable_state"]
+def kept_note(rows: Sequence[dict[str, Any]], epoch: int) -> str:
+    """The log's words for a phase that ended with an earlier epoch's weights."""
+    return f"keeping epoch {epoch + 1}'s weights (validation recall {rows[epoch]['valid_recall']:.4f})"
+
+
+__all__ = ["BestWeights", "best_epoch", "kept_note", "trainable_state"]

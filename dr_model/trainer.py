@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .beam_choice import BeamChoice
-from .best_weights import BestWeights
+from .best_weights import BestWeights, kept_note
 from .calibrate import is_collapsed, start_path_size, with_exploration
 from .config import DRConfig
 from .evaluation import EvalUsers, choose_beam, evaluate_users, validation_path_recall, validation_recall
@@ -195,7 +195,7 @@ def run_phase(model: DRModel, seq: torch.Tensor, target: torch.Tensor, assign: n
             break
     kept = best.restore(model, rows)
     if kept is not None:
-        log(f"  {phase.name}: keeping epoch {kept + 1}'s weights (validation recall {rows[kept]['valid_recall']:.4f})")
+        log(f"  {phase.name}: {kept_note(rows, kept)}")
     unfreeze(model)
     model.eval()
     return rows

@@ -60,7 +60,7 @@ def item_buckets(spark: SparkSession, opts: ScoresOptions) -> int:
 
 def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig,
                       previous: DataFrame | None = None, opts: ScoresOptions = ScoresOptions(),
-                      item_paths: DataFrame | None = None, decay: float | None = None, bc: Any = None) -> DataFrame:
+                      item_paths: DataFrame | None = None, decay: float | None = None, *, bc: Any) -> DataFrame:
     """The s[v,c] rows (item_id, path, score, n_v), top-S (+ J with item_paths) per item; merged into
     `previous` when given, with decay eta (required then).
 
@@ -68,10 +68,8 @@ def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPaylo
     n_v = 1) goes straight to its item's partition, where dr_model sums them per (item,
     path) exactly and keeps the top S (beam_udf module doc). With item_paths, the samples
     are joined to their target's paths first (a broadcast join while the table is small). bc: the
-    model's broadcast (the caller destroys it once the frame is written), else one is made.
+    model's broadcast (model.data, shipped once per executor; the caller destroys it once the frame is written).
     """
-    if bc is None:
-        bc = spark.sparkContext.broadcast(model.data)     # shipped once per executor, not per task
     key, S, bs = model.key, cfg.search.score_paths, cfg.search.batch_size
     src = samples.select("hist", "target")
     width = S
@@ -115,7 +113,7 @@ def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelP
     # the model's broadcast, destroyed once written: a night's rounds would otherwise keep every
     # round's model in the driver's and the executors' block managers
     bc = spark.sparkContext.broadcast(model.data)
-    df = path_scores_frame(spark, samples, model, cfg, previous, opts, ip, decay, bc)
+    df = path_scores_frame(spark, samples, model, cfg, previous, opts, ip, decay, bc=bc)
     # watermark = the round: a rerun after a crash between this commit and the M-step's reuses it
     meta = CommitMeta(JOB, run_id, round, cfg.hash(), watermark=round if round is not None else 1, extra={
         "samples_version": samples_version, "previous_version": previous_version, "model_key": model.key,

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dr_model.best_weights import BestWeights, best_epoch
+from dr_model.best_weights import BestWeights, best_epoch, kept_note
 from dr_model.config import DRConfig
 from dr_model.encoders import pooled_encoders
 from dr_model.evaluation import EvalUsers
@@ -268,8 +268,7 @@ def train_loop(c: dict[str, Any]) -> dict[str, Any]:
             _stderr(f"[estep] round {em_round} {epoch_line(row)}, {row['samples']} samples "
                     f"({row['samples_per_s']:.0f}/s, {world} worker(s))"
                     + (f"; {ph.name} phase ended after {ep + 1} epochs" if ended else "")
-                    + ("" if kept is None else f", keeping epoch {kept + 1}'s weights "
-                                               f"(validation recall {rows[kept]['valid_recall']:.4f})")
+                    + ("" if kept is None else f", {kept_note(rows, kept)}")
                     + ("" if finished else f"; at most {total - epochs_done} epochs left in the round "
                                            f"(~{(total - epochs_done) * secs / 60:.1f} min)"))
     if sync is not None:
