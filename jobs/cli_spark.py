@@ -29,12 +29,14 @@ def _print(obj: dict) -> None:
 
 def _scores(args: argparse.Namespace) -> int:
     from jobs.cli import load_config
-    from jobs.scores import compute_path_scores, load_payload
+    from jobs.scores import compute_path_scores
+    from spark_udfs.model_source import ModelSource
 
     cfg = load_config(args)
     spark, wh, run_id = _session(args, "dr-scores")
-    res = compute_path_scores(spark, wh, load_payload(str(args.checkpoint), cfg), cfg, args.samples_version,
-                              run_id, args.round, previous_version=args.previous_version, days=args.days)
+    model = ModelSource.from_checkpoint(str(args.checkpoint), cfg.model)
+    res = compute_path_scores(spark, wh, model, cfg, args.samples_version, run_id, args.round,
+                              previous_version=args.previous_version, days=args.days)
     _print({"table": res.table, "version": res.version, "rows": res.rows, "run_id": run_id})
     return 0
 

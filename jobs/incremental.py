@@ -115,7 +115,7 @@ def run_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
               interactions_version: int, log: Log) -> tuple[dict[str, int], str, dict[str, Any]]:
     """Steps 1-5 -> (table versions, checkpoint, metrics) of the night."""
     from ray_trainers.estep import run_estep
-    from spark_udfs.beam_udf import ModelPayload
+    from spark_udfs.model_source import ModelSource
 
     from .mstep import JOB as MSTEP_JOB
     from .mstep import MStepOptions, distributed_mstep
@@ -149,8 +149,8 @@ def run_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, run_
     if done is None:
         est = run_estep(wh, run_id, 1, cfg, ray_cfg, sv, ip_v, phases=[Phase("incremental", epochs, True, True, seed)],
                         valid_users=valid, warm_from=prev.checkpoint, log=log)
-        payload = ModelPayload.from_state(est.model_state, est.item_ids, cfg.model)
-        ps = compute_path_scores(spark, wh, payload, cfg, sv, run_id, 1, previous_version=pv["path_scores"],
+        model = ModelSource.from_checkpoint(est.checkpoint_path, cfg.model)
+        ps = compute_path_scores(spark, wh, model, cfg, sv, run_id, 1, previous_version=pv["path_scores"],
                                  item_paths_version=ip_v, days=days, log=log)
         res, stats = distributed_mstep(spark, wh, cfg, ps.version, ip_v, run_id, 1,
                                        opts=MStepOptions(alpha0=pm.get("alpha")), log=log)

@@ -55,10 +55,10 @@ def beam_task(wh: Warehouse, cfg: DRConfig, run: runs.RunRecord, valid: Any, bud
 def choose_retrieval_beam(spark: Any, wh: Warehouse, cfg: DRConfig, run_id: str, est: Any, item_paths_version: int,
                           valid: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """The run's metrics for its beam (retrieval_beam, budget, items per validation user, the recalls behind the
-    choice) for a final E-step `est` (item_ids, checkpoint_path) trained against item_paths_version."""
+    choice) for a final E-step `est` (num_items, checkpoint_path) trained against item_paths_version."""
     from .path_index import build_path_index, find_path_index
 
-    budget = cfg.search.budget(len(est.item_ids), cfg.eval.k)
+    budget = cfg.search.budget(est.num_items, cfg.eval.k)
     if valid is None or len(valid) == 0:
         log(f"no validation users: retrieval beam {cfg.search.beam} (search.beam)")
         return {"retrieval_beam": cfg.search.beam, "budget": budget}

@@ -14,14 +14,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from dr_model.config import DRConfig
 from jobs.tables import CommitMeta, CommitResult, Warehouse
-from spark_udfs.beam_udf import BEAM_DDL, PAIR_DDL, ModelPayload, beam_batches, pair_batches, top_s_batches
+from spark_udfs.beam_udf import PAIR_DDL, pair_batches, top_s_batches
+from spark_udfs.model_source import ModelSource
 
 JOB = "scores"
 _OUT_DDL = "item_id long, path long, score double, n_v double"
@@ -38,13 +39,6 @@ class ScoresOptions:
     partitions: int | None = None
 
 
-def beam_rows(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig) -> DataFrame:
-    """samples (hist, target) -> (item_id, path, prob): the top-S beam outputs of every pair (S per pair)."""
-    bc = spark.sparkContext.broadcast(model.data)     # shipped once per executor, not per task
-    key, S, bs = model.key, cfg.search.score_paths, cfg.search.batch_size
-    return samples.select("hist", "target").mapInArrow(lambda it: beam_batches(it, key, bc, S, bs), BEAM_DDL)
-
-
 def own_paths(item_paths: DataFrame) -> DataFrame:
     """item_paths rows -> (item_id, own: array of its paths in slot order)."""
     return (item_paths.groupBy("item_id")
@@ -58,26 +52,26 @@ def item_buckets(spark: SparkSession, opts: ScoresOptions) -> int:
     return opts.partitions or int(spark.conf.get("spark.sql.shuffle.partitions"))
 
 
-def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPayload, cfg: DRConfig,
+def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelSource, cfg: DRConfig,
                       previous: DataFrame | None = None, opts: ScoresOptions = ScoresOptions(),
-                      item_paths: DataFrame | None = None, decay: float | None = None, *, bc: Any) -> DataFrame:
+                      item_paths: DataFrame | None = None, decay: float | None = None) -> DataFrame:
     """The s[v,c] rows (item_id, path, score, n_v), top-S (+ J with item_paths) per item; merged into
     `previous` when given, with decay eta (required then).
 
     One scan of the samples, one shuffle: one row per pair (its beam outputs as lists,
     n_v = 1) goes straight to its item's partition, where dr_model sums them per (item,
     path) exactly and keeps the top S (beam_udf module doc). With item_paths, the samples
-    are joined to their target's paths first (a broadcast join while the table is small). bc: the
-    model's broadcast (model.data, shipped once per executor; the caller destroys it once the frame is written).
+    are joined to their target's paths first (a broadcast join while the table is small). The
+    executors read the model from its checkpoint file themselves (spark_udfs.model_source).
     """
-    key, S, bs = model.key, cfg.search.score_paths, cfg.search.batch_size
+    S, bs = cfg.search.score_paths, cfg.search.batch_size
     src = samples.select("hist", "target")
     width = S
     if item_paths is not None:
         own = own_paths(item_paths).withColumnRenamed("item_id", "target")
         src = src.join(own, "target", "left").select("hist", "target", "own")
         width = S + cfg.model.J
-    rows = src.mapInArrow(lambda it: pair_batches(it, key, bc, S, bs), PAIR_DDL)
+    rows = src.mapInArrow(lambda it: pair_batches(it, model, S, bs), PAIR_DDL)
     if previous is not None:
         if decay is None:
             raise ValueError("a streaming merge needs its decay (incremental.decay(days))")
@@ -91,7 +85,7 @@ def path_scores_frame(spark: SparkSession, samples: DataFrame, model: ModelPaylo
     return rows.repartition(n, "item_id").mapInArrow(lambda it: top_s_batches(it, width, decay), _OUT_DDL)
 
 
-def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelPayload, cfg: DRConfig,
+def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelSource, cfg: DRConfig,
                         samples_version: int | None, run_id: str, round: int | None = None,
                         previous_version: int | None = None, opts: ScoresOptions = ScoresOptions(),
                         item_paths_version: int | None = None, days: float = 1.0,
@@ -110,30 +104,17 @@ def compute_path_scores(spark: SparkSession, warehouse: Warehouse, model: ModelP
     mode = "batch" if previous is None else f"streaming (decay {decay:.4f} = {cfg.incremental.decay_per_day} ** {days:.2f} days, previous version {previous_version})"
     log(f"beam S={cfg.search.score_paths}" + (f" + own paths of item_paths@{item_paths_version}" if ip is not None else "")
         + f", batch {cfg.search.batch_size}, samples_train@{samples_version}, {mode}")
-    # the model's broadcast, destroyed once written: a night's rounds would otherwise keep every
-    # round's model in the driver's and the executors' block managers
-    bc = spark.sparkContext.broadcast(model.data)
-    df = path_scores_frame(spark, samples, model, cfg, previous, opts, ip, decay, bc=bc)
+    df = path_scores_frame(spark, samples, model, cfg, previous, opts, ip, decay)
     # watermark = the round: a rerun after a crash between this commit and the M-step's reuses it
     meta = CommitMeta(JOB, run_id, round, cfg.hash(), watermark=round if round is not None else 1, extra={
         "samples_version": samples_version, "previous_version": previous_version, "model_key": model.key,
         "item_paths_version": item_paths_version, "width": cfg.search.score_paths + (cfg.model.J if ip is not None else 0),
         "mode": "batch" if previous is None else "streaming", "decay": decay if previous is not None else None,
         "item_buckets": item_buckets(spark, opts)})
-    try:
-        res = warehouse.write_spark("path_scores", df, meta, mode="overwrite")
-    finally:
-        bc.destroy()
+    res = warehouse.write_spark("path_scores", df, meta, mode="overwrite")
     log(f"path_scores v{res.version} already committed by run {run_id} round {round}: reused" if res.skipped else
         f"committed path_scores v{res.version}: {res.rows} rows in {res.files} files [{time.perf_counter() - t0:.1f}s]")
     return res
 
 
-def load_payload(checkpoint: str, cfg: DRConfig) -> ModelPayload:
-    """Model payload from an E-step checkpoint directory (ray_trainers.checkpoint layout)."""
-    from ray_trainers.checkpoint import load_checkpoint
-
-    return ModelPayload.from_checkpoint(load_checkpoint(checkpoint, None), cfg.model)
-
-
-__all__ = ["ScoresOptions", "item_buckets", "beam_rows", "path_scores_frame", "compute_path_scores", "load_payload", "JOB"]
+__all__ = ["ScoresOptions", "item_buckets", "path_scores_frame", "compute_path_scores", "JOB"]

@@ -168,7 +168,7 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
                 log: Log) -> tuple[dict[str, int], str, dict[str, Any]]:
     """The whole history: split -> round 0 -> R EM rounds -> final E-step -> state -> (versions, checkpoint, metrics)."""
     from ray_trainers.estep import run_estep
-    from spark_udfs.beam_udf import ModelPayload
+    from spark_udfs.model_source import ModelSource
 
     from . import user_state
     from .mstep import JOB as MSTEP_JOB
@@ -196,9 +196,7 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
         est0 = run_estep(wh, run_id, 0, cfg, ray_cfg, sv, ip_v, valid_users=valid, log=log)
         rounds.append({"round": 0, "estep": est0.losses})
         if cfg.train.init_paths == "embeddings":
-            emb_v = embedding_item_paths(spark, wh, cfg, est0.model_state, est0.item_ids, run_id, f"{JOB}.init_paths",
-                                         log)
-        del est0                   # its model (item rows up to model.item_rows): not needed past the initial paths
+            emb_v = embedding_item_paths(spark, wh, cfg, est0.checkpoint_path, run_id, f"{JOB}.init_paths", log)
     ip_v = emb_v if emb_v is not None else ip_v
     alpha, ps_v = None, None
     for r in range(1, cfg.train.em_rounds + 1):
@@ -214,15 +212,14 @@ def _full_night(spark: Any, wh: Warehouse, cfg: DRConfig, ray_cfg: RayConfig, ru
         log(f"round {r}/{cfg.train.em_rounds}: E-step on Ray against item_paths v{ip_v}")
         est = run_estep(wh, run_id, r, cfg, ray_cfg, sv, ip_v, valid_users=valid, log=log)
         log(f"round {r}: s[v,c] on Spark")
-        payload = ModelPayload.from_state(est.model_state, est.item_ids, cfg.model)
-        ps = compute_path_scores(spark, wh, payload, cfg, sv, run_id, r, item_paths_version=ip_v, log=log)
+        model = ModelSource.from_checkpoint(est.checkpoint_path, cfg.model)    # the executors read it themselves
+        ps = compute_path_scores(spark, wh, model, cfg, sv, run_id, r, item_paths_version=ip_v, log=log)
         log(f"round {r}: M-step on Spark over path_scores v{ps.version}")
         res, stats = distributed_mstep(spark, wh, cfg, ps.version, ip_v, run_id, r,
                                        opts=MStepOptions(alpha0=alpha), log=log)
         ip_v, alpha, ps_v = res.version, stats[-1].alpha, ps.version
         rounds.append({"round": r, "path_scores": ps.version, "item_paths": ip_v, "alpha": alpha,
                        "estep": est.losses, "mstep": [vars(s) for s in stats]})
-        del est, payload           # the round's model, twice: the driver holds one model at a time
     final_round = cfg.train.em_rounds + 1
     log(f"final E-step against item_paths v{ip_v}")
     final = run_estep(wh, run_id, final_round, cfg, ray_cfg, sv, ip_v, valid_users=valid, log=log)

@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from dr_model.state_file import save_state
+
 FORMAT = 2                      # 2: the reranker bias is a table (reranker.bias.weight), HybridAdam state
 _NAME = re.compile(r"^estep-round-(\d+)(?:\.epoch-(\d+))?$")
 
@@ -129,8 +131,7 @@ def save_checkpoint(root: str, meta: CheckpointMeta, model_state: dict[str, torc
     # Tensors and plain containers only, so loading works with weights_only=True; streamed to the
     # file (an in-memory copy would double the writer's peak memory for a catalog-sized model).
     with fs.open_output_stream(f"{tmp}/state.pt") as f:
-        torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()},
-                    "item_ids": torch.from_numpy(np.array(item_ids, dtype=np.int64))}, f)   # a writable copy
+        save_state(f, model_state, item_ids)
     if optimizer_state is not None:
         with fs.open_output_stream(f"{tmp}/optimizer.pt") as f:
             torch.save(optimizer_state, f)
@@ -179,13 +180,20 @@ def check_pairing(meta: CheckpointMeta, path: str, item_paths_version: int | Non
         raise CheckpointMismatch(f"checkpoint {path} has config hash {meta.config_hash}, not {config_hash}")
 
 
+def checked_meta(path: str, item_paths_version: int | None, samples_version: int | None = None,
+                 config_hash: str | None = None) -> CheckpointMeta:
+    """meta.json of a checkpoint, refused (CheckpointMismatch) when it pairs with other versions or config."""
+    meta = read_meta(path)
+    check_pairing(meta, path, item_paths_version, samples_version, config_hash)
+    return meta
+
+
 def load_checkpoint(path: str, item_paths_version: int | None, samples_version: int | None = None,
                     config_hash: str | None = None, optimizer: bool = False) -> EStepCheckpoint:
     """Load and check pairing; item_paths_version=None only for a deliberate warm start. optimizer:
     also load the optimizer state and the best epoch's parameters (resuming a round; None where the
     checkpoint has none)."""
-    meta = read_meta(path)
-    check_pairing(meta, path, item_paths_version, samples_version, config_hash)
+    meta = checked_meta(path, item_paths_version, samples_version, config_hash)
     fs, p = _fs(path)
     with fs.open_input_file(f"{p}/state.pt") as f:        # seekable: torch.load reads it in place
         state = torch.load(f, weights_only=True)

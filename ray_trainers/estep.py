@@ -39,6 +39,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -48,13 +49,14 @@ from dr_model.best_weights import BestWeights, best_epoch, kept_note
 from dr_model.config import DRConfig
 from dr_model.encoders import pooled_encoders
 from dr_model.evaluation import EvalUsers
+from dr_model.state_file import open_state
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
 from dr_model.optim import sparse_tables
 from dr_model.warm_start import grow_state
 from dr_model.trainer import (Validation, Vocab, epoch_line, new_model, phase_optimizer, proposal, rows_per_step,
                               train_step, unfreeze)
 
-from .checkpoint import (CheckpointMismatch, EStepCheckpoint, final_checkpoint, latest_partial, load_checkpoint,
+from .checkpoint import (CheckpointMeta, CheckpointMismatch, checked_meta, final_checkpoint, latest_partial, load_checkpoint,
                          read_meta, run_dir)
 from .config import RayConfig, ensure_ray
 from .estep_state import phase_rows, resolve_start, resumed_best, save_progress
@@ -74,17 +76,33 @@ def _stderr(msg: str) -> None:
 
 @dataclass(frozen=True)
 class EStepResult:
-    """What one round's E-step produced; model_state pairs with item_paths_version only."""
+    """What one round's E-step produced; its model pairs with item_paths_version only.
+
+    The model stays in its checkpoint: model_state and item_ids open it (memory-mapped) only
+    when read, so a driver that hands the checkpoint to Spark tasks never holds its item rows.
+    """
 
     checkpoint_path: str
     complete: bool                          # False when stopped early (stop_after_epochs)
     losses: list[dict[str, Any]]            # one row per epoch of the round (resumed epochs included)
-    model_state: dict[str, torch.Tensor]
-    item_ids: np.ndarray                    # [V] raw item ids in model-index order
     item_paths_version: int
     epochs_trained: int                     # epochs run by this call (0: the round was already done)
     resumed_from: str | None                # checkpoint this call continued (or warm-started) from
     dropped_samples: int                    # samples whose target has no paths in item_paths (skipped)
+    num_items: int                          # V: the model's items
+
+    @cached_property
+    def _state(self) -> dict[str, Any]:
+        return open_state(f"{self.checkpoint_path}/state.pt")
+
+    @property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self._state["model"]
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        """[V] raw item ids in model-index order."""
+        return self._state["item_ids"].numpy()
 
 
 def _peak_rss_mb() -> float:
@@ -306,9 +324,9 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
     phases = schedule(cfg, em_round) if phases is None else phases
     done = final_checkpoint(root, em_round)
     if done is not None:
-        ck = load_checkpoint(done, item_paths_version, samples_version, cfg.hash())
+        meta = checked_meta(done, item_paths_version, samples_version, cfg.hash())
         log(f"[estep] round {em_round}: finished checkpoint {done} exists, nothing to train")
-        return _result(ck, 0, done)
+        return _result(done, meta, 0, done)
 
     import ray
     from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -359,21 +377,20 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
     path = final_checkpoint(root, em_round) or latest_partial(root, em_round)
     if path is None:
         raise RuntimeError(f"E-step round {em_round} of run {run_id} left no checkpoint under {root}")
-    ck = load_checkpoint(path, item_paths_version, samples_version, cfg.hash())
-    rows = ck.meta.losses[prev:]
+    meta = checked_meta(path, item_paths_version, samples_version, cfg.hash())
+    rows = meta.losses[prev:]
     if rows:                                   # the workers printed every epoch as it ended
-        phase = phase_rows(ck.meta.losses, rows[-1].get("phase_index"))
+        phase = phase_rows(meta.losses, rows[-1].get("phase_index"))
         b = best_epoch(phase)
         kept = "" if b is None or b == len(phase) - 1 else f"; the phase kept epoch {b + 1}'s weights"
         log(f"[estep] round {em_round}: {len(rows)} epochs trained, last {epoch_line(rows[-1])}{kept}")
-    return _result(ck, ck.meta.epochs_done - prev, resume or warm)
+    return _result(path, meta, meta.epochs_done - prev, resume or warm)
 
 
-def _result(ck: EStepCheckpoint, trained: int, resumed_from: str | None) -> EStepResult:
-    return EStepResult(checkpoint_path=ck.path, complete=ck.meta.complete, losses=list(ck.meta.losses),
-                       model_state=ck.model_state, item_ids=ck.item_ids,
-                       item_paths_version=ck.meta.item_paths_version, epochs_trained=trained,
-                       resumed_from=resumed_from, dropped_samples=ck.meta.dropped_samples)
+def _result(path: str, meta: CheckpointMeta, trained: int, resumed_from: str | None) -> EStepResult:
+    return EStepResult(checkpoint_path=path, complete=meta.complete, losses=list(meta.losses),
+                       item_paths_version=meta.item_paths_version, epochs_trained=trained,
+                       resumed_from=resumed_from, dropped_samples=meta.dropped_samples, num_items=meta.num_items)
 
 
 # the data readers live in estep_data; callers import them from here too

@@ -6,11 +6,17 @@ config does not reach, the GCS's errors about actors a lost node took with it, a
 Ray Train logs when it shuts down a group whose worker died (its one-line reason is kept); Ray's
 "[repeated Nx across cluster]" summaries repeat lines already printed, and two nodes on one host
 (tests/test_cluster.py) forward each line twice. The job's own lines pass untouched.
+A background thread of Ray's own that dies in the driver (Ray Train's placement-group monitor
+when the GCS is slow to answer on a loaded host) prints one line, not a 30-line traceback.
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
+import threading
 import time
+import traceback
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -57,6 +63,29 @@ class RayLogFilter:
             self._seen[line] = now
             out.append(line)
         return out
+
+
+def quiet_ray_threads() -> None:
+    """An uncaught error in a thread whose code is Ray's prints one line; other threads' errors are untouched."""
+    prev = threading.excepthook
+    if getattr(prev, "dr_quiet", False):
+        return
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
+
+    def hook(args: Any) -> None:
+        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
+        target = next((f for f in frames if f.filename != threading.__file__), None)    # the thread's own code
+        if target is not None and target.filename.startswith(ray_dir):
+            name = args.thread.name if args.thread is not None else "?"
+            print(f"[ray] Ray's background thread {name} stopped: {args.exc_type.__name__}: {args.exc_value}",
+                  file=sys.stderr, flush=True)
+            return
+        prev(args)
+
+    hook.dr_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def install(log_filter: RayLogFilter | None = None) -> bool:

@@ -1,9 +1,9 @@
 """Beam search over training samples inside Spark (`mapInArrow`), and the per-item s[v,c] step.
 
-DESIGN.md §7 "Beam search inside Spark": the model travels once as bytes (a broadcast),
-every Python worker deserialises it once (module-level cache keyed by the payload's
-hash, so later tasks and later jobs with the same model reuse it), torch uses as many
-threads as the task has CPUs, and inference runs in batches of `search.batch_size`.
+DESIGN.md §7 "Beam search inside Spark": a task names the model's checkpoint file (a
+ModelSource); every Python worker opens it once (memory-mapped, cached by the source's key,
+so later tasks and later jobs with the same model reuse it), torch uses as many threads as
+the task has CPUs, and inference runs in batches of `search.batch_size`.
 
 The math is dr_model's: `DRModel.beam` + `exp(logp)` per pair (what `trainer.pair_scores`
 does), and per item `PathScores.from_long` (sums the (item, path) duplicates exactly, then
@@ -16,16 +16,14 @@ targets it rarely does, and the per-item step sums exactly anyway.)
 """
 from __future__ import annotations
 
-import hashlib
-import io
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from dr_model.config import ModelConfig
 from dr_model.scores import EMPTY, PathScores, streaming_merge
+
+from .model_source import ModelSource, load_model
 
 # Output of the beam UDF: one row per (training pair, beam output).
 BEAM_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()), ("prob", pa.float64())])
@@ -37,58 +35,6 @@ PAIR_SCHEMA = pa.schema([("item_id", pa.int64()), ("paths", pa.list_(pa.int64())
 PAIR_DDL = "item_id long, paths array<long>, scores array<double>, n_v double, src int"
 PATH_SCORES_SCHEMA = pa.schema([("item_id", pa.int64()), ("path", pa.int64()),
                                 ("score", pa.float64()), ("n_v", pa.float64())])
-
-_MODELS: dict[str, Any] = {}          # payload hash -> (DRModel, Vocab), one per Python worker
-
-
-@dataclass(frozen=True)
-class ModelPayload:
-    """A structure model as bytes (state_dict + vocabulary ids + model config) and its hash."""
-
-    data: bytes
-    key: str
-
-    @classmethod
-    def from_state(cls, model_state: dict, item_ids: np.ndarray, model_cfg: ModelConfig) -> "ModelPayload":
-        """state_dict of a DRModel, its vocabulary's raw item ids [V] (sorted), its ModelConfig."""
-        buf = io.BytesIO()
-        import torch
-
-        torch.save({"state": model_state, "ids": np.asarray(item_ids, dtype=np.int64),
-                    "cfg": {k: getattr(model_cfg, k) for k in model_cfg.__dataclass_fields__}}, buf)
-        data = buf.getvalue()
-        return cls(data, hashlib.sha256(data).hexdigest()[:20])
-
-    @classmethod
-    def from_model(cls, model: Any, vocab: Any) -> "ModelPayload":
-        """A trained DRModel and its trainer.Vocab."""
-        return cls.from_state(model.state_dict(), vocab.ids, model.cfg)
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: Any, model_cfg: ModelConfig) -> "ModelPayload":
-        """An E-step checkpoint (ray_trainers.checkpoint.EStepCheckpoint: model_state, item_ids)."""
-        return cls.from_state(ckpt.model_state, ckpt.item_ids, model_cfg)
-
-
-def load_model(key: str, data: bytes) -> tuple[Any, Any]:
-    """(DRModel in eval mode, Vocab) for a payload, deserialised once per Python worker."""
-    hit = _MODELS.get(key)
-    if hit is not None:
-        return hit
-    import torch
-
-    from dr_model.model import DRModel
-    from dr_model.trainer import Vocab
-
-    blob = torch.load(io.BytesIO(data), weights_only=False)
-    vocab = Vocab(np.asarray(blob["ids"], dtype=np.int64))
-    model = DRModel(ModelConfig(**blob["cfg"]), vocab.size)
-    model.load_state_dict(blob["state"])
-    model.eval()
-    _MODELS.clear()               # keep one model per worker: a new night's model replaces the old
-    _MODELS[key] = (model, vocab)
-    return model, vocab
-
 
 def set_task_threads() -> None:
     """torch threads = the task's CPUs (spark.task.cpus), so tasks do not oversubscribe cores."""
@@ -115,7 +61,7 @@ def _own_paths(batch: pa.RecordBatch, J: int) -> np.ndarray | None:
     return out
 
 
-def _beam_arrays(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
+def _beam_arrays(batches: Iterator[pa.RecordBatch], src: ModelSource, S: int,
                  batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per input Arrow batch: (target [N], paths [N, B'], prob [N, B'] float64, kept [N, B'] bool = path not EMPTY).
 
@@ -130,7 +76,7 @@ def _beam_arrays(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: i
             continue
         if model is None:
             set_task_threads()
-            model, vocab = load_model(key, payload.value)
+            model, vocab = load_model(src)
         hist_col = batch.column(batch.schema.get_field_index("hist"))
         target = batch.column(batch.schema.get_field_index("target")).to_numpy()
         # fixed-length histories: the flat child array reshapes to [N, L] without copies per row
@@ -148,27 +94,25 @@ def _beam_arrays(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: i
         yield target, p, prob, p != EMPTY
 
 
-def beam_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
+def beam_batches(batches: Iterator[pa.RecordBatch], src: ModelSource, S: int,
                  batch_size: int) -> Iterator[pa.RecordBatch]:
     """Samples (hist list<long> [L], target) -> rows (item_id = target, path, prob = p(c|x)), S per pair.
-
-    `payload` is a Spark broadcast of the model bytes (read only on a cache miss).
     """
-    for target, p, prob, kept in _beam_arrays(batches, key, payload, S, batch_size):
+    for target, p, prob, kept in _beam_arrays(batches, src, S, batch_size):
         keep = kept.ravel()
         yield pa.RecordBatch.from_arrays(
             [pa.array(np.repeat(target, p.shape[1])[keep]), pa.array(p.ravel()[keep]),
              pa.array(prob.ravel()[keep])], schema=BEAM_SCHEMA)
 
 
-def pair_batches(batches: Iterator[pa.RecordBatch], key: str, payload: Any, S: int,
+def pair_batches(batches: Iterator[pa.RecordBatch], src: ModelSource, S: int,
                  batch_size: int) -> Iterator[pa.RecordBatch]:
     """Samples -> PAIR_SCHEMA rows: one per pair with a kept beam output (its paths and p(c|x) as lists, n_v = 1).
 
     One row per pair, not per (pair, output): the shuffle to the items' partitions then
     moves S' times fewer rows (Spark's cost there is per row more than per value).
     """
-    for target, p, prob, kept in _beam_arrays(batches, key, payload, S, batch_size):
+    for target, p, prob, kept in _beam_arrays(batches, src, S, batch_size):
         lens = kept.sum(1)
         has = lens > 0
         offsets = np.zeros(int(has.sum()) + 1, dtype=np.int32)
@@ -228,4 +172,4 @@ def top_s_batches(batches: Iterator[pa.RecordBatch], S: int, decay: float | None
                                      schema=PATH_SCORES_SCHEMA)
 
 
-__all__ = ["ModelPayload", "load_model", "beam_batches", "pair_batches", "top_s_batches", "BEAM_DDL", "PAIR_DDL"]
+__all__ = ["ModelSource", "load_model", "beam_batches", "pair_batches", "top_s_batches", "BEAM_DDL", "PAIR_DDL"]

@@ -9,7 +9,6 @@ the category strings themselves (null: none), grouped per batch by dictionary en
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,19 +30,12 @@ def _reranker(state_file: str, model: dict[str, Any]) -> Any:
     """(Vocab, Reranker) of a checkpoint's state.pt, opened once per Python worker (the latest one kept)."""
     got = _OPEN.get(state_file)
     if got is None:
-        import torch
 
         from dr_model.reranker import reranker_from_state
+        from dr_model.state_file import open_state
         from dr_model.vocab import Vocab
 
-        if os.path.isfile(state_file):     # a local or mounted path: memory-mapped, pages shared
-            state = torch.load(state_file, mmap=True, weights_only=True)
-        else:
-            import pyarrow.fs as pafs
-
-            fs, p = pafs.FileSystem.from_uri(state_file)
-            with fs.open_input_file(p) as f:
-                state = torch.load(f, weights_only=True)
+        state = open_state(state_file)     # memory-mapped where local: a host's workers share the pages
         ids = state["item_ids"].numpy()
         got = (Vocab(ids), reranker_from_state(state["model"], ModelConfig(**model), len(ids), assign=True))
         _OPEN.clear()

@@ -1,7 +1,7 @@
 """Initial paths inside Spark (`mapInArrow`): a task assigns chunks of model indices with the broadcast tree.
 
 Input rows are chunk starts (`spark.range(0, V, chunk)`); a task computes each chunk's item
-embeddings from the broadcast model (deserialised once per Python worker) and its J paths with
+embeddings from the model's checkpoint (a ModelSource, opened once per Python worker) and its J paths with
 dr_model.init_paths.assign_paths: memory O(chunk x dim), whatever the catalog.
 """
 from __future__ import annotations
@@ -11,11 +11,12 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .beam_udf import load_model, set_task_threads
+from .beam_udf import set_task_threads
+from .model_source import ModelSource, load_model
 from .mstep_udf import ITEM_PATHS_SCHEMA
 
 
-def init_path_batches(it: Iterator[pa.RecordBatch], key: str, payload: Any, tree: Any, num_items: int, chunk: int,
+def init_path_batches(it: Iterator[pa.RecordBatch], src: ModelSource, tree: Any, num_items: int, chunk: int,
                       J: int, K: int) -> Iterator[pa.RecordBatch]:
     """Chunk starts (column `id`) -> item_paths rows (item_id, slot, path, score null) of those chunks' items."""
     import torch
@@ -24,7 +25,7 @@ def init_path_batches(it: Iterator[pa.RecordBatch], key: str, payload: Any, tree
 
     set_task_threads()
     for batch in it:
-        model, vocab = load_model(key, payload.value)
+        model, vocab = load_model(src)
         for lo in batch.column("id").to_numpy().tolist():
             hi = min(lo + chunk, num_items)
             with torch.no_grad():

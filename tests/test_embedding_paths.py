@@ -9,9 +9,11 @@ import dr_model.init_paths as init_paths
 from dr_model.beam_choice import confidence_z, margin_lower_bound
 from dr_model.config import DRConfig
 from dr_model.model import DRModel
+from dr_model.vocab import Vocab
 from jobs.embedding_paths import embedding_item_paths
 from jobs.tables import Warehouse
 from ray_trainers.estep import load_item_paths
+from spark_udfs.model_source import ModelSource
 
 
 def test_spark_initial_paths_equal_the_in_process_ones_with_a_sampled_tree(spark, tmp_path, monkeypatch):
@@ -23,7 +25,8 @@ def test_spark_initial_paths_equal_the_in_process_ones_with_a_sampled_tree(spark
     ids = np.sort(np.random.default_rng(0).choice(10 ** 9, V, replace=False)).astype(np.int64)
     logs: list[str] = []
     wh = Warehouse(tmp_path / "wh")
-    v = embedding_item_paths(spark, wh, cfg, model.state_dict(), ids, "r1", "train.init_paths", logs.append, chunk=700)
+    ModelSource.from_model(model, Vocab(ids), str(tmp_path / "ck"))       # a checkpoint folder's state.pt
+    v = embedding_item_paths(spark, wh, cfg, str(tmp_path / "ck"), "r1", "train.init_paths", logs.append, chunk=700)
     got_ids, got = load_item_paths(wh, v, cfg.model.J)
 
     mc = cfg.model
@@ -44,7 +47,6 @@ def test_retrieval_beam_from_the_serving_bundle_equals_the_in_process_choice(spa
     from dr_model.evaluation import EvalUsers, choose_beam
     from dr_model.index import PathIndex
     from dr_model.mstep import initial_assignment
-    from dr_model.vocab import Vocab
     from jobs.path_index import find_path_index
     from jobs.retrieval_beam import choose_retrieval_beam
     from jobs.serving import bundle_dir, record_trained_model
@@ -65,7 +67,7 @@ def test_retrieval_beam_from_the_serving_bundle_equals_the_in_process_choice(spa
     # when its paths hold k items beyond a user's input, and fp16 (bundle) and fp32 (model) vectors agree on it
     valid = EvalUsers(hist, np.append(0, np.cumsum([len(x) for x in inp])), np.concatenate(inp),
                       np.arange(U + 1, dtype=np.int64) * V, np.tile(ids, U))
-    est = SimpleNamespace(model_state=model.state_dict(), item_ids=ids, checkpoint_path=rec.checkpoint)
+    est = SimpleNamespace(num_items=V, checkpoint_path=rec.checkpoint)
     ip_v = rec.table_versions["item_paths"]
     index = PathIndex.build(assign)
     for target, confidence in ((0.98, 0.0), (0.98, 0.95), (0.0, 0.95)):
@@ -91,6 +93,5 @@ def test_retrieval_beam_from_the_serving_bundle_equals_the_in_process_choice(spa
 
 def validation_recalls_at(model, ids, valid, index, beam, k):  # noqa: ANN001, ANN201
     from dr_model.evaluation import validation_recalls
-    from dr_model.vocab import Vocab
 
     return validation_recalls(model, Vocab(ids), valid, k, index, beam)

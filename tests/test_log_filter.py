@@ -70,3 +70,28 @@ ray.shutdown()
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("[estep] the job's own line") == 1, p.stderr[-3000:]
     assert "Progress bars disabled" not in p.stderr
+
+
+def test_a_ray_thread_that_dies_prints_one_line_and_other_threads_keep_their_traceback(capsys, monkeypatch):
+    import functools
+    import threading
+
+    import ray._private.utils as ray_utils
+
+    from ray_trainers.log_filter import quiet_ray_threads
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    quiet_ray_threads()
+    quiet_ray_threads()                                     # installed once however often ensure_ray runs
+
+    def ours() -> None:
+        raise ValueError("the job's own error")
+
+    for target, name in ((functools.partial(ray_utils.validate_namespace, 123), "RayMonitor"), (ours, "JobThread")):
+        t = threading.Thread(target=target, name=name)
+        t.start()
+        t.join()
+    err = capsys.readouterr().err
+    assert "[ray] Ray's background thread RayMonitor stopped: TypeError: namespace must be None or a string." in err
+    assert "validate_namespace" not in err                  # no traceback of Ray's thread
+    assert err.count("Traceback (most recent call last):") == 1 and "ValueError: the job's own error" in err

@@ -14,7 +14,7 @@ from dr_model.trainer import EMResult, pair_scores, train_em
 from jobs.movielens import load_movielens
 from jobs.scores import compute_path_scores
 from jobs.tables import CommitMeta, Warehouse
-from spark_udfs.beam_udf import ModelPayload
+from spark_udfs.model_source import ModelSource
 
 CFG = DRConfig.from_dict({
     "model": {"K": 10, "D": 2, "J": 3, "item_dim": 16, "user_dim": 16, "node_dim": 8, "hidden": 32,
@@ -58,11 +58,12 @@ def assert_same_scores(got: PathScores, want: PathScores) -> None:
     assert np.all(np.abs(got.scores - want.scores)[~same] < 1e-9)
 
 
-def test_batch_scores_equal_in_process(spark, warehouse):
+def test_batch_scores_equal_in_process(spark, warehouse, tmp_path):
     res, hist, target, user = trained_ml100k()
     S = CFG.search.score_paths
     v = write_samples(warehouse, hist, target, user, "s")
-    out = compute_path_scores(spark, warehouse, ModelPayload.from_model(res.model, res.vocab), CFG, v, "run-1", 0)
+    src = ModelSource.from_model(res.model, res.vocab, str(tmp_path / "model"))
+    out = compute_path_scores(spark, warehouse, src, CFG, v, "run-1", 0)
     want = pair_scores(res.model, res.vocab.seq(hist), target, S, CFG.search.batch_size)
     got = read_scores(warehouse, out.version, S)
     assert len(want) > 1000 and want.n_v.sum() == len(target)
@@ -72,7 +73,7 @@ def test_batch_scores_equal_in_process(spark, warehouse):
     assert info.metadata["dr.mode"] == "batch"
 
 
-def test_own_paths_join_the_lists_as_in_process(spark, warehouse):
+def test_own_paths_join_the_lists_as_in_process(spark, warehouse, tmp_path):
     """Given the item_paths the model was trained against, each pair also scores its target's J paths."""
     res, hist, target, user = trained_ml100k()
     S, J = CFG.search.score_paths, CFG.model.J
@@ -81,8 +82,8 @@ def test_own_paths_join_the_lists_as_in_process(spark, warehouse):
     ip = warehouse.write_arrow("item_paths", pd.DataFrame({
         "item_id": np.repeat(res.vocab.ids, J), "slot": np.tile(np.arange(J, dtype=np.int32), V),
         "path": res.assign.ravel(), "score": np.zeros(V * J)}), CommitMeta("test", "paths"), mode="overwrite").version
-    out = compute_path_scores(spark, warehouse, ModelPayload.from_model(res.model, res.vocab), CFG, v, "run-own", 1,
-                              item_paths_version=ip)
+    src = ModelSource.from_model(res.model, res.vocab, str(tmp_path / "model"))
+    out = compute_path_scores(spark, warehouse, src, CFG, v, "run-own", 1, item_paths_version=ip)
     idx = res.vocab.index(target)
     want = pair_scores(res.model, res.vocab.seq(hist), idx, S, CFG.search.batch_size, res.assign)
     want = PathScores(res.vocab.ids[want.items], want.paths, want.scores, want.n_v)
@@ -98,11 +99,11 @@ def test_own_paths_join_the_lists_as_in_process(spark, warehouse):
     assert warehouse.versions("path_scores")[-1].metadata["dr.item_paths_version"] == ip
 
 
-def test_streaming_merge_across_two_versions_equals_in_process(spark, warehouse):
+def test_streaming_merge_across_two_versions_equals_in_process(spark, warehouse, tmp_path):
     res, hist, target, user = trained_ml100k()
     # the second night's data ends 2.5 days after the first's: eta = decay_per_day ** 2.5
     S, bs, eta = CFG.search.score_paths, CFG.search.batch_size, CFG.incremental.decay_per_day ** 2.5
-    payload = ModelPayload.from_model(res.model, res.vocab)
+    payload = ModelSource.from_model(res.model, res.vocab, str(tmp_path / "model"))
     night1 = user % 3 != 0                 # two "nights" with overlapping and disjoint items
     v1 = write_samples(warehouse, hist[night1], target[night1], user[night1], "n1")
     p1 = compute_path_scores(spark, warehouse, payload, CFG, v1, "run-n1", 0)
@@ -119,12 +120,13 @@ def test_streaming_merge_across_two_versions_equals_in_process(spark, warehouse)
     assert warehouse.versions("path_scores")[-1].metadata["dr.previous_version"] == p1.version
 
 
-def test_failed_scores_job_leaves_table_at_previous_version(spark, warehouse):
+def test_failed_scores_job_leaves_table_at_previous_version(spark, warehouse, tmp_path):
     res, hist, target, user = trained_ml100k()
     v = write_samples(warehouse, hist[:2000], target[:2000], user[:2000], "s")
-    ok = compute_path_scores(spark, warehouse, ModelPayload.from_model(res.model, res.vocab), CFG, v, "ok", 0)
-    # a payload whose config does not match its weights fails inside the executors
-    bad = ModelPayload.from_state(res.model.state_dict(), res.vocab.ids, ModelConfig(K=12, D=2, J=3))
+    good = ModelSource.from_model(res.model, res.vocab, str(tmp_path / "model"))
+    ok = compute_path_scores(spark, warehouse, good, CFG, v, "ok", 0)
+    # a source whose config does not match its weights fails inside the executors
+    bad = ModelSource.of(good.state_file, ModelConfig(K=12, D=2, J=3))
     with pytest.raises(Exception, match="size mismatch"):
         compute_path_scores(spark, warehouse, bad, CFG, v, "bad", 1)
     assert warehouse.version("path_scores") == ok.version

@@ -71,7 +71,7 @@ def worker(master: str, pairs: int, items: int) -> dict:
     from jobs.scores import compute_path_scores
     from jobs.spark import get_spark
     from jobs.tables import CommitMeta, Warehouse
-    from spark_udfs.beam_udf import ModelPayload
+    from spark_udfs.model_source import ModelSource
 
     cores = int(master[len("local["):-1])
     spark = get_spark(master, app="bench-spark-scores", conf={"spark.sql.shuffle.partitions": str(2 * cores)})
@@ -82,8 +82,9 @@ def worker(master: str, pairs: int, items: int) -> dict:
         gen = spark.range(n, numPartitions=min(n, 4 * cores)).mapInArrow(
             lambda it: _gen(it, pairs, items), "user_id long, pos int, hist array<long>, target long, next array<long>")
         v = wh.write_spark("samples_train", gen, CommitMeta("bench", "gen")).version
+        src = ModelSource.from_model(model, vocab, f"{tmp}/model")
         t0 = time.perf_counter()
-        res = compute_path_scores(spark, wh, ModelPayload.from_model(model, vocab), _cfg(), v, "bench", 0,
+        res = compute_path_scores(spark, wh, src, _cfg(), v, "bench", 0,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))
         wall = time.perf_counter() - t0
     out = {"master": master, "cores": cores, "pairs": pairs, "items": items, "job_wall_s": round(wall, 2),
