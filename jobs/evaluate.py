@@ -103,7 +103,7 @@ def run_evaluate(spark: Any, wh: Warehouse, run_id: str | None = None, overrides
     cfg = DRConfig.from_dict(meta.config)
     if overrides:
         cfg = cfg.with_overrides(overrides)
-    V = wh.rows("item_paths", tv["item_paths"])             # from the Delta log: no item read
+    V = wh.rows("item_paths", tv["item_paths"]) // cfg.model.J   # J rows an item, from the Delta log: no item read
     users, valid = load_eval_users(wh, tv["eval_users"], role), load_eval_users(wh, tv["eval_users"], 1)
     beam = retrieval_beam(run, cfg, overrides)
     log(f"run {run.run_id}: {len(users)} {'test' if role == 2 else 'validation'} users, {V} items, beam {beam}")

@@ -104,7 +104,10 @@ def test_train_candidates_evaluate_and_idempotent_reruns(spark, ray_local, ml100
 
     # the model's half runs in a Spark task's Python worker, where jobs.evaluate is imported afresh
     monkeypatch.setattr(evaluate_job, "load_run_model", not_on_the_driver)
-    report = run_evaluate(spark, wh, log=lambda m: None)
+    logs: list[str] = []
+    report = run_evaluate(spark, wh, log=logs.append)
+    # the catalog size that gates EASE and the ANN is items, not item_paths rows (J an item)
+    assert any(f" {report['catalog_size']} items, beam" in line for line in logs), logs
     m = report["methods"]
     assert set(m) == {"dr", "brute_force", "hnsw", "ivf", "popularity", "item_cf", "ease"}
     assert m["brute_force"]["recall"] > m["popularity"]["recall"]
