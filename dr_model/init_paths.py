@@ -155,11 +155,13 @@ def top_leaves(emb: np.ndarray, levels: list[TreeLevel], J: int, eps: float = 0.
     return out
 
 
-def sample_rows(num_items: int, seed: int = 0) -> np.ndarray:
-    """The items the tree is fitted on: sorted indices [min(V, SAMPLE_MAX)] (every item of a small catalog)."""
-    if num_items <= SAMPLE_MAX:
+def sample_rows(num_items: int, seed: int = 0, sample_max: int | None = None) -> np.ndarray:
+    """The items the tree is fitted on: sorted indices [min(V, sample_max)] (every item of a small catalog);
+    sample_max None: SAMPLE_MAX."""
+    n = SAMPLE_MAX if sample_max is None else sample_max
+    if num_items <= n:
         return np.arange(num_items, dtype=np.int64)
-    return np.sort(np.random.default_rng([seed, 7]).choice(num_items, SAMPLE_MAX, replace=False))
+    return np.sort(np.random.default_rng([seed, 7]).choice(num_items, n, replace=False))
 
 
 def fit_paths_tree(sample_emb: np.ndarray, num_items: int, K: int, D: int, J: int, target_size: float,

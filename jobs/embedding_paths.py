@@ -1,6 +1,6 @@
 """Initial item_paths from the round-0 reranker's item embeddings, on Spark (dr_model.init_paths).
 
-The driver fits the clustering tree on the embeddings of at most init_paths.SAMPLE_MAX items,
+One Spark task fits the clustering tree on the embeddings of at most init_paths.SAMPLE_MAX items,
 read from the round's checkpoint memory-mapped (only the sampled rows are touched); Spark tasks
 then assign every item, a chunk of model indices at a time, computing the chunk's embeddings
 from the checkpoint they open themselves (spark_udfs.model_source): no catalog x dim array
@@ -22,29 +22,21 @@ CHUNK = 1 << 16             # items a task embeds and assigns at once
 def embedding_item_paths(spark: Any, wh: Warehouse, cfg: DRConfig, checkpoint: str, run_id: str, job: str,
                          log: Callable[[str], None], chunk: int = CHUNK) -> int:
     """item_paths (round 0 of `job`) from the reranker item embeddings of an E-step checkpoint -> the committed version."""
-    import torch
     from pyspark.sql import functions as F
 
-    from dr_model.init_paths import fit_paths_tree, sample_rows
-    from dr_model.reranker import reranker_from_state
-    from dr_model.state_file import open_state
-    from spark_udfs.init_paths_udf import init_path_batches
+    from dr_model import init_paths
+    from spark_udfs.init_paths_udf import fit_tree_task, init_path_batches
     from spark_udfs.model_source import ModelSource
     from spark_udfs.mstep_udf import ITEM_PATHS_DDL
 
     t0 = time.perf_counter()
-    src = ModelSource.from_checkpoint(checkpoint, cfg.model)
-    mc, state = cfg.model, open_state(src.state_file)
-    V = int(state["item_ids"].shape[0])
-    rows = sample_rows(V, cfg.train.seed)
-    with torch.no_grad():
-        sample = reranker_from_state(state["model"], mc, V, assign=True).item_emb(torch.from_numpy(rows)).numpy()
-    target = cfg.search.target_path_size(V, cfg.eval.k)
-    levels = fit_paths_tree(sample, V, mc.K, mc.D, mc.J, target, cfg.train.seed)
-    del state, sample
-    log(f"initial paths: tree {'x'.join(str(lv.centroids.shape[1]) for lv in levels)} fitted on {len(rows)} of "
-        f"{V} items [{time.perf_counter() - t0:.1f}s]")
-    sc = spark.sparkContext
+    mc, sc = cfg.model, spark.sparkContext
+    src, sample_max = ModelSource.from_checkpoint(checkpoint, cfg.model), init_paths.SAMPLE_MAX
+    # the fit's sample (up to SAMPLE_MAX x dim floats, the mapped item rows it reads, k-means' temporaries)
+    # lives in one task, as the retrieval beam's choice does: the driver gets the tree back
+    levels, V, n, target = sc.parallelize([0], 1).map(lambda _: fit_tree_task(src, cfg, sample_max)).collect()[0]
+    log(f"initial paths: tree {'x'.join(str(lv.centroids.shape[1]) for lv in levels)} fitted on {n} of "
+        f"{V} items in a Spark task [{time.perf_counter() - t0:.1f}s]")
     tree = sc.broadcast(levels)     # K^D centroids: small whatever the catalog
     chunks = math.ceil(V / chunk)
     starts = spark.range(0, V, chunk, numPartitions=max(1, min(chunks, 4 * sc.defaultParallelism)))
