@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from dr_model.config import ConfigError
 
 from .log_filter import install as install_log_filter
-from .log_filter import quiet_ray_threads
 
 
 def _check(cond: bool, name: str, rule: str, value: object) -> None:
@@ -143,4 +142,3 @@ def ensure_ray(cfg: RayConfig) -> None:
              logging_config=ray.LoggingConfig(log_level="ERROR"))
     # what the cluster's processes print reaches this driver without Ray's own chatter
     install_log_filter()
-    quiet_ray_threads()

@@ -6,17 +6,15 @@ config does not reach, the GCS's errors about actors a lost node took with it, a
 Ray Train logs when it shuts down a group whose worker died (its one-line reason is kept); Ray's
 "[repeated Nx across cluster]" summaries repeat lines already printed, and two nodes on one host
 (tests/test_cluster.py) forward each line twice. The job's own lines pass untouched.
-A background thread of Ray's own that dies in the driver (Ray Train's placement-group monitor
-when the GCS is slow to answer on a loaded host) prints one line, not a 30-line traceback.
+A background thread of Ray's own that dies in one of its actors (Ray Train's placement-group
+monitor when the GCS is slow to answer on a loaded host) prints one line, not a 30-line traceback;
+a thread whose traceback holds none of Ray's frames is printed whole.
 """
 from __future__ import annotations
 
 import os
 import re
-import sys
-import threading
 import time
-import traceback
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -33,6 +31,9 @@ NOISE = re.compile("|".join([
 QUIET_TRACEBACK = re.compile(r"Graceful shutdown of backend failed")
 _TRACEBACK_LINE = re.compile(r"^(Traceback \(most recent call last\):|\s|\S*(Error|Exception)\b)")
 _TRACEBACK_END = re.compile(r"^[\w.]*(Error|Exception)\b")
+# Python's report of an uncaught error in a thread, then its traceback
+_THREAD_DIED = re.compile(r"^Exception in thread (.+?):\s*$")
+_RAY_FRAME = f"{os.sep}ray{os.sep}"
 
 
 class RayLogFilter:
@@ -42,13 +43,39 @@ class RayLogFilter:
         self.window_s, self.clock = window_s, clock
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._skipping = False
+        self._thread: list[str] = []          # a thread's traceback being read (it may span batches)
+
+    def _threads(self, lines: list[str]) -> list[str]:
+        """Lines with each traceback of a Ray thread (one that has Ray's frames) folded into one line."""
+        out = []
+        for line in lines:
+            if self._thread:
+                if _TRACEBACK_LINE.match(line):
+                    self._thread.append(line)
+                    if _TRACEBACK_END.match(line):
+                        out.extend(self._fold())
+                    continue
+                out.extend(self._thread)          # not a traceback after all: as it came
+                self._thread = []
+            if _THREAD_DIED.match(line):
+                self._thread = [line]
+            else:
+                out.append(line)
+        return out
+
+    def _fold(self) -> list[str]:
+        held, self._thread = self._thread, []
+        if not any(line.lstrip().startswith("File ") and _RAY_FRAME in line for line in held):
+            return held
+        name = _THREAD_DIED.match(held[0]).group(1)   # type: ignore[union-attr]
+        return [f"[ray] Ray's background thread {name} stopped: {held[-1].strip()}"]
 
     def keep(self, lines: list[str]) -> list[str]:
         """The lines of one forwarded batch that the user should see, in order."""
         now, out = self.clock(), []
         while self._seen and next(iter(self._seen.values())) < now - self.window_s:
             self._seen.popitem(last=False)
-        for line in lines:
+        for line in self._threads(lines):
             if self._skipping:
                 if _TRACEBACK_LINE.match(line):
                     self._skipping = not _TRACEBACK_END.match(line)
@@ -63,29 +90,6 @@ class RayLogFilter:
             self._seen[line] = now
             out.append(line)
         return out
-
-
-def quiet_ray_threads() -> None:
-    """An uncaught error in a thread whose code is Ray's prints one line; other threads' errors are untouched."""
-    prev = threading.excepthook
-    if getattr(prev, "dr_quiet", False):
-        return
-    import ray
-
-    ray_dir = os.path.dirname(ray.__file__) + os.sep
-
-    def hook(args: Any) -> None:
-        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
-        target = next((f for f in frames if f.filename != threading.__file__), None)    # the thread's own code
-        if target is not None and target.filename.startswith(ray_dir):
-            name = args.thread.name if args.thread is not None else "?"
-            print(f"[ray] Ray's background thread {name} stopped: {args.exc_type.__name__}: {args.exc_value}",
-                  file=sys.stderr, flush=True)
-            return
-        prev(args)
-
-    hook.dr_quiet = True  # type: ignore[attr-defined]
-    threading.excepthook = hook
 
 
 def install(log_filter: RayLogFilter | None = None) -> bool:
