@@ -56,8 +56,8 @@ from dr_model.warm_start import grow_state
 from dr_model.trainer import (Validation, Vocab, epoch_line, new_model, phase_optimizer, proposal, rows_per_step,
                               train_step, unfreeze)
 
-from .checkpoint import (CheckpointMeta, CheckpointMismatch, checked_meta, final_checkpoint, latest_partial, load_checkpoint,
-                         read_meta, run_dir)
+from .checkpoint import (CheckpointMeta, CheckpointMismatch, checked_meta, final_checkpoint, latest_partial,
+                         load_checkpoint, read_meta, run_dir)
 from .config import RayConfig, ensure_ray
 from .estep_state import phase_rows, resolve_start, resumed_best, save_progress
 from .estep_data import (Tables, batch_tensors, count_vector, item_paths_files, load_item_paths,
@@ -388,9 +388,14 @@ def run_estep(warehouse: Tables, run_id: str, em_round: int, cfg: DRConfig, ray_
 
 
 def _result(path: str, meta: CheckpointMeta, trained: int, resumed_from: str | None) -> EStepResult:
-    return EStepResult(checkpoint_path=path, complete=meta.complete, losses=list(meta.losses),
-                       item_paths_version=meta.item_paths_version, epochs_trained=trained,
-                       resumed_from=resumed_from, dropped_samples=meta.dropped_samples, num_items=meta.num_items)
+    res = EStepResult(checkpoint_path=path, complete=meta.complete, losses=list(meta.losses),
+                      item_paths_version=meta.item_paths_version, epochs_trained=trained,
+                      resumed_from=resumed_from, dropped_samples=meta.dropped_samples, num_items=meta.num_items)
+    if not meta.complete:
+        # the call that finishes the round removes this partial checkpoint: open it now (a local
+        # file's mapping outlives the file, and mapping it costs no memory until it is read)
+        res._state
+    return res
 
 
 # the data readers live in estep_data; callers import them from here too
