@@ -15,6 +15,11 @@ def local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def checkpoint_state(checkpoint: str) -> str:
+    """A checkpoint folder (path or URI) -> its state.pt, a plain path when it is local."""
+    return f"{local_path(checkpoint).rstrip('/')}/state.pt"
+
+
 def open_state(state_file: str) -> dict[str, Any]:
     """A state.pt (path or URI) -> its dict of tensors, memory-mapped when the file is local."""
     import torch
@@ -50,4 +55,4 @@ def file_stamp(state_file: str) -> str:
     return f"{info.size}:{info.mtime_ns}"
 
 
-__all__ = ["open_state", "save_state", "file_stamp", "local_path"]
+__all__ = ["checkpoint_state", "open_state", "save_state", "file_stamp", "local_path"]

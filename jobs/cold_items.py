@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from dr_model.config import DRConfig
+from dr_model.state_file import checkpoint_state
 
 from . import runs
 from .tables import CommitMeta, Warehouse
@@ -173,11 +174,6 @@ def _path_index_done(wh: Warehouse, label: str, ip_v: int) -> int | None:
     return mine if mine is not None and mine == find_path_index(wh, ip_v) else None
 
 
-def _state_file(checkpoint: str) -> str:
-    """A checkpoint folder -> its state.pt, as a plain path when it is local (executors memory-map it)."""
-    return f"{checkpoint[len('file://'):] if checkpoint.startswith('file://') else checkpoint}/state.pt"
-
-
 def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, log=_log) -> ColdResult:
     """Paths and reranker vectors for the catalog's items without paths, for one succeeded train run (latest by default)."""
     from pyspark.sql import functions as F
@@ -198,7 +194,7 @@ def run_cold_items(spark: Any, wh: Warehouse, train_run_id: str | None = None, l
     check_pairing(meta, run.checkpoint, ip_v)           # refuses a checkpoint trained against other paths
     cfg = DRConfig.from_dict(meta.config)
     J, P, S = cfg.model.J, cfg.model.num_paths, cfg.search.score_paths
-    state_file = _state_file(run.checkpoint)
+    state_file = checkpoint_state(run.checkpoint)
     label = f"{run.run_id}@{ip_v}/items@{items_v}"
     extra = {"item_paths_version": ip_v, "items_version": items_v, "train_run_id": run.run_id}
     tag = [F.lit(ip_v).cast("long").alias("item_paths_version"), F.lit(run.run_id).alias("run_id")]

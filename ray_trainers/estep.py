@@ -49,7 +49,7 @@ from dr_model.best_weights import BestWeights, best_epoch, kept_note
 from dr_model.config import DRConfig
 from dr_model.encoders import pooled_encoders
 from dr_model.evaluation import EvalUsers
-from dr_model.state_file import open_state
+from dr_model.state_file import checkpoint_state, open_state
 from dr_model.schedule import Phase, phase_finished, remaining, schedule
 from dr_model.optim import sparse_tables
 from dr_model.warm_start import grow_state
@@ -93,7 +93,7 @@ class EStepResult:
 
     @cached_property
     def _state(self) -> dict[str, Any]:
-        return open_state(f"{self.checkpoint_path}/state.pt")
+        return open_state(checkpoint_state(self.checkpoint_path))
 
     @property
     def model_state(self) -> dict[str, torch.Tensor]:

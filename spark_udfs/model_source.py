@@ -38,7 +38,9 @@ class ModelSource:
     @classmethod
     def from_checkpoint(cls, checkpoint: str, model_cfg: ModelConfig) -> "ModelSource":
         """An E-step checkpoint folder (ray_trainers.checkpoint layout)."""
-        return cls.of(f"{checkpoint.rstrip('/')}/state.pt", model_cfg)
+        from dr_model.state_file import checkpoint_state
+
+        return cls.of(checkpoint_state(checkpoint), model_cfg)
 
     @classmethod
     def from_model(cls, model: Any, vocab: Any, folder: str) -> "ModelSource":
