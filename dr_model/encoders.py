@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .item_table import ROWS, item_table
+from .item_table import ROWS, item_table, set_table_grads
 
 
 class MeanPoolEncoder(nn.Module):
@@ -53,11 +53,11 @@ class MeanPoolEncoder(nn.Module):
         return kept[0], kept[1].grad
 
     def table_grads(self, seq: torch.Tensor, grad: torch.Tensor) -> None:
-        """Set the table's gradients to what pooled gradients grad [N, item_dim] of seq [N, L] put on it."""
-        for p in self.emb.parameters():
-            p.grad = None
-        with torch.enable_grad():
-            self.pool(seq).backward(grad)
+        """Set the table's gradients to what pooled gradients grad [N, item_dim] of seq [N, L] put on it:
+        pool's backward, term for term (grad / count, then the mask), without reading the rows."""
+        mask = (seq != self.pad).unsqueeze(-1).float()
+        per_item = (grad / mask.sum(1).clamp_min(1.0)).unsqueeze(1) * mask          # [N, L, item_dim]
+        set_table_grads(self.emb, seq, per_item)
 
 
 class GRUEncoder(nn.Module):

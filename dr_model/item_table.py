@@ -49,11 +49,16 @@ class SplitTable(nn.Module):
         self.slot.fill_(-1)
         self.slot[order] = torch.arange(len(order), dtype=torch.int32)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [...] int64 -> (the `main` rows [...], the `quotient` rows [...]) they read."""
         s = self.slot[ids].long()
         composed = s < 0
         main = torch.where(composed, self.n_exact + ids % self.n_r, s)
         quo = torch.where(composed, torch.div(ids, self.n_r, rounding_mode="floor"), self.n_q)
+        return main, quo
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        main, quo = self.rows_of(ids)
         return self.main(main) + self.quotient(quo)
 
 
@@ -91,6 +96,29 @@ def table_rows(table: nn.Module, lo: int = 0, hi: int | None = None) -> torch.Te
     return table(torch.arange(lo, hi))
 
 
+def _embedding_grad(emb: nn.Embedding, ids: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """What backward of a sparse emb(ids) [n] given grad [n, dim] puts on emb.weight: uncoalesced sparse [V, dim]."""
+    if emb.padding_idx is not None:
+        keep = ids != emb.padding_idx
+        ids, grad = ids[keep], grad[keep]
+    return torch.sparse_coo_tensor(ids.unsqueeze(0), grad, emb.weight.shape, check_invariants=False)
+
+
+def set_table_grads(table: nn.Module, ids: torch.Tensor, grad: torch.Tensor) -> None:
+    """Set a sparse item table's gradients to what backward of table(ids) [..., dim] given grad [..., dim]
+    puts on them, without the forward's row reads (they do not enter the gradient)."""
+    ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+    if isinstance(table, SplitTable):
+        main, quo = table.rows_of(ids)
+        parts = ((table.main, main), (table.quotient, quo))
+    else:
+        parts = ((table, ids),)
+    for emb, rows in parts:
+        if not emb.sparse:
+            raise ValueError(f"set_table_grads: the {tuple(emb.weight.shape)} table is not sparse")
+        emb.weight.grad = _embedding_grad(emb, rows, grad)
+
+
 def keep_frequent_exact(module: nn.Module, counts: torch.Tensor) -> int:
     """Every SplitTable in the module gives its exact rows to the most frequent ids -> tables set."""
     tables = [m for m in module.modules() if isinstance(m, SplitTable)]
@@ -101,4 +129,4 @@ def keep_frequent_exact(module: nn.Module, counts: torch.Tensor) -> int:
     return len(tables)
 
 
-__all__ = ["ROWS", "SplitTable", "item_table", "init_rows", "table_rows", "keep_frequent_exact"]
+__all__ = ["ROWS", "SplitTable", "item_table", "init_rows", "table_rows", "keep_frequent_exact", "set_table_grads"]
