@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels import compiled, split_rows
+
 ROWS = 1 << 62                  # no budget: one exact row per id
 
 
@@ -51,11 +53,13 @@ class SplitTable(nn.Module):
 
     def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [...] int64 -> (the `main` rows [...], the `quotient` rows [...]) they read."""
-        s = self.slot[ids].long()
-        composed = s < 0
-        main = torch.where(composed, self.n_exact + ids % self.n_r, s)
-        quo = torch.where(composed, torch.div(ids, self.n_r, rounding_mode="floor"), self.n_q)
-        return main, quo
+        flat = ids.reshape(-1).contiguous()
+        main, quo = torch.empty_like(flat), torch.empty_like(flat)
+        bad = compiled(split_rows)(flat.numpy(), self.slot.numpy(), self.n_exact, self.n_r, self.n_q,
+                                   main.numpy(), quo.numpy())
+        if bad >= 0:
+            raise IndexError(f"item id {int(flat[bad])} is outside this {self.num_embeddings}-id table")
+        return main.view(ids.shape), quo.view(ids.shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         main, quo = self.rows_of(ids)

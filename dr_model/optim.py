@@ -14,62 +14,17 @@ table's rows are cache misses: passes and stalls are what a step pays for.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Any, Callable, Iterable
-
-import numpy as np
+from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from .kernels import adam_rows, compiled
 
 
 def sparse_tables(module: nn.Module) -> list[nn.Parameter]:
     """The weights of the module's sparse-gradient embedding tables (nn.Embedding(sparse=True))."""
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse]
-
-
-AHEAD = 32        # rows whose cache lines are requested before the update reaches them
-
-
-def _adam_rows(weight: np.ndarray, moments: np.ndarray, rows: np.ndarray, grad: np.ndarray,
-               b1: float, b2: float, eps: float, step_size: float) -> float:
-    """In place: weight [V, dim], moments [V, 2, dim] (m, v) at the distinct rows [k] with grad [k, dim].
-
-    The arithmetic of torch.optim.SparseAdam in the table's dtype, in its order of operations.
-    Before a block of AHEAD rows is updated, one value per 64-byte line of the next block's rows
-    is read: independent loads, so their cache misses overlap instead of stalling the update one
-    row at a time (a catalog-sized table's rows are all misses). Returns those values' sum, so the
-    compiler keeps the loads.
-    """
-    k, dim = grad.shape
-    f = weight.dtype.type
-    c1, c2 = f(1 - b1), f(1 - b2)
-    b1, b2, eps, step_size = f(b1), f(b2), f(eps), f(step_size)
-    touched = f(0)
-    for lo in range(0, k, AHEAD):
-        hi = min(lo + AHEAD, k)
-        for i in range(hi, min(hi + AHEAD, k)):
-            r = rows[i]
-            for d in range(0, dim, 16):
-                touched += weight[r, d] + moments[r, 0, d] + moments[r, 1, d]
-        for i in range(lo, hi):
-            r = rows[i]
-            for d in range(dim):
-                g = grad[i, d]
-                m = moments[r, 0, d] * b1 + c1 * g
-                v = moments[r, 1, d] * b2 + c2 * g * g
-                moments[r, 0, d] = m
-                moments[r, 1, d] = v
-                weight[r, d] -= step_size * (m / (np.sqrt(v) + eps))
-    return touched
-
-
-@lru_cache(maxsize=1)
-def adam_rows() -> Callable[..., float]:
-    """_adam_rows compiled (once per process; numba's on-disk cache spares later processes the compile)."""
-    import numba
-
-    return numba.njit(cache=True, nogil=True)(_adam_rows)
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -83,7 +38,7 @@ class LazyAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        update = adam_rows()
+        update = compiled(adam_rows)
         for group in self.param_groups:
             lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
             for p in group["params"]:
