@@ -18,8 +18,9 @@ class MeanPoolEncoder(nn.Module):
     measured in BENCHMARKS.md, "Model quality").
 
     The table's gradient is a function of (seq, dL/dpooled) alone: with `capture` set, a training
-    forward keeps both, so data-parallel workers can exchange N (L + item_dim) numbers per step
-    instead of the touched rows (ray_trainers.grad_sync) and each rebuild the same table gradient.
+    forward keeps both and backward stops at the pooled vectors, so data-parallel workers can
+    exchange N (L + item_dim) numbers per step instead of the touched rows (ray_trainers.grad_sync)
+    and each rebuild the same table gradient (table_grads).
     """
 
     def __init__(self, num_items: int, item_dim: int, user_dim: int, sparse: bool = False, rows: int = ROWS,
@@ -38,11 +39,14 @@ class MeanPoolEncoder(nn.Module):
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq [N, L] int64 -> [N, user_dim]."""
-        pooled = self.pool(seq)
-        if self.capture and pooled.requires_grad:
-            pooled.retain_grad()
-            self._kept = (seq, pooled)
-        return self.mlp(pooled)
+        if self.capture and torch.is_grad_enabled() and any(p.requires_grad for p in self.emb.parameters()):
+            # The table's gradient will be rebuilt from (seq, dL/dpooled) over every rank's samples:
+            # backward stops at pooled instead of also building this rank's own table gradient.
+            with torch.no_grad():
+                pooled = self.pool(seq)
+            self._kept = (seq, pooled.requires_grad_())
+            return self.mlp(pooled)
+        return self.mlp(self.pool(seq))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """After backward: (seq [N, L], dL/dpooled [N, item_dim]) of the last captured forward, then forgotten;
