@@ -15,10 +15,13 @@ import numpy as np
 
 @lru_cache(maxsize=None)
 def compiled(f: Callable) -> Callable:
-    """f compiled by numba (nopython, GIL released)."""
+    """f compiled by numba (nopython, GIL released); cached on disk where a cache folder is writable."""
     import numba
 
-    return numba.njit(cache=True, nogil=True)(f)
+    try:
+        return numba.njit(cache=True, nogil=True)(f)
+    except RuntimeError:        # no writable cache folder (a read-only install, no home): compile per process
+        return numba.njit(nogil=True)(f)
 
 
 AHEAD = 32        # rows whose cache lines are requested before the update reaches them

@@ -348,6 +348,9 @@ def test_item_tables_follow_the_row_budget():
     assert t.main.weight.grad.is_sparse
     assert t.main.weight.grad.coalesce().indices().tolist() == [[0, t.n_exact + 123 % t.n_r]]
     assert t.quotient.weight.grad.coalesce().indices().tolist() == [[123 // t.n_r]]   # not the zero row
+    for bad in (1000, -1):                                   # the compiled mapping reads nothing out of range
+        with pytest.raises(IndexError, match=f"item id {bad} is outside this 1000-id table"):
+            t(torch.tensor([5, bad]))
     with pytest.raises(ValueError, match="item_rows"):
         item_table(10_000, 4, 100, 0.5)
 
