@@ -41,7 +41,7 @@ from dr_model.config import DRConfig
 from dr_model.mstep import RoundStats, fixed_alpha
 from jobs.tables import CommitMeta, CommitResult, Warehouse
 from spark_udfs.mstep_state import build_state, build_state_from_files
-from spark_udfs.mstep_udf import (INPUT_COLUMNS, ITEM_PATHS_DDL, STATE_DDL, STATS_COLUMNS, MStepContext,
+from spark_udfs.mstep_udf import (INPUT_COLUMNS, STATE_DDL, STATS_COLUMNS, MStepContext,
                                   barrier_batches, drop_job, item_paths_batches, sweep_batches)
 from spark_udfs.partitioning import largest_divisor, task_of
 
@@ -133,7 +133,9 @@ def scores_buckets(warehouse: Warehouse, version: int | None, files: tuple[str, 
 
 
 def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
-    return df.localCheckpoint(eager=True, storageLevel=getattr(StorageLevel, storage))
+    # lazy: the next job (the statistics' collect) computes, stores and checkpoints it; an eager
+    # checkpoint would cost a job of its own before that one
+    return df.localCheckpoint(eager=False, storageLevel=getattr(StorageLevel, storage))
 
 
 def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
@@ -175,11 +177,8 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
         # rows into per-item arrays, so a task's memory follows its items, not its S+J rows per item
         state = (rows.repartition(n, "item_id").sortWithinPartitions("item_id")
                  .mapInArrow(lambda it: build_state(it, ctx, seed), STATE_DDL))
-    try:
-        return MStepState(_checkpoint(state, opts.storage), ctx, n, barrier)
-    except Exception:
-        drop_job(ctx.job)
-        raise
+    # built by run_rounds' first statistics job (distributed_mstep drops the job's cache if that fails)
+    return MStepState(_checkpoint(state, opts.storage), ctx, n, barrier)
 
 
 def _add(a: tuple, b: tuple) -> tuple:
@@ -233,7 +232,7 @@ def _round_stats(sums: tuple, state: MStepState, cfg: DRConfig, r: int, seconds:
 
 
 def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions = MStepOptions(),
-               log: Callable[[str], None] = _log) -> tuple[MStepState, list[RoundStats]]:
+               log: Callable[[str], None] = _log, sums: tuple | None = None) -> tuple[MStepState, list[RoundStats]]:
     """cfg.mstep.rounds sweeps from a state -> (final state, stats with round 0 = the start).
 
     With mstep.alpha "auto", alpha is searched first (dr_model.calibrate.AlphaSearch, from
@@ -241,8 +240,9 @@ def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MSte
     search.target_path_size of the scored items; state.extra["alpha_trials"] lists the trials.
     RoundStats.seconds: wall time of a round, the exchange included (barrier), or of the
     round's job (jobs; the driver's sum of the statistics, a few ms, excluded and logged).
+    sums: the state's collect_stats when the caller has them.
     """
-    sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)
+    sums = sums or collect_stats(state, cfg.model.num_paths, opts.driver_merge)
     sizes = sums[0]
     V = int(sizes.sum()) // cfg.model.J                       # scored items (each holds J paths)
     mc = cfg.mstep
@@ -369,17 +369,19 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
     ctx = state.ctx
     how = (f"each reading its share of the {ctx.buckets} item buckets' files" if ctx.buckets else
            "path_scores shuffled by item (the version records no item buckets)")
-    log(f"state of {state.partitions} partitions built from path_scores, {how} [{time.perf_counter() - t0:.1f}s]")
     try:
-        state, stats = run_rounds(spark, state, cfg, opts, log)
-        out = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it: item_paths_batches(it, ctx), ITEM_PATHS_DDL)
+        sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)     # builds the state
+        log(f"state of {state.partitions} partitions built from path_scores, {how} [{time.perf_counter() - t0:.1f}s]")
+        state, stats = run_rounds(spark, state, cfg, opts, log, sums)
         meta = CommitMeta(JOB, run_id, round, cfg.hash(), extra={
             "path_scores_version": path_scores_version, "init_item_paths_version": init_item_paths_version,
             "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain",
             "sync": "barrier" if state.barrier else "jobs", "partitions": state.partitions,
             "objective": stats[-1].objective, "alpha": stats[-1].alpha, "path_size": stats[-1].path_size,
             "max_path_size": stats[-1].max_path_size, "target_path_size": state.extra.get("target_path_size")})
-        res = warehouse.write_spark("item_paths", out, meta, mode="overwrite")
+        # the item_paths rows are made in the writing task (3 * items rows never cross the JVM)
+        res = warehouse.write_spark("item_paths", state.df.select(*INPUT_COLUMNS), meta, mode="overwrite",
+                                    transform=lambda it: item_paths_batches(it, ctx))
     finally:
         state.df.unpersist()
         drop_job(ctx.job)                                   # local mode: the executors' cache folder

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import pandas as pd
 import pyarrow as pa
@@ -37,6 +37,8 @@ from jobs.table_specs import TABLES, TableSpec, spec  # noqa: F401
 
 Mode = Literal["append", "overwrite"]
 Version = int | datetime | None
+# executor-side: a task's Arrow batches of df -> the rows to write (Warehouse.stage_spark)
+Transform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,18 +179,21 @@ class Warehouse:
 
     # -- writes --------------------------------------------------------------------------
 
-    def stage_spark(self, df: Any, tables: str | Mapping[str, str], route_col: str | None = None) -> dict[str, Staged]:
+    def stage_spark(self, df: Any, tables: str | Mapping[str, str], route_col: str | None = None,
+                    transform: Transform | None = None) -> dict[str, Staged]:
         """Executors write df's rows as Parquet into table folders; returns staged files per table.
 
         `tables` is one table name, or {route value: table} with `route_col` naming the column
-        whose value picks each row's table (one pass over df for several tables).
+        whose value picks each row's table (one pass over df for several tables). `transform`
+        (Arrow batches -> Arrow batches) makes the rows in the writing task itself from df's
+        batches, so they never pass through the JVM.
         """
         targets = {tables: tables} if isinstance(tables, str) else dict(tables)
         if (route_col is None) != isinstance(tables, str):
             raise ValueError("stage_spark: give one table, or a {value: table} map together with route_col")
         uris = {v: (t, self.uri(t)) for v, t in targets.items()}
         tag = uuid.uuid4().hex[:8]
-        meta_rows = df.mapInArrow(lambda it: _stage_task(it, uris, route_col, tag),
+        meta_rows = df.mapInArrow(lambda it: _stage_task(transform(it) if transform else it, uris, route_col, tag),
                                   "table string, path string, size long, partition_values string, "
                                   "num_records long, stats string").collect()   # one small row per file
         files: dict[str, list[StagedFile]] = {t: [] for t in targets.values()}
@@ -316,15 +321,19 @@ class Warehouse:
                 return v
         raise CommitError(f"table {table}: committed, but commit {commit_id} is not in the last 200 versions")
 
-    def write_spark(self, table: str, df: Any, meta: CommitMeta, mode: Mode = "append") -> CommitResult:
-        """Executors write df as Parquet, the driver commits them in one transaction."""
+    def write_spark(self, table: str, df: Any, meta: CommitMeta, mode: Mode = "append",
+                    transform: Transform | None = None) -> CommitResult:
+        """Executors write df (or `transform` of its batches, stage_spark) as Parquet, the driver commits
+        them in one transaction."""
         if self._already_done(table, meta):
             return self._skipped(table, meta)
-        sch = spec(table).schema
-        missing = [n for n in sch.names if n not in df.columns]
-        if missing:
-            raise ValueError(f"table {table}: DataFrame lacks columns {missing} (has {df.columns})")
-        return self.commit(self.stage_spark(df.select(*sch.names), table)[table], meta, mode)
+        if transform is None:
+            sch = spec(table).schema
+            missing = [n for n in sch.names if n not in df.columns]
+            if missing:
+                raise ValueError(f"table {table}: DataFrame lacks columns {missing} (has {df.columns})")
+            df = df.select(*sch.names)
+        return self.commit(self.stage_spark(df, table, transform=transform)[table], meta, mode)
 
     def write_arrow(self, table: str, data: pa.Table | pd.DataFrame | Iterable[pa.Table | pd.DataFrame],
                     meta: CommitMeta, mode: Mode = "append") -> CommitResult:
