@@ -114,6 +114,7 @@ class _FileSink:
         self.open: dict[str | None, tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]] = {}
         self.pending: dict[str | None, list[pa.Table]] = {}
         self.pending_bytes: dict[str | None, int] = {}
+        self.last_group: dict[str | None, Any] = {}      # file_group value of the open file's last row
         self.done: list[StagedFile] = []
 
     def _new_file(self, pvalues: dict[str, str | None]) -> tuple[pq.ParquetWriter, str, _StatsAcc, dict[str, str | None]]:
@@ -141,19 +142,44 @@ class _FileSink:
 
     def _write_part(self, key: str | None, pvalues: dict[str, str | None], tbl: pa.Table) -> None:
         data = tbl.select(self.spec.file_schema.names)
-        if key not in self.open:
-            self.open[key] = self._new_file(pvalues)
-        writer, rel, acc, pv = self.open[key]
+        while data.num_rows:
+            if key not in self.open:
+                self.open[key] = self._new_file(pvalues)
+            n = self._rows_to_file(key, data)
+            if n:
+                self._append(key, data.slice(0, n))
+            data = data.slice(n)
+            acc = self.open[key][2]
+            if data.num_rows or (acc.rows >= _MAX_ROWS_PER_FILE and not self.spec.file_group):
+                self._close(key)
+
+    def _rows_to_file(self, key: str | None, data: pa.Table) -> int:
+        """How many leading rows of data go into the open file before it rolls (all: it does not roll here).
+
+        Without a file group the file rolls after the batch that fills it; with one, at the first
+        change of the group's value once the file is full (spec.file_group).
+        """
+        acc, group = self.open[key][2], self.spec.file_group
+        room = _MAX_ROWS_PER_FILE - acc.rows
+        if group is None or room >= data.num_rows:
+            return data.num_rows
+        col = data.column(group).to_numpy()
+        last = self.last_group.get(key)
+        change = np.flatnonzero(np.r_[last is not None and col[0] != last, col[1:] != col[:-1]])
+        after = change[change >= max(room, 0)]
+        return int(after[0]) if after.size else data.num_rows
+
+    def _append(self, key: str | None, data: pa.Table) -> None:
         buf = self.pending.setdefault(key, [])
         buf.append(data)
         self.pending_bytes[key] = self.pending_bytes.get(key, 0) + data.nbytes
-        acc.add(data)
+        self.open[key][2].add(data)
+        if self.spec.file_group:
+            self.last_group[key] = data.column(self.spec.file_group)[-1].as_py()
         if sum(t.num_rows for t in buf) >= _ROW_GROUP_ROWS:
             self._flush(key)
         while sum(self.pending_bytes.values()) >= _ROW_GROUP_BYTES:
             self._flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
-        if acc.rows >= _MAX_ROWS_PER_FILE:
-            self._close(key)
 
     def _flush(self, key: str | None) -> None:
         buf = self.pending.pop(key, [])
@@ -164,6 +190,7 @@ class _FileSink:
     def _close(self, key: str | None) -> None:
         self._flush(key)
         writer, rel, acc, pv = self.open.pop(key)
+        self.last_group.pop(key, None)
         writer.close()
         size = self.fs.get_file_info(f"{self.root.rstrip('/')}/{rel}").size
         self.done.append(StagedFile(rel, int(size), dict(pv), acc.rows, acc.json()))

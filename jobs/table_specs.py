@@ -20,17 +20,24 @@ _IDS = pa.list_(pa.int64())
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A table's name, Arrow schema, partition column (at most one) and row key."""
+    """A table's name, Arrow schema, partition column (at most one), row key and file group column.
+
+    file_group: consecutive rows with the same value of this column never end up in two data
+    files (a writer rolls its file only where the value changes; jobs.staging), so a reader
+    of one file sees whole groups (path_scores: an item's whole list).
+    """
 
     name: str
     schema: pa.Schema
     partition_by: tuple[str, ...] = ()
     key: tuple[str, ...] = ()
+    file_group: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.partition_by) > 1:
             raise ValueError(f"table {self.name}: at most one partition column is supported")
-        missing = [c for c in (*self.partition_by, *self.key) if c not in self.schema.names]
+        missing = [c for c in (*self.partition_by, *self.key, *([self.file_group] if self.file_group else []))
+                   if c not in self.schema.names]
         if missing:
             raise ValueError(f"table {self.name}: columns {missing} are not in its schema")
 
@@ -64,7 +71,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
     TableSpec("path_scores", pa.schema([
         _field("item_id", _ID, False), _field("path", pa.int64(), False),
         _field("score", pa.float64(), False), _field("n_v", pa.float64(), False),   # decayed in streaming mode
-    ]), key=("item_id", "path")),
+    ]), key=("item_id", "path"), file_group="item_id"),
     TableSpec("item_paths", pa.schema([
         _field("item_id", _ID, False), _field("slot", pa.int32(), False),
         _field("path", pa.int64(), False), _field("score", pa.float64()),

@@ -214,3 +214,31 @@ def test_a_task_writing_many_partitions_keeps_a_bounded_buffer(warehouse, monkey
     assert peak < 1 << 16
     assert sum(f.num_records for f in files) == 40 * 500
     assert len({f.partition_values["date"] for f in files}) > 10
+
+
+def test_files_roll_between_items_of_a_file_group(warehouse, monkeypatch):
+    """path_scores' files roll where item_id changes, never inside an item's rows (TableSpec.file_group),
+    across a task's Arrow batches; a table without a group rolls after the batch that fills a file."""
+    import pyarrow.parquet as pq
+
+    from jobs import staging
+
+    monkeypatch.setattr(staging, "_MAX_ROWS_PER_FILE", 1_000)
+    # 7 rows an item in batches of 300 rows (Spark's batching): the cap falls inside items
+    ids = np.arange(7_000)
+    rows = pd.DataFrame({"item_id": ids // 7, "path": ids % 7, "score": 1.0, "n_v": 7.0})
+    sink = staging._FileSink("path_scores", warehouse.uri("path_scores"), "t")
+    for lo in range(0, 7_000, 300):
+        sink.write(staging.conform("path_scores", rows.iloc[lo:lo + 300]))
+    files = sink.close()
+    per_file = [pq.read_table(f"{warehouse.uri('path_scores')}/{f.path}", columns=["item_id"]).column(0).to_numpy()
+                for f in files]
+    assert [f.num_records for f in files] == [len(x) for x in per_file]
+    assert len(files) >= 6 and sum(len(x) for x in per_file) == 7_000
+    assert all(len(x) == 7 * len(np.unique(x)) for x in per_file)             # whole items only
+    assert len(np.unique(np.concatenate([np.unique(x) for x in per_file]))) == 1_000
+    assert all(1_000 <= len(x) < 1_000 + 7 for x in per_file[:-1])
+    sink = staging._FileSink("interactions", warehouse.uri("interactions"), "t")
+    for b in range(6):
+        sink.write(staging.conform("interactions", events(400, first_user=400 * b).assign(date=events(1).date[0])))
+    assert [f.num_records for f in sink.close()] == [1_200, 1_200]
