@@ -73,6 +73,10 @@ def read_scores(ctx: MStepContext, part: int, into: _CacheDir | None = None) -> 
     lists are written into in place, when the files hold their items in order."""
     files = partition_files(ctx, part)
     runs = [_file_items(uri) for uri in files]
+    # a table lists its files in no particular order: the scores job's files, taken by their first
+    # item, hold consecutive runs of items
+    got = sorted((r[0], i) for i, r in enumerate(runs) if r.size)
+    files, runs = [files[i] for _, i in got], [runs[i] for _, i in got]
     items = _cat(runs) if runs else np.zeros(0, np.int64)
     if items.size and (items[1:] > items[:-1]).all():
         ps = _read_in_order(ctx, files, items, into)

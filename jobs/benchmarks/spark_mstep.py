@@ -97,8 +97,9 @@ def worker(master: str, items: int) -> dict:
         nchunks = -(-items // CHUNK)
         gen = spark.range(nchunks, numPartitions=min(nchunks, 4 * cores)).mapInArrow(
             lambda it: _gen(it, items, P), "item_id long, path long, score double, n_v double")
-        # written as the scores job writes it: one file set per hash bucket of item_id, recorded
-        v = wh.write_spark("path_scores", gen.repartition(cores, "item_id"),
+        # written as the scores job writes it: one file set per hash bucket of item_id (recorded), its
+        # items in order (top_s_batches' lists), each item in one file (TableSpec.file_group)
+        v = wh.write_spark("path_scores", gen.repartition(cores, "item_id").sortWithinPartitions("item_id"),
                            CommitMeta("bench", "gen", extra={"item_buckets": cores})).version
         setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
