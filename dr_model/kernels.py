@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from .scores import EMPTY
+
 
 @lru_cache(maxsize=None)
 def compiled(f: Callable) -> Callable:
@@ -83,4 +85,48 @@ def split_rows(ids: np.ndarray, slot: np.ndarray, n_exact: int, n_r: int, n_q: i
     return -1
 
 
-__all__ = ["AHEAD", "adam_rows", "compiled", "split_rows"]
+def merge_siblings(real_p: np.ndarray, real_s: np.ndarray, sib: np.ndarray, score_frac: float,
+                   out_p: np.ndarray, out_s: np.ndarray) -> None:
+    """Each row's candidates real_p/real_s [r, S] (score descending, empty slots last) with its siblings
+    sib [r, n] -> out_p/out_s [r, S + n] (dr_model.calibrate.with_exploration).
+
+    A sibling is kept unless empty, already a candidate or an earlier sibling; kept ones score
+    score_frac x the row's best and go where a stable sort by score puts them: after the real
+    candidates scoring at least as much, in sibling order. Empty slots fill the row's end.
+    """
+    r, S = real_p.shape
+    n = sib.shape[1]
+    for i in range(r):
+        sib_score = score_frac * real_s[i, 0]
+        pos = 0
+        for c in range(S):
+            if real_p[i, c] != EMPTY and real_s[i, c] >= sib_score:
+                pos += 1
+        for c in range(pos):
+            out_p[i, c] = real_p[i, c]
+            out_s[i, c] = real_s[i, c]
+        k = pos
+        for j in range(n):
+            p = sib[i, j]
+            keep = p != EMPTY
+            for c in range(S):
+                if keep and real_p[i, c] == p:
+                    keep = False
+            for t in range(j):
+                if keep and sib[i, t] == p:
+                    keep = False
+            if keep:
+                out_p[i, k] = p
+                out_s[i, k] = sib_score
+                k += 1
+        for c in range(pos, S):
+            out_p[i, k] = real_p[i, c]
+            out_s[i, k] = real_s[i, c]
+            k += 1
+        while k < S + n:
+            out_p[i, k] = EMPTY
+            out_s[i, k] = 0.0
+            k += 1
+
+
+__all__ = ["AHEAD", "adam_rows", "compiled", "merge_siblings", "split_rows"]
