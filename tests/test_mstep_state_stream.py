@@ -84,10 +84,11 @@ def test_bucket_files_that_split_an_item_read_as_one_list(tmp_path):
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_path, monkeypatch, cache):
-    """Files holding their items in order (the scores job's, lists narrower than S): read one file at a
-    time straight into the result (the cache folder's memory-mapped files with `into`), the same lists as
-    the general merge of every file."""
+@pytest.mark.parametrize("batch_rows", [7, 1 << 17])
+def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_path, monkeypatch, cache, batch_rows):
+    """Files holding their items in order (the scores job's, lists narrower than S), listed in any order:
+    read one file at a time, in batches cut between items, straight into the result (the cache folder's
+    memory-mapped files with `into`), the same lists as the general merge of every file."""
     import pyarrow.parquet as pq
 
     from dr_model.scores import PathScores
@@ -104,7 +105,8 @@ def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_pa
         files.append(name.as_uri())
     monkeypatch.setattr(mstep_cache, "_cache_root", lambda: str(tmp_path / "cache"))
     ctx = MStepContext(job="t", S=S, J=J, num_paths=K ** D, alpha=0.0, power=1.0, block_size=256, extrapolate=True,
-                       partitions=1, sources=tuple(files), cache=cache, K=K, D=D, explore=2, buckets=1)
+                       partitions=1, sources=tuple(files[::-1]), cache=cache, K=K, D=D, explore=2, buckets=1)
+    monkeypatch.setattr(mstep_files, "BATCH_ROWS", batch_rows)         # 7: batches end inside items
     general = []
     monkeypatch.setattr(mstep_files, "_read_any_order", lambda *a: general.append(1) or PathScores(
         np.zeros(0, np.int64), np.zeros((0, S + 2), np.int64), np.zeros((0, S + 2)), np.zeros(0)))
