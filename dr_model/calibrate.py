@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from .kernels import compiled, merge_siblings
+from .kernels import compiled, merge_siblings, traffic_rows
 from .mstep_kernel import penalty_delta
 from .scores import EMPTY, PathScores
 
@@ -58,6 +58,18 @@ def path_traffic(n_v: np.ndarray, weights: np.ndarray, assign: np.ndarray, num_p
     """W(c) = sum_v N_v w[v, j] over the slots holding c: n_v [m], weights / assign [m, J] -> [num_paths] float64."""
     return np.bincount(assign.ravel(), weights=(weights * np.asarray(n_v, np.float64)[:, None]).ravel(),
                        minlength=num_paths)
+
+
+def assigned_traffic(n_v: np.ndarray, scores: np.ndarray, slots: np.ndarray, assign: np.ndarray,
+                     num_paths: int) -> np.ndarray:
+    """path_traffic(n_v, assigned_weights(scores, slots), assign, num_paths) in one compiled pass
+    (no [m, J] temporaries; the M-step computes it every round): -> [num_paths] float64."""
+    out = np.zeros(num_paths)
+    if len(assign):
+        if assign.min() < 0 or assign.max() >= num_paths:
+            raise ValueError(f"assignment holds a path outside [0, {num_paths})")
+        compiled(traffic_rows)(np.asarray(n_v, np.float64), np.asarray(scores, np.float64), slots, assign, out)
+    return out
 
 
 def traffic_size(traffic: np.ndarray, sizes: np.ndarray) -> float:
@@ -204,5 +216,5 @@ def _explore_rows(items: np.ndarray, real_p: np.ndarray, real_s: np.ndarray, K: 
     compiled(merge_siblings)(real_p, real_s, sib, float(score_frac), out_p, out_s)
 
 
-__all__ = ["assigned_weights", "path_traffic", "traffic_size", "start_path_size", "is_collapsed", "initial_alpha",
+__all__ = ["assigned_weights", "assigned_traffic", "path_traffic", "traffic_size", "start_path_size", "is_collapsed", "initial_alpha",
            "AlphaSearch", "exploration_paths", "with_exploration"]

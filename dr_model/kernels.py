@@ -129,4 +129,25 @@ def merge_siblings(real_p: np.ndarray, real_s: np.ndarray, sib: np.ndarray, scor
             k += 1
 
 
-__all__ = ["AHEAD", "adam_rows", "compiled", "merge_siblings", "split_rows"]
+def traffic_rows(n_v: np.ndarray, scores: np.ndarray, slots: np.ndarray, assign: np.ndarray, out: np.ndarray) -> None:
+    """out[c] += N_v w[v, j] for every slot j holding path c (dr_model.calibrate.assigned_traffic).
+
+    n_v [m], scores [m, S], slots / assign [m, J] (slot -1: the path is not a candidate); w is
+    the slot's share of the item's assigned score, 1/J each where that score is 0. The
+    arithmetic and order of path_traffic(n_v, assigned_weights(scores, slots), assign, P).
+    """
+    m, J = slots.shape
+    for i in range(m):
+        tot = 0.0
+        for j in range(J):
+            if slots[i, j] >= 0:
+                tot += scores[i, slots[i, j]]
+        for j in range(J):
+            if tot > 0:
+                w = scores[i, slots[i, j]] / tot if slots[i, j] >= 0 else 0.0
+            else:
+                w = 1.0 / J
+            out[assign[i, j]] += w * n_v[i]
+
+
+__all__ = ["AHEAD", "adam_rows", "compiled", "merge_siblings", "split_rows", "traffic_rows"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dr_model.calibrate import AlphaSearch, assigned_weights, initial_alpha, path_traffic, traffic_size
+from dr_model.calibrate import AlphaSearch, assigned_traffic, initial_alpha, traffic_size
 from dr_model.config import MStepConfig
 from dr_model.mstep_kernel import (CandidateBlocks, _own_slots, gain, penalty, penalty_delta, prepare_blocks,
                                    size_table, sweep, update_block)
@@ -145,7 +145,7 @@ def _round_stats(ps: PathScores, assign: np.ndarray, prev: np.ndarray | None, si
                  alpha: float) -> RoundStats:
     obj = objective(ps, assign, num_paths, alpha, cfg.penalty_power, sizes=sizes)
     moved = 0 if prev is None else int((np.sort(prev, 1) != np.sort(assign, 1)).any(1).sum())
-    traffic = path_traffic(ps.n_v, assigned_weights(ps.scores, _own_slots(ps.paths.T, assign)), assign, num_paths)
+    traffic = assigned_traffic(ps.n_v, ps.scores, _own_slots(ps.paths.T, assign), assign, num_paths)
     return RoundStats(round=r, objective=obj.total, max_path_size=int(sizes.max(initial=0)),
                       nonempty_paths=int((sizes > 0).sum()), items_moved=moved,
                       skipped_items=obj.skipped, seconds=seconds, cpu_seconds=cpu_seconds, alpha=float(alpha),
@@ -354,7 +354,7 @@ def mstep_blocked(ps: PathScores, assign0: np.ndarray, num_paths: int, cfg: MSte
             s_try, sz_try = slots.copy(), sizes.copy()
             new = sweep(blocks(a), assign, sz_try, a, power, slots=s_try, damping=damping,
                         improving_only=cfg.improving_only)
-            search.observe(a, traffic_size(path_traffic(ps.n_v, assigned_weights(ps.scores, s_try), new, num_paths),
+            search.observe(a, traffic_size(assigned_traffic(ps.n_v, ps.scores, s_try, new, num_paths),
                                            sz_try))
         alpha, trials = search.result, search.trials
     initial = _round_stats(ps, assign, None, sizes, num_paths, cfg, 0, 0.0, 0.0, alpha)

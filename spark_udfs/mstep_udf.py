@@ -59,7 +59,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from dr_model.calibrate import AlphaSearch, assigned_weights, path_traffic, traffic_size
+from dr_model.calibrate import AlphaSearch, assigned_traffic, traffic_size
 from dr_model.mstep import (CandidateBlocks, RoundStats, effective_block, penalty_delta,
                             size_table, sweep)
 from dr_model.scores import EMPTY
@@ -190,7 +190,7 @@ def _kernel_dtype(alpha: float, power: float, total_items: int) -> type:
 def _traffic(e: _Entry, slots: np.ndarray, assign: np.ndarray, num_paths: int) -> np.ndarray:
     """This partition's path traffic W(c) [num_paths] (dr_model.calibrate) for its scored items' assignment."""
     m = e.n_scored
-    return path_traffic(e.n_v, assigned_weights(np.asarray(e.scores), slots), assign[:m], num_paths)
+    return assigned_traffic(e.n_v, e.scores, slots, assign[:m], num_paths)
 
 
 def sweep_blocks(cands: CandidateBlocks, assign: np.ndarray, slots: np.ndarray, base_sizes: np.ndarray, scale: int,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dr_model.calibrate import (AlphaSearch, assigned_weights, exploration_paths, initial_alpha, path_traffic,
+from dr_model.calibrate import (AlphaSearch, assigned_traffic, assigned_weights, exploration_paths, initial_alpha, path_traffic,
                                 start_path_size, traffic_size, with_exploration)
 from dr_model.codec import decode
 from dr_model.config import DRConfig, MStepConfig
@@ -61,6 +61,22 @@ def test_traffic_weighted_size_follows_the_scores():
     # an item without score on its paths spreads its traffic evenly
     np.testing.assert_allclose(assigned_weights(np.zeros((1, 3)), np.array([[-1, -1]])), [[0.5, 0.5]])
     assert initial_alpha(2.0, 10.0, 4.0) > initial_alpha(2.0, 20.0, 4.0) > 0
+
+
+def test_assigned_traffic_is_path_traffic_of_the_assigned_weights():
+    """The compiled pass gives path_traffic(assigned_weights) bit for bit: partial, missing and zero scores."""
+    rng = np.random.default_rng(3)
+    m, S, J, P = 2_000, 6, 3, 50
+    scores = np.where(rng.random((m, S)) < 0.2, 0.0, rng.random((m, S)))
+    slots = np.where(rng.random((m, J)) < 0.3, -1, rng.integers(0, S, (m, J)))
+    slots[:5] = -1                                            # no score on any assigned path
+    assign = rng.integers(0, P, (m, J))
+    n_v = rng.random(m) * 10
+    want = path_traffic(n_v, assigned_weights(scores, slots), assign, P)
+    assert np.array_equal(assigned_traffic(n_v, scores, slots, assign, P), want)
+    assert np.array_equal(assigned_traffic(n_v[:0], scores[:0], slots[:0], assign[:0], P), np.zeros(P))
+    with pytest.raises(ValueError, match="outside"):
+        assigned_traffic(n_v, scores, slots, assign + P, P)
 
 
 def test_exploration_paths_are_near_the_best_path():
