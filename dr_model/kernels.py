@@ -150,4 +150,20 @@ def traffic_rows(n_v: np.ndarray, scores: np.ndarray, slots: np.ndarray, assign:
             out[assign[i, j]] += w * n_v[i]
 
 
-__all__ = ["AHEAD", "adam_rows", "compiled", "merge_siblings", "split_rows", "traffic_rows"]
+def slot_rows(paths: np.ndarray, assign: np.ndarray, out: np.ndarray) -> None:
+    """out[i, j] = the column of assign[i, j] among paths[i] (candidates distinct per row), -1 where absent.
+
+    paths [m, S] (any strides), assign / out [m, J].
+    """
+    m, S = paths.shape
+    for i in range(m):
+        for j in range(assign.shape[1]):
+            a = assign[i, j]
+            out[i, j] = -1
+            for c in range(S):
+                if paths[i, c] == a:
+                    out[i, j] = c
+                    break
+
+
+__all__ = ["AHEAD", "adam_rows", "compiled", "merge_siblings", "slot_rows", "split_rows", "traffic_rows"]

@@ -146,7 +146,11 @@ class _CacheDir:
         return view
 
     def commit(self, arrays: dict[str, np.ndarray]) -> None:
-        """Write the arrays not allocated here, flush the ones that were, publish the folder."""
+        """Write the arrays not allocated here, publish the folder.
+
+        The arrays allocated here are not flushed: the workers that map the files share the machine's
+        page cache, and a cache needs no durability (a lost machine takes its executor with it).
+        """
         if os.path.isdir(self.final):
             self.discard()
             return
@@ -157,7 +161,6 @@ class _CacheDir:
                 if mapped is not None:
                     if mapped[0] is not a:      # np.save would overwrite the file the array maps
                         raise ValueError(f"cache array {name!r}: commit the array alloc returned, not a copy or view")
-                    mapped[1].flush()
                 else:
                     np.save(os.path.join(self.tmp, f"{name}.npy"), a)
             os.rename(self.tmp, self.final)

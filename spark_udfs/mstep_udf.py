@@ -60,6 +60,7 @@ import numpy as np
 import pyarrow as pa
 
 from dr_model.calibrate import AlphaSearch, assigned_traffic, traffic_size
+from dr_model.kernels import compiled, slot_rows
 from dr_model.mstep import (CandidateBlocks, RoundStats, effective_block, penalty_delta,
                             size_table, sweep)
 from dr_model.scores import EMPTY
@@ -126,13 +127,8 @@ def _rows(tbl: pa.Table, ctx: MStepContext) -> Iterator[tuple[int, np.ndarray, i
 # --------------------------------------------------------------------------- statistics of a partition
 def find_slots(paths: np.ndarray, assign: np.ndarray) -> np.ndarray:
     """Slot of each assigned path among the item's candidates: paths [m, S], assign [m, J] -> int64 [m, J] (-1: none)."""
-    out = np.full(assign.shape, -1, dtype=np.int64)
-    for lo in range(0, len(out), 1 << 16):              # row blocks: the [rows, S] temporaries are reused
-        p, a, o = paths[lo:lo + (1 << 16)], assign[lo:lo + (1 << 16)], out[lo:lo + (1 << 16)]
-        for j in range(assign.shape[1]):
-            eq = p == a[:, j:j + 1]                      # candidates distinct per row; EMPTY never matches
-            has = eq.any(1)
-            o[has, j] = eq.argmax(1)[has]
+    out = np.empty(assign.shape, dtype=np.int64)
+    compiled(slot_rows)(paths, assign, out)             # paths >= 0 in assign: EMPTY never matches
     return out
 
 

@@ -121,3 +121,20 @@ def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_pa
         on_disk = mstep_cache._load_dir(e.dir, ("items", "paths", "scores", "n_v"))
         assert all(np.array_equal(on_disk[f], getattr(want, f)) for f in ("paths", "scores", "n_v"))
         assert not list((tmp_path / "cache" / "t").glob("*.tmp-*"))     # the temp folder was renamed
+
+
+def test_find_slots_agrees_with_the_kernel_blocks_own_slots():
+    """The state's slots (row-major lists, compiled) are the sweep's own slots (slot-major blocks): same
+    column of each assigned path, -1 where it is not a candidate; int32 lists as the cache holds them."""
+    from dr_model.mstep_kernel import _own_slots
+    from spark_udfs.mstep_udf import find_slots
+
+    rng = np.random.default_rng(7)
+    paths = np.stack([rng.choice(500, S, replace=False) for _ in range(400)])
+    paths[::5, S // 2:] = -1                                             # narrower lists: EMPTY slots
+    assign = np.where(rng.random((400, J)) < 0.5, paths[np.arange(400)[:, None], rng.integers(0, S // 2, (400, J))],
+                      rng.integers(500, 600, (400, J)))
+    want = _own_slots(np.ascontiguousarray(paths.T), assign)
+    assert (want >= 0).any() and (want == -1).any()
+    assert np.array_equal(find_slots(paths, assign), want)
+    assert np.array_equal(find_slots(paths.astype(np.int32), assign), want)
