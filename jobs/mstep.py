@@ -10,17 +10,19 @@ statistics in the same pass. Two ways to run the rounds, same math, same result:
   statistics with a gloo all-reduce (spark_udfs.exchange), so each starts the next round
   from the exact global table. No job, scheduling or state write per round: the per-round
   cost is the kernel plus one exchange, peer to peer (nothing passes through the driver).
+  The same stage builds the state first and writes the item_paths files last
+  (spark_udfs.mstep_onestage): the whole M-step is one Spark stage and one commit.
 * **jobs** (more partitions than slots, dynamic allocation, or `sync="jobs"`): one Spark
   job per round; the
   driver sums the partitions' count vectors and broadcasts the table (a tree reduction
   above `MStepOptions.driver_merge` partitions).
 
 The state is built without shuffling `path_scores` when the version records the scores job's
-`item_buckets`: every task reads its buckets' files itself (initial_state). The candidates
+`item_buckets`: every task reads its buckets' files itself (state_source). The candidates
 never travel after the first pass: they sit in a worker-side cache
-(mstep_udf module doc; a miss rebuilds them from the path_scores files). The Spark state
-is one row per partition holding the items' assignment as binary blobs, checkpointed
-(`localCheckpoint`) so plans stay short. One commit at the end: a failed run leaves
+(mstep_udf module doc; a miss rebuilds them from the path_scores files). In jobs mode the
+Spark state is one row per partition holding the items' assignment as binary blobs,
+checkpointed (`localCheckpoint`) so plans stay short. One commit at the end: a failed run leaves
 `item_paths` at its previous version.
 """
 from __future__ import annotations
@@ -29,9 +31,10 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -39,7 +42,8 @@ from pyspark.sql import functions as F
 from dr_model.calibrate import AlphaSearch, initial_alpha, traffic_size
 from dr_model.config import DRConfig
 from dr_model.mstep import RoundStats, fixed_alpha
-from jobs.tables import CommitMeta, CommitResult, Warehouse
+from jobs.tables import CommitMeta, CommitResult, Staged, Warehouse
+from spark_udfs.mstep_onestage import one_stage_batches
 from spark_udfs.mstep_state import build_state, build_state_from_files
 from spark_udfs.mstep_udf import (INPUT_COLUMNS, STATE_DDL, STATS_COLUMNS, MStepContext,
                                   barrier_batches, drop_job, item_paths_batches, sweep_batches)
@@ -64,7 +68,9 @@ class MStepOptions:
     sync: "auto" (barrier when partitions <= task slots, else jobs), "barrier" (an error if
     the partitions do not fit), "jobs" (module doc). worker_cache False: every task
     rebuilds its candidates from the path_scores files (the cache-miss path; slow, for
-    tests). driver_merge (jobs mode): partitions' count vectors summed on the driver
+    tests). one_stage (barrier runs): the state build, the rounds and the item_paths rows in
+    ONE barrier stage (spark_udfs.mstep_onestage); False: a build job, a barrier stage and a
+    writing job, the state checkpointed between them (the jobs-mode layout; for tests). driver_merge (jobs mode): partitions' count vectors summed on the driver
     directly; more partitions are summed by a Spark tree reduction first.
     """
 
@@ -78,6 +84,7 @@ class MStepOptions:
     driver_merge: int = 32
     min_items_per_partition: int = 50_000
     read_buckets: bool = True         # False: always shuffle path_scores (the general path, for tests)
+    one_stage: bool = True            # barrier runs: build, rounds and item_paths rows in one stage
 
 
 @dataclass
@@ -138,9 +145,27 @@ def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
     return df.localCheckpoint(eager=False, storageLevel=getattr(StorageLevel, storage))
 
 
-def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
-                  init_item_paths_version: int | None, opts: MStepOptions = MStepOptions()) -> MStepState:
-    """The checkpointed starting state: items hash-partitioned by item_id, one state row per partition."""
+@dataclass(frozen=True)
+class StateSource:
+    """What a partition's state is built from: the rows each build task receives, and how it reads them."""
+
+    df: DataFrame                     # one partition per item partition (mstep_state's input rows)
+    ctx: MStepContext
+    partitions: int
+    barrier: bool
+    from_files: bool                  # each task reads its buckets' path_scores files (build_state_from_files)
+    seed: int
+
+    @property
+    def build(self) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+        """A partition's input rows -> its state row (executor side; the closure holds no DataFrame)."""
+        ctx, seed, from_files = self.ctx, self.seed, self.from_files
+        return lambda it: build_state_from_files(it, ctx, seed) if from_files else build_state(it, ctx, seed)
+
+
+def state_source(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
+                 init_item_paths_version: int | None, opts: MStepOptions = MStepOptions()) -> StateSource:
+    """The partitions' build input: items hash-partitioned by item_id, and the run's task context."""
     # path_scores lists: the beam's S paths plus the J own paths the scores job adds
     S, J, P, mc = cfg.search.score_paths + cfg.model.J, cfg.model.J, cfg.model.num_paths, cfg.mstep
     # path_scores holds at most S rows per item: rows // S is a lower bound of the scored items
@@ -155,7 +180,6 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
                        sources=sources, cache=opts.worker_cache,
                        improving_only=mc.improving_only, K=cfg.model.K, D=cfg.model.D, explore=mc.explore,
                        explore_score=mc.explore_score, seed=cfg.train.seed, buckets=buckets)
-    seed = opts.seed
     ip = (warehouse.read_spark(spark, "item_paths", init_item_paths_version)
           .select("item_id", "path", F.col("slot").cast("int").alias("slot"), F.lit(1).alias("src"))
           if init_item_paths_version is not None else None)
@@ -166,19 +190,25 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
         src = (ip.repartition(n, "item_id") if ip is not None else
                spark.range(n, numPartitions=n).select(F.col("id").alias("item_id"), F.lit(0).cast("long").alias("path"),
                                                       F.lit(-1).alias("slot"), F.lit(2).alias("src")))
-        state = src.mapInArrow(lambda it: build_state_from_files(it, ctx, seed), STATE_DDL)
-    else:
-        rows = (warehouse.read_spark(spark, "path_scores", path_scores_version)
-                .select("item_id", "path", "score", "n_v", F.lit(-1).alias("slot"), F.lit(0).alias("src")))
-        if ip is not None:
-            rows = rows.unionByName(ip.select("item_id", "path", F.lit(0.0).alias("score"), F.lit(0.0).alias("n_v"),
-                                              "slot", "src"))
-        # sorted by item inside each partition (Spark's external sort spills): the tasks stream their
-        # rows into per-item arrays, so a task's memory follows its items, not its S+J rows per item
-        state = (rows.repartition(n, "item_id").sortWithinPartitions("item_id")
-                 .mapInArrow(lambda it: build_state(it, ctx, seed), STATE_DDL))
+        return StateSource(src, ctx, n, barrier, True, opts.seed)
+    rows = (warehouse.read_spark(spark, "path_scores", path_scores_version)
+            .select("item_id", "path", "score", "n_v", F.lit(-1).alias("slot"), F.lit(0).alias("src")))
+    if ip is not None:
+        rows = rows.unionByName(ip.select("item_id", "path", F.lit(0.0).alias("score"), F.lit(0.0).alias("n_v"),
+                                          "slot", "src"))
+    # sorted by item inside each partition (Spark's external sort spills): the tasks stream their
+    # rows into per-item arrays, so a task's memory follows its items, not its S+J rows per item
+    return StateSource(rows.repartition(n, "item_id").sortWithinPartitions("item_id"), ctx, n, barrier, False, opts.seed)
+
+
+def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
+                  init_item_paths_version: int | None, opts: MStepOptions = MStepOptions(),
+                  source: StateSource | None = None) -> MStepState:
+    """The checkpointed starting state: items hash-partitioned by item_id, one state row per partition."""
+    src = source or state_source(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts)
+    state = src.df.mapInArrow(src.build, STATE_DDL)
     # built by run_rounds' first statistics job (distributed_mstep drops the job's cache if that fails)
-    return MStepState(_checkpoint(state, opts.storage), ctx, n, barrier)
+    return MStepState(_checkpoint(state, opts.storage), src.ctx, src.partitions, src.barrier)
 
 
 def _add(a: tuple, b: tuple) -> tuple:
@@ -243,23 +273,46 @@ def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MSte
     sums: the state's collect_stats when the caller has them.
     """
     sums = sums or collect_stats(state, cfg.model.num_paths, opts.driver_merge)
-    sizes = sums[0]
-    V = int(sizes.sum()) // cfg.model.J                       # scored items (each holds J paths)
-    mc = cfg.mstep
-    target = cfg.search.target_path_size(V, cfg.eval.k) if mc.auto_alpha else None
-    if target is None:
-        alpha0 = fixed_alpha(mc)
-    else:
-        alpha0 = opts.alpha0 or initial_alpha(float(np.sum(sums[6])) / max(V, 1), target, mc.penalty_power)
+    V, alpha0, target = start_plan(cfg, opts.alpha0)(sums[0], float(np.sum(sums[6])))
     st, sizes = _round_stats(sums, state, cfg, 0, 0.0, alpha0)
-    log(f"round 0: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path {st.max_path_size}, "
-        f"non-empty paths {st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths); "
-        f"{state.partitions} partitions, rounds {'in one barrier stage' if state.barrier else 'one job each'}; "
-        + (f"alpha {alpha0:.4g}" if target is None else f"alpha searched from {alpha0:.4g} for path size {target:.1f}"))
+    _log_start(log, st, V, state.partitions, "in one barrier stage" if state.barrier else "one job each", alpha0, target)
     rounds = _barrier_rounds if state.barrier else _job_rounds
     state.extra["target_path_size"] = target
     state, more = rounds(spark, state, cfg, opts, sizes, V, alpha0, target, log)
     return state, [st] + more
+
+
+def start_plan(cfg: DRConfig, alpha0: float | None = None) -> Callable[[np.ndarray, float], tuple[int, float, float | None]]:
+    """(global path sizes [num_paths], total path traffic) -> (scored items, starting alpha, target path size or
+    None); the same on the driver and in every barrier task (mstep_onestage)."""
+    J, mc, k = cfg.model.J, cfg.mstep, cfg.eval.k
+    search = cfg.search
+
+    def plan(sizes: np.ndarray, traffic_total: float) -> tuple[int, float, float | None]:
+        V = int(sizes.sum()) // J                             # scored items (each holds J paths)
+        target = search.target_path_size(V, k) if mc.auto_alpha else None
+        if target is None:
+            return V, fixed_alpha(mc), None
+        return V, alpha0 or initial_alpha(traffic_total / max(V, 1), target, mc.penalty_power), target
+    return plan
+
+
+def _log_start(log: Callable[[str], None], st: RoundStats, V: int, partitions: int, how: str, alpha0: float,
+               target: float | None) -> None:
+    log(f"round 0: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path {st.max_path_size}, "
+        f"non-empty paths {st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths); "
+        f"{partitions} partitions, rounds {how}; "
+        + (f"alpha {alpha0:.4g}" if target is None else f"alpha searched from {alpha0:.4g} for path size {target:.1f}"))
+
+
+def _log_rounds(log: Callable[[str], None], h: dict, stats: list[RoundStats]) -> None:
+    if h["trials"]:
+        log(f"alpha {stats[-1].alpha:.4g} after {len(h['trials'])} trials: "
+            + ", ".join(f"{t:.3g} -> size {z:.1f}" for t, z in h["trials"]))
+    for st in stats:
+        log(f"round {st.round}: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path "
+            f"{st.max_path_size}, non-empty paths {st.nonempty_paths}, items moved {st.items_moved} "
+            f"[{st.seconds:.2f}s with the exchange, task cpu {st.cpu_seconds:.2f}s]")
 
 
 def _job_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions, sizes: np.ndarray,
@@ -322,23 +375,16 @@ def _barrier_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts:
     state.df.unpersist()
     state = MStepState(new, ctx, state.partitions, True)
     hist = [h for h in got.column("history").to_pylist() if h]
+    h = json.loads(hist[0]) if hist else {"trials": []}
     if not hist:                                              # no partition holds an item: nothing moves
         st0 = RoundStats.from_sums(0, sizes, 0.0, 0, 0, alpha, cfg.mstep.penalty_power)
         stats = [replace(st0, round=r) for r in range(1, rounds + 1)]
     else:
-        h = json.loads(hist[0])
         stats = [RoundStats(**d) for d in h["rounds"]]
         state.extra["alpha_trials"] = [tuple(t) for t in h["trials"]]
-        if h["trials"]:
-            log(f"alpha {stats[-1].alpha:.4g} after {len(h['trials'])} trials: "
-                + ", ".join(f"{t:.3g} -> size {z:.1f}" for t, z in h["trials"]))
     state.extra["cache"] = np.bincount([c for c in got.column("cache").to_pylist() if c >= 0],
                                        minlength=3)[:3].tolist()
-    for st in stats:
-        log(f"round {st.round}: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path "
-            f"{st.max_path_size}, non-empty paths {st.nonempty_paths}, items moved {st.items_moved} "
-            f"[{st.seconds:.2f}s with the exchange, task cpu "
-            f"{st.cpu_seconds:.2f}s]")
+    _log_rounds(log, h, stats)
     log(f"{rounds} rounds in one barrier stage over {state.partitions} partitions: {secs:.2f}s with stage start and "
         f"checkpoint; candidates of the partitions: {_cache_msg(state.extra['cache'])}")
     return state, stats
@@ -365,29 +411,63 @@ def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, 
         f"D={cfg.model.D} J={J} S={cfg.search.score_paths}+{J} own+{cfg.mstep.explore} exploration, "
         f"alpha={cfg.mstep.alpha}, {cfg.mstep.rounds} rounds, "
         f"{'extrapolated local deltas' if opts.extrapolate else 'plain local copies'}")
-    state = initial_state(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts)
-    ctx = state.ctx
+    src = state_source(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts)
+    ctx = src.ctx
     how = (f"each reading its share of the {ctx.buckets} item buckets' files" if ctx.buckets else
            "path_scores shuffled by item (the version records no item buckets)")
-    try:
-        sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)     # builds the state
-        log(f"state of {state.partitions} partitions built from path_scores, {how} [{time.perf_counter() - t0:.1f}s]")
-        state, stats = run_rounds(spark, state, cfg, opts, log, sums)
-        meta = CommitMeta(JOB, run_id, round, cfg.hash(), extra={
+
+    def meta(stats: list[RoundStats], barrier: bool, target: float | None) -> CommitMeta:
+        return CommitMeta(JOB, run_id, round, cfg.hash(), extra={
             "path_scores_version": path_scores_version, "init_item_paths_version": init_item_paths_version,
             "scheme": "extrapolated-local-deltas" if opts.extrapolate else "plain",
-            "sync": "barrier" if state.barrier else "jobs", "partitions": state.partitions,
+            "sync": "barrier" if barrier else "jobs", "partitions": src.partitions,
             "objective": stats[-1].objective, "alpha": stats[-1].alpha, "path_size": stats[-1].path_size,
-            "max_path_size": stats[-1].max_path_size, "target_path_size": state.extra.get("target_path_size")})
-        # the item_paths rows are made in the writing task (3 * items rows never cross the JVM)
-        res = warehouse.write_spark("item_paths", state.df.select(*INPUT_COLUMNS), meta, mode="overwrite",
-                                    transform=lambda it: item_paths_batches(it, ctx))
+            "max_path_size": stats[-1].max_path_size, "target_path_size": target})
+    try:
+        if src.barrier and opts.one_stage and cfg.mstep.rounds > 0:
+            staged, stats, target = _one_stage(warehouse, src, cfg, opts, log, how)
+            res = warehouse.commit(staged, meta(stats, True, target), mode="overwrite")
+        else:
+            state = initial_state(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts, src)
+            try:
+                sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)     # builds the state
+                log(f"state of {state.partitions} partitions built from path_scores, {how} "
+                    f"[{time.perf_counter() - t0:.1f}s]")
+                state, stats = run_rounds(spark, state, cfg, opts, log, sums)
+                # the item_paths rows are made in the writing task (3 * items rows never cross the JVM)
+                res = warehouse.write_spark("item_paths", state.df.select(*INPUT_COLUMNS),
+                                            meta(stats, state.barrier, state.extra.get("target_path_size")),
+                                            mode="overwrite", transform=lambda it: item_paths_batches(it, ctx))
+            finally:
+                state.df.unpersist()
     finally:
-        state.df.unpersist()
         drop_job(ctx.job)                                   # local mode: the executors' cache folder
     log(f"committed item_paths v{res.version}: {res.rows} rows [{time.perf_counter() - t0:.1f}s]")
     return res, stats
 
 
-__all__ = ["MStepOptions", "MStepState", "SYNC_MODES", "task_slots", "plan_partitions", "initial_state", "collect_stats", "round_stats", "run_rounds",
+def _one_stage(warehouse: Warehouse, src: StateSource, cfg: DRConfig, opts: MStepOptions, log: Callable[[str], None],
+               how: str) -> tuple[Staged, list[RoundStats], float | None]:
+    """Build, rounds and item_paths rows in one barrier stage (spark_udfs.mstep_onestage) -> (the staged
+    item_paths files, the statistics with round 0 = the start, the target path size)."""
+    t0 = time.perf_counter()
+    ctx, rounds, build, plan = src.ctx, cfg.mstep.rounds, src.build, start_plan(cfg, opts.alpha0)
+    staged = warehouse.stage_spark(src.df, "item_paths", barrier=True,
+                                   transform=lambda it: one_stage_batches(it, ctx, build, rounds, plan))["item_paths"]
+    secs = time.perf_counter() - t0
+    if len(staged.notes) != 1:
+        raise RuntimeError(f"M-step stage: expected one statistics note (task 0), got {len(staged.notes)}")
+    h = json.loads(staged.notes[0])
+    start, stats = RoundStats(**h["start"]), [RoundStats(**d) for d in h["rounds"]]
+    log(f"state of {src.partitions} partitions built from path_scores, {how}, in the stage's tasks "
+        f"[{h['build_seconds']:.1f}s]")
+    _log_start(log, start, h["items"], src.partitions, "in the same barrier stage", start.alpha, h["target"])
+    _log_rounds(log, h, stats)
+    log(f"{rounds} rounds in one barrier stage over {src.partitions} partitions: "
+        f"{sum(st.seconds for st in stats):.2f}s in the tasks; the stage (start, state build, rounds, item_paths "
+        f"files) {secs:.2f}s")
+    return staged, [start] + stats, h["target"]
+
+
+__all__ = ["MStepOptions", "MStepState", "StateSource", "SYNC_MODES", "state_source", "start_plan", "task_slots", "plan_partitions", "initial_state", "collect_stats", "round_stats", "run_rounds",
            "distributed_mstep", "JOB"]

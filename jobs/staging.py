@@ -36,10 +36,11 @@ class StagedFile:
 
 @dataclass(frozen=True)
 class Staged:
-    """The files staged for one table by one write."""
+    """The files staged for one table by one write, and the notes its tasks returned with them."""
 
     table: str
     files: tuple[StagedFile, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -52,8 +53,10 @@ class Staged:
 
 _META_SCHEMA = pa.schema([
     ("table", pa.string()), ("path", pa.string()), ("size", pa.int64()),
-    ("partition_values", pa.string()), ("num_records", pa.int64()), ("stats", pa.string()),
+    ("partition_values", pa.string()), ("num_records", pa.int64()), ("stats", pa.string()), ("note", pa.string()),
 ])
+META_DDL = ("table string, path string, size long, partition_values string, num_records long, stats string, "
+            "note string")
 _MAX_ROWS_PER_FILE = 4_000_000
 # a Parquet row group per this many buffered rows (or bytes, whichever first): Spark hands a task
 # Arrow batches of spark.sql.execution.arrow.maxRecordsPerBatch rows, and one row group per batch
@@ -226,15 +229,23 @@ def conform(table: str, data: pa.Table | pa.RecordBatch | pd.DataFrame) -> pa.Ta
     return data.cast(sch)
 
 
-def _stage_task(batches: Iterator[pa.RecordBatch], targets: Mapping[str, tuple[str, str]],
+def _stage_task(batches: Iterator[pa.RecordBatch | str], targets: Mapping[str, tuple[str, str]],
                 route_col: str | None, tag: str) -> Iterator[pa.RecordBatch]:
-    """Executor body: route each batch's rows to their tables' sinks; yield one row per file."""
+    """Executor body: route each batch's rows to their tables' sinks; yield one row per file.
+
+    A str among the batches is a note for the driver (Staged.notes of the first target table):
+    it comes back as a row of its own, with no file.
+    """
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
     task_tag = f"{tag}-{ctx.partitionId():05d}-{ctx.attemptNumber()}" if ctx else tag
     sinks = {value: _FileSink(table, uri, task_tag) for value, (table, uri) in targets.items()}
+    notes = []
     for batch in batches:
+        if isinstance(batch, str):
+            notes.append((next(iter(targets.values()))[0], None, 0, "{}", 0, "", batch))
+            continue
         if route_col is None:
             (value,) = sinks
             sinks[value].write(conform(sinks[value].table, batch))
@@ -244,8 +255,8 @@ def _stage_task(batches: Iterator[pa.RecordBatch], targets: Mapping[str, tuple[s
             sub = batch.filter(pc.equal(route, value))
             if sub.num_rows:
                 sink.write(conform(sink.table, sub))
-    rows = [(s.table, f.path, f.size, json.dumps(dict(f.partition_values)), f.num_records, f.stats)
-            for s in sinks.values() for f in s.close()]
+    rows = [(s.table, f.path, f.size, json.dumps(dict(f.partition_values)), f.num_records, f.stats, None)
+            for s in sinks.values() for f in s.close()] + notes
     if rows:
         yield pa.RecordBatch.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), _META_SCHEMA)],
                                          schema=_META_SCHEMA)

@@ -32,13 +32,13 @@ from deltalake.transaction import AddAction, CommitProperties, Transaction, crea
 
 from jobs import faults
 # schemas and staging live in their own modules; their names stay importable from here
-from jobs.staging import Staged, StagedFile, _FileSink, _stage_task, conform, list_array  # noqa: F401
+from jobs.staging import META_DDL, Staged, StagedFile, _FileSink, _stage_task, conform, list_array  # noqa: F401
 from jobs.table_specs import TABLES, TableSpec, spec  # noqa: F401
 
 Mode = Literal["append", "overwrite"]
 Version = int | datetime | None
-# executor-side: a task's Arrow batches of df -> the rows to write (Warehouse.stage_spark)
-Transform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+# executor-side: a task's Arrow batches of df -> the rows to write, and str notes (Warehouse.stage_spark)
+Transform = Callable[[Iterator[pa.RecordBatch]], Iterator["pa.RecordBatch | str"]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,13 +180,15 @@ class Warehouse:
     # -- writes --------------------------------------------------------------------------
 
     def stage_spark(self, df: Any, tables: str | Mapping[str, str], route_col: str | None = None,
-                    transform: Transform | None = None) -> dict[str, Staged]:
+                    transform: Transform | None = None, barrier: bool = False) -> dict[str, Staged]:
         """Executors write df's rows as Parquet into table folders; returns staged files per table.
 
         `tables` is one table name, or {route value: table} with `route_col` naming the column
         whose value picks each row's table (one pass over df for several tables). `transform`
         (Arrow batches -> Arrow batches) makes the rows in the writing task itself from df's
-        batches, so they never pass through the JVM.
+        batches, so they never pass through the JVM; a str it yields comes back in Staged.notes.
+        barrier: the writing stage is a barrier stage (all its tasks at once: the transform may
+        exchange data between them).
         """
         targets = {tables: tables} if isinstance(tables, str) else dict(tables)
         if (route_col is None) != isinstance(tables, str):
@@ -194,13 +196,16 @@ class Warehouse:
         uris = {v: (t, self.uri(t)) for v, t in targets.items()}
         tag = uuid.uuid4().hex[:8]
         meta_rows = df.mapInArrow(lambda it: _stage_task(transform(it) if transform else it, uris, route_col, tag),
-                                  "table string, path string, size long, partition_values string, "
-                                  "num_records long, stats string").collect()   # one small row per file
+                                  META_DDL, barrier=barrier).collect()   # one small row per file
         files: dict[str, list[StagedFile]] = {t: [] for t in targets.values()}
+        notes: dict[str, list[str]] = {t: [] for t in targets.values()}
         for r in meta_rows:
+            if r["note"] is not None:
+                notes[r["table"]].append(r["note"])
+                continue
             files[r["table"]].append(StagedFile(r["path"], r["size"], json.loads(r["partition_values"]),
                                                 r["num_records"], r["stats"]))
-        return {t: Staged(t, tuple(fs)) for t, fs in files.items()}
+        return {t: Staged(t, tuple(fs), tuple(notes[t])) for t, fs in files.items()}
 
     def stage_arrow(self, table: str, data: pa.Table | pd.DataFrame | Iterable[pa.Table | pd.DataFrame]) -> Staged:
         """The driver writes Arrow/pandas data (or an iterable of chunks, streamed) as staged files."""

@@ -256,17 +256,53 @@ def barrier_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MS
     from spark_udfs.exchange import TaskGroup
 
     tbl = _table(batches)
-    rows = list(_rows(tbl, ctx)) if tbl is not None else []
     group = TaskGroup.open()
+    try:
+        row = one_state_row(tbl, ctx, group.rank)
+        out, history = group_rounds(group, row, size_table(sizes_bc.value), ctx, total_items,  # type: ignore[attr-defined]
+                                    rounds, alpha0, target, log_rounds)
+    finally:
+        group.close()
+    if out is not None:
+        yield out.with_history(ctx, json.dumps(history))
+
+
+def one_state_row(tbl: pa.Table | None, ctx: MStepContext, rank: int) -> tuple | None:
+    """A barrier task's state rows -> its one row as _rows gives it (None: an empty partition)."""
+    rows = list(_rows(tbl, ctx)) if tbl is not None else []
     if len(rows) > 1:
-        raise RuntimeError(f"M-step barrier stage: partition {group.rank} holds {len(rows)} state rows, "
+        raise RuntimeError(f"M-step barrier stage: partition {rank} holds {len(rows)} state rows, "
                            "expected one (the state must not be repartitioned)")
-    sizes = size_table(sizes_bc.value)  # type: ignore[attr-defined]
+    return rows[0] if rows else None
+
+
+class FinalState:
+    """A partition's state after the rounds: what _state_row needs, the history column left to fill."""
+
+    def __init__(self, *fields: Any) -> None:
+        self.fields = fields
+
+    def with_history(self, ctx: MStepContext, history: str) -> pa.RecordBatch:
+        part, items, m, assign, slots, counts, ll, skipped, moved, cpu, source, traffic = self.fields
+        return _state_row(ctx, part, items, m, assign, slots, counts, ll, skipped, moved, cpu, source, history,
+                          traffic=traffic)
+
+    def item_paths(self, ctx: MStepContext) -> pa.RecordBatch:
+        """Its item_paths rows (item_paths_of)."""
+        part, items, m, assign, slots = self.fields[:5]
+        return item_paths_of(ctx, part, items, m, assign, slots)
+
+
+def group_rounds(group: Any, row: tuple | None, sizes: np.ndarray, ctx: MStepContext, total_items: int,
+                 rounds: int, alpha0: float, target: float | None = None,
+                 log_rounds: bool = True) -> tuple[FinalState | None, dict]:
+    """The rounds of barrier_batches on one task's state row (None: an empty partition) inside its task
+    group, from the global size table `sizes` [num_paths] -> (its final state, the history)."""
     P = ctx.num_paths
     counts = np.zeros(P, np.int64)
     no_traffic = np.zeros(P)
-    if rows:
-        part, items, m, assign, slots = rows[0]
+    if row is not None:
+        part, items, m, assign, slots = row
         e = _entry(ctx, part, items, m)
         counts = _counts(assign[:m], P)
 
@@ -278,7 +314,7 @@ def barrier_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MS
         search = AlphaSearch(alpha0, target)
         while (a := search.propose()) is not None:
             t_counts, t_traffic = counts, no_traffic
-            if rows:
+            if row is not None:
                 s_try = slots.copy()
                 t_assign = _partition_round(e, ctx, assign, s_try, sizes, total_items, a)[0]
                 t_counts, t_traffic = _counts(t_assign[:m], P), _traffic(e, s_try, t_assign, P)
@@ -295,7 +331,7 @@ def barrier_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MS
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         new_counts = counts
-        if rows:
+        if row is not None:
             assign_new, *part_stats = _partition_round(e, ctx, assign, slots, sizes, total_items, alpha)
             new_counts = _counts(assign_new[:m], P)
             traffic = _traffic(e, slots, assign_new, P)
@@ -312,10 +348,11 @@ def barrier_batches(batches: Iterator[pa.RecordBatch], sizes_bc: object, ctx: MS
             print(f"[mstep] (barrier task) round {r}: objective {st.objective:.4f}, path size {st.path_size:.1f}, "
                   f"largest path {st.max_path_size}, items moved {st.items_moved} [{st.seconds:.2f}s]",
                   file=sys.stderr, flush=True)
-    group.close()
-    if rows:
-        yield _state_row(ctx, part, items, m, assign, slots, counts, float(mine[0]), int(mine[1]), int(mine[2]),
-                         own_cpu, e.source, json.dumps({"rounds": history, "trials": trials}), traffic=traffic)
+    out = None
+    if row is not None:
+        out = FinalState(part, items, m, assign, slots, counts, float(mine[0]), int(mine[1]), int(mine[2]), own_cpu,
+                         e.source, traffic)
+    return out, {"rounds": history, "trials": trials}
 
 
 # --------------------------------------------------------------------------- output
@@ -327,24 +364,31 @@ def item_paths_batches(batches: Iterator[pa.RecordBatch], ctx: MStepContext) -> 
     tbl = _table(batches)
     if tbl is None:
         return
-    J = ctx.J
-    for part, items, m, assign, _ in _rows(tbl, ctx):
-        e = _entry(ctx, part, items, m)
-        n = len(items)
-        score = np.zeros((n, J))
-        valid = np.zeros((n, J), dtype=bool)
-        for lo in range(0, m, 1 << 16):
-            hi = min(m, lo + (1 << 16))
-            eq = e.paths[lo:hi, None, :] == assign[lo:hi, :, None]          # [n, J, S]; distinct per row
-            score[lo:hi] = np.where(eq, e.scores[lo:hi, None, :], 0.0).sum(2)
-            valid[lo:hi] = eq.any(2)
-        yield pa.RecordBatch.from_arrays([
-            pa.array(np.repeat(items, J)), pa.array(np.tile(np.arange(J, dtype=np.int32), n)),
-            pa.array(assign.ravel()), pa.array(score.ravel(), mask=~valid.ravel())], schema=ITEM_PATHS_SCHEMA)
-        del e
-        drop_partition(ctx.job, part)
+    for part, items, m, assign, slots in _rows(tbl, ctx):
+        yield item_paths_of(ctx, part, items, m, assign, slots)
+
+
+def item_paths_of(ctx: MStepContext, part: int, items: np.ndarray, m: int, assign: np.ndarray,
+                  slots: np.ndarray) -> pa.RecordBatch:
+    """A partition's final state -> its item_paths rows; releases its cache entry.
+
+    items [n], assign [n, J], slots [m, J] (each assigned path's column among the first m items'
+    candidates, -1: none): the score is a gather, not a search of the lists.
+    """
+    J, n = ctx.J, len(items)
+    e = _entry(ctx, part, items, m)
+    valid = np.zeros((n, J), dtype=bool)
+    valid[:m] = slots >= 0
+    score = np.zeros((n, J))
+    if m:
+        score[:m] = np.where(valid[:m], np.take_along_axis(np.asarray(e.scores), np.maximum(slots, 0), 1), 0.0)
+    del e
+    drop_partition(ctx.job, part)
+    return pa.RecordBatch.from_arrays([
+        pa.array(np.repeat(items, J)), pa.array(np.tile(np.arange(J, dtype=np.int32), n)),
+        pa.array(assign.ravel()), pa.array(score.ravel(), mask=~valid.ravel())], schema=ITEM_PATHS_SCHEMA)
 
 
 __all__ = ["STATE_DDL", "STATS_COLUMNS", "INPUT_COLUMNS", "REBUILT", "FROM_FILES", "FROM_WORKER", "ITEM_PATHS_DDL", "MStepContext", "sweep_blocks",
-           "sweep_batches", "barrier_batches", "item_paths_batches", "find_slots", "job_dir", "drop_job",
+           "sweep_batches", "barrier_batches", "group_rounds", "one_state_row", "FinalState", "item_paths_batches", "item_paths_of", "find_slots", "job_dir", "drop_job",
            "drop_partition", "EMPTY"]

@@ -51,6 +51,11 @@ def check_against_reference(spark, wh: Warehouse, ps: PathScores, cfg: DRConfig,
     print("distributed:", [(round(r.objective, 1), r.max_path_size, r.items_moved) for r in stats])
     # the committed table is the assignment the statistics describe
     got = read_assign(wh, res.version, ps.items, J)
+    # each row's score is s[v, path] of its item's list, null where the path is not a candidate
+    score = wh.read_arrow("item_paths", res.version).to_pandas().sort_values(["item_id", "slot"])["score"]
+    hit = ps.paths[:, None, :] == got[:, :, None]
+    want = np.where(hit.any(2), np.where(hit, ps.scores[:, None, :], 0.0).sum(2), np.nan)
+    np.testing.assert_array_equal(score.to_numpy().reshape(-1, J), want)
     obj = objective(ps, got, P, cfg.mstep.alpha, cfg.mstep.penalty_power)
     assert obj.total == pytest.approx(stats[-1].objective, rel=1e-9)
     assert path_sizes(got, P).max() == stats[-1].max_path_size
@@ -174,20 +179,25 @@ def test_worker_cache_fallback_tree_merge_and_barrier_give_the_same_run(spark, w
         np.testing.assert_array_equal(runs[name][0], runs["cache"][0])
         assert runs[name][1] == runs["cache"][1]
         pd.testing.assert_frame_equal(runs[name][2].reset_index(drop=True), runs["cache"][2].reset_index(drop=True))
-    # all rounds in one barrier stage (2 partitions fit local[2]'s 2 task slots) = one job per round, exactly
+    # all rounds in one barrier stage (2 partitions fit local[2]'s 2 task slots) = one job per round, exactly;
+    # the one-stage M-step (build, rounds, item_paths files in the barrier stage) = the three-stage one
     pair = {}
-    for sync in ("barrier", "jobs"):
+    for name, sync, one in (("barrier", "barrier", True), ("barrier-3", "barrier", False), ("jobs", "jobs", True)):
         logs = []
-        res, stats = distributed_mstep(spark, warehouse, cfg, v_ps, v_init, f"run-{sync}", 0,
-                                       MStepOptions(partitions=2, sync=sync), log=logs.append)
+        res, stats = distributed_mstep(spark, warehouse, cfg, v_ps, v_init, f"run-{name}", 0,
+                                       MStepOptions(partitions=2, sync=sync, one_stage=one), log=logs.append)
         assert warehouse.versions("item_paths")[-1].metadata["dr.sync"] == sync
         assert any(f"rounds {'in one barrier stage' if sync == 'barrier' else 'one job each'}" in m for m in logs)
-        pair[sync] = (read_assign(warehouse, res.version, items, J),
+        assert any("in the stage's tasks" in m for m in logs) == (name == "barrier")
+        pair[name] = (read_assign(warehouse, res.version, items, J),
                       [(s.max_path_size, s.nonempty_paths, s.items_moved, s.skipped_items) for s in stats],
-                      [s.objective for s in stats])
-    np.testing.assert_array_equal(pair["barrier"][0], pair["jobs"][0])
-    assert pair["barrier"][1] == pair["jobs"][1]
-    assert pair["barrier"][2] == pytest.approx(pair["jobs"][2], rel=1e-12)
+                      [s.objective for s in stats],
+                      warehouse.read_arrow("item_paths", res.version).to_pandas().sort_values(["item_id", "slot"]))
+    for name in ("barrier-3", "jobs"):
+        np.testing.assert_array_equal(pair["barrier"][0], pair[name][0])
+        assert pair["barrier"][1] == pair[name][1]
+        assert pair["barrier"][2] == pytest.approx(pair[name][2], rel=1e-12)
+        pd.testing.assert_frame_equal(pair["barrier"][3].reset_index(drop=True), pair[name][3].reset_index(drop=True))
     with pytest.raises(ValueError, match="concurrent task slots"):
         distributed_mstep(spark, warehouse, cfg, v_ps, v_init, "run-too-wide", 0, MStepOptions(partitions=3,
                                                                                               sync="barrier"))
