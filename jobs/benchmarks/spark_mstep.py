@@ -11,8 +11,8 @@ statistics). `*_with_startup` divides by the whole barrier stage instead (torch 
 the workers, the rendezvous, the checkpoint of the final state): a fixed cost per M-step,
 not per round. The in-process figure is
 `mstep_blocked` on the same chunks (per CPU second, single thread). Peak driver memory:
-the Python driver's peak RSS; the JVM's peak RSS is reported too, but in local mode the
-executors live in that JVM, so it holds the checkpointed item state as well.
+the Python driver's peak RSS; the JVM's peak RSS during the job is reported too (reset after the
+setup), but in local mode the executors live in that JVM.
 10^7 items: set DR_BENCH_10M=1 (slow on 2 cores; S there: S_LARGE).
 """
 from __future__ import annotations
@@ -56,15 +56,20 @@ def chunk_scores(chunk: int, items: int, num_paths: int) -> tuple[np.ndarray, ..
     return ps.items + lo, ps.paths, ps.scores, ps.n_v
 
 
-def _gen(batches: Iterator[pa.RecordBatch], items: int, num_paths: int) -> Iterator[pa.RecordBatch]:
+def _gen_bucket(batches: Iterator[pa.RecordBatch], items: int, num_paths: int, buckets: int) -> Iterator[pa.RecordBatch]:
+    """Bucket b's path_scores rows (the items `repartition(buckets, item_id)` sends to b) in item order,
+    as the scores job writes a bucket; every bucket's task generates every chunk and keeps its items."""
     from dr_model.scores import PathScores
+    from spark_udfs.partitioning import spark_partition
 
     for b in batches:
-        for c in b.column(0).to_numpy():
-            it, p, s, nv = chunk_scores(int(c), items, num_paths)
-            item, path, score, n_v = PathScores(it, p, s, nv).to_long()
-            yield pa.RecordBatch.from_arrays([pa.array(item), pa.array(path), pa.array(score), pa.array(n_v)],
-                                             names=["item_id", "path", "score", "n_v"])
+        for bucket in b.column(0).to_numpy():
+            for c in range(-(-items // CHUNK)):
+                it, p, s, nv = chunk_scores(c, items, num_paths)
+                mine = spark_partition(it, buckets) == bucket
+                item, path, score, n_v = PathScores(it[mine], p[mine], s[mine], nv[mine]).to_long()
+                yield pa.RecordBatch.from_arrays([pa.array(item), pa.array(path), pa.array(score), pa.array(n_v)],
+                                                 names=["item_id", "path", "score", "n_v"])
 
 
 def _cfg(items: int = 10 ** 6):  # noqa: ANN202
@@ -74,10 +79,23 @@ def _cfg(items: int = 10 ** 6):  # noqa: ANN202
                                "mstep": {"alpha": ALPHA, "rounds": ROUNDS}})
 
 
+def _jvm_pid(spark) -> int:  # noqa: ANN001
+    return int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
+
+
 def _jvm_peak_mb(spark) -> float:  # noqa: ANN001
-    pid = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
-    with open(f"/proc/{pid}/status") as fh:
+    with open(f"/proc/{_jvm_pid(spark)}/status") as fh:
         return next(int(x.split()[1]) for x in fh if x.startswith("VmHWM")) / 1024
+
+
+def _reset_jvm_peak(spark) -> None:  # noqa: ANN001
+    """Restart the JVM's peak RSS from its current RSS (Linux clear_refs 5), so it reports the job's peak,
+    not the setup's (the generator's sort of the bucket grows the heap)."""
+    try:
+        with open(f"/proc/{_jvm_pid(spark)}/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 def worker(master: str, items: int) -> dict:
@@ -94,14 +112,14 @@ def worker(master: str, items: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         wh = Warehouse(tmp)
         t0 = time.perf_counter()
-        nchunks = -(-items // CHUNK)
-        gen = spark.range(nchunks, numPartitions=min(nchunks, 4 * cores)).mapInArrow(
-            lambda it: _gen(it, items, P), "item_id long, path long, score double, n_v double")
-        # written as the scores job writes it: one file set per hash bucket of item_id (recorded), its
-        # items in order (top_s_batches' lists), each item in one file (TableSpec.file_group)
-        v = wh.write_spark("path_scores", gen.repartition(cores, "item_id").sortWithinPartitions("item_id"),
-                           CommitMeta("bench", "gen", extra={"item_buckets": cores})).version
+        # written as the scores job writes it: task b writes hash bucket b of item_id (recorded), its items
+        # in order (top_s_batches' lists), each item in one file (TableSpec.file_group); no shuffle or
+        # sort, so the JVM's heap stays what the job needs
+        gen = spark.range(cores, numPartitions=cores).mapInArrow(
+            lambda it: _gen_bucket(it, items, P, cores), "item_id long, path long, score double, n_v double")
+        v = wh.write_spark("path_scores", gen, CommitMeta("bench", "gen", extra={"item_buckets": cores})).version
         setup_s = time.perf_counter() - t0
+        _reset_jvm_peak(spark)
         t0 = time.perf_counter()
         logs: list[str] = []
 
