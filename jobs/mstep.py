@@ -28,77 +28,25 @@ checkpointed (`localCheckpoint`) so plans stay short. One commit at the end: a f
 from __future__ import annotations
 
 import json
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dr_model.calibrate import AlphaSearch, initial_alpha, traffic_size
 from dr_model.config import DRConfig
-from dr_model.mstep import RoundStats, fixed_alpha
+from dr_model.mstep import RoundStats
+from jobs.mstep_options import SYNC_MODES, MStepOptions, MStepState, checkpoint, log_mstep
+from jobs.mstep_rounds import collect_stats, log_rounds, log_start, round_stats, run_rounds, start_plan
 from jobs.tables import CommitMeta, CommitResult, Staged, Warehouse
 from spark_udfs.mstep_onestage import one_stage_batches
 from spark_udfs.mstep_state import build_state, build_state_from_files
-from spark_udfs.mstep_udf import (INPUT_COLUMNS, STATE_DDL, STATS_COLUMNS, MStepContext,
-                                  barrier_batches, drop_job, item_paths_batches, sweep_batches)
+from spark_udfs.mstep_udf import INPUT_COLUMNS, STATE_DDL, MStepContext, drop_job, item_paths_batches
 from spark_udfs.partitioning import largest_divisor, task_of
 
 JOB = "mstep"
-
-
-def _log(msg: str) -> None:
-    print(f"[mstep] {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class MStepOptions:
-    """Plan knobs: item partitions, how rounds synchronise, the scheme switch, start seed, state storage.
-
-    partitions None: the cluster's concurrent task slots (barrier), else defaultParallelism,
-    but no more than one per `min_items_per_partition` scored items: each partition's
-    extrapolated copy of the size table is an estimate, noisy where paths hold a few items
-    (ML-100K on 2 partitions kept moving a quarter of its items every sweep, in one it
-    settles), and a sweep of 50,000 items takes a few milliseconds, so splitting less buys nothing.
-    sync: "auto" (barrier when partitions <= task slots, else jobs), "barrier" (an error if
-    the partitions do not fit), "jobs" (module doc). worker_cache False: every task
-    rebuilds its candidates from the path_scores files (the cache-miss path; slow, for
-    tests). one_stage (barrier runs): the state build, the rounds and the item_paths rows in
-    ONE barrier stage (spark_udfs.mstep_onestage); False: a build job, a barrier stage and a
-    writing job, the state checkpointed between them (the jobs-mode layout; for tests). driver_merge (jobs mode): partitions' count vectors summed on the driver
-    directly; more partitions are summed by a Spark tree reduction first.
-    """
-
-    partitions: int | None = None
-    sync: str = "auto"
-    extrapolate: bool = True          # False: plain copies (cross-partition Jacobi; kept for comparison)
-    alpha0: float | None = None       # where the alpha search starts (the previous EM round's alpha)
-    seed: int = 0                     # random balanced start of items without starting paths
-    storage: str = "MEMORY_AND_DISK"  # StorageLevel name of each round's checkpointed state
-    worker_cache: bool = True
-    driver_merge: int = 32
-    min_items_per_partition: int = 50_000
-    read_buckets: bool = True         # False: always shuffle path_scores (the general path, for tests)
-    one_stage: bool = True            # barrier runs: build, rounds and item_paths rows in one stage
-
-
-@dataclass
-class MStepState:
-    """The checkpointed state (one row per item partition, STATE_DDL) and the run's task context."""
-
-    df: DataFrame
-    ctx: MStepContext
-    partitions: int
-    barrier: bool = False             # run the rounds in one barrier stage (plan_partitions)
-    extra: dict = field(default_factory=dict)
-
-
-SYNC_MODES = ("auto", "barrier", "jobs")
 
 
 def task_slots(spark: SparkSession) -> int:
@@ -137,13 +85,6 @@ def scores_buckets(warehouse: Warehouse, version: int | None, files: tuple[str, 
     b = int(info.metadata.get("dr.item_buckets") or 0) if info is not None else 0
     tasks = [task_of(u) for u in files]
     return b if b > 0 and all(t is not None and t < b for t in tasks) else 0
-
-
-def _checkpoint(df: DataFrame, storage: str) -> DataFrame:
-    # lazy: the next job (the statistics' collect) computes, stores and checkpoints it; an eager
-    # checkpoint would cost a job of its own before that one
-    return df.localCheckpoint(eager=False, storageLevel=getattr(StorageLevel, storage))
-
 
 @dataclass(frozen=True)
 class StateSource:
@@ -208,196 +149,12 @@ def initial_state(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path
     src = source or state_source(spark, warehouse, cfg, path_scores_version, init_item_paths_version, opts)
     state = src.df.mapInArrow(src.build, STATE_DDL)
     # built by run_rounds' first statistics job (distributed_mstep drops the job's cache if that fails)
-    return MStepState(_checkpoint(state, opts.storage), src.ctx, src.partitions, src.barrier)
-
-
-def _add(a: tuple, b: tuple) -> tuple:
-    return tuple(x + y for x, y in zip(a, b))
-
-
-def _stats_of(counts: bytes, loglik: float, skipped: int, moved: int, cpu: float, cache: int, traffic: bytes) -> tuple:
-    return (np.frombuffer(counts, dtype=np.int32).astype(np.int64), loglik, skipped, moved, cpu,
-            np.bincount([cache], minlength=3)[:3] if cache >= 0 else np.zeros(3, np.int64),
-            np.frombuffer(traffic, dtype=np.float64) if traffic else 0.0)
-
-
-def collect_stats(state: MStepState | DataFrame, num_paths: int,
-                  driver_merge: int = 32) -> tuple[np.ndarray, float, int, int, float, np.ndarray, np.ndarray]:
-    """Sum the partitions' statistics of a state (or of any frame of state rows).
-
-    -> (sizes [num_paths] int64, loglik, skipped, moved, task cpu, cache [3]: partitions whose
-    candidates were rebuilt from path_scores / mapped from the machine's files / in the worker,
-    path traffic [num_paths] float64).
-    """
-    zero = (np.zeros(num_paths, dtype=np.int64), 0.0, 0, 0, 0.0, np.zeros(3, np.int64), np.zeros(num_paths))
-    frame = state.df if isinstance(state, MStepState) else state
-    parts = state.partitions if isinstance(state, MStepState) else frame.rdd.getNumPartitions()
-    df = frame.select(*STATS_COLUMNS)
-    if parts <= driver_merge:
-        t = df.toArrow()                                    # <= driver_merge rows
-        tot = zero
-        cols = [t.column(c).to_pylist() for c in STATS_COLUMNS]
-        for row in zip(*cols):
-            tot = _add(tot, _stats_of(*row))
-        return tot
-    depth = max(2, int(np.ceil(np.log(parts) / np.log(max(driver_merge, 2)))))
-    got = df.rdd.map(lambda r: _stats_of(*r)).treeReduce(_add, depth=depth) if parts else zero
-    return got
-
-
-def round_stats(state: MStepState, cfg: DRConfig, r: int, seconds: float,
-                driver_merge: int = 32) -> tuple[RoundStats, np.ndarray]:
-    """Objective / largest path / non-empty paths / moved of a state, and its size table [num_paths] int64."""
-    return _round_stats(collect_stats(state, cfg.model.num_paths, driver_merge), state, cfg, r, seconds)
-
-
-def _round_stats(sums: tuple, state: MStepState, cfg: DRConfig, r: int, seconds: float,
-                 alpha: float = 0.0) -> tuple[RoundStats, np.ndarray]:
-    sizes, loglik, skipped, moved, cpu, cache, traffic = sums
-    state.extra["cache"] = cache.tolist()
-    state.extra["traffic_total"] = float(np.sum(traffic))
-    st = RoundStats.from_sums(r, sizes, loglik, skipped, moved, alpha, cfg.mstep.penalty_power, seconds,
-                              cpu, traffic=traffic if np.ndim(traffic) else None)
-    return st, sizes
-
-
-def run_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions = MStepOptions(),
-               log: Callable[[str], None] = _log, sums: tuple | None = None) -> tuple[MStepState, list[RoundStats]]:
-    """cfg.mstep.rounds sweeps from a state -> (final state, stats with round 0 = the start).
-
-    With mstep.alpha "auto", alpha is searched first (dr_model.calibrate.AlphaSearch, from
-    opts.alpha0 or calibrate.initial_alpha) for the traffic-weighted path size
-    search.target_path_size of the scored items; state.extra["alpha_trials"] lists the trials.
-    RoundStats.seconds: wall time of a round, the exchange included (barrier), or of the
-    round's job (jobs; the driver's sum of the statistics, a few ms, excluded and logged).
-    sums: the state's collect_stats when the caller has them.
-    """
-    sums = sums or collect_stats(state, cfg.model.num_paths, opts.driver_merge)
-    V, alpha0, target = start_plan(cfg, opts.alpha0)(sums[0], float(np.sum(sums[6])))
-    st, sizes = _round_stats(sums, state, cfg, 0, 0.0, alpha0)
-    _log_start(log, st, V, state.partitions, "in one barrier stage" if state.barrier else "one job each", alpha0, target)
-    rounds = _barrier_rounds if state.barrier else _job_rounds
-    state.extra["target_path_size"] = target
-    state, more = rounds(spark, state, cfg, opts, sizes, V, alpha0, target, log)
-    return state, [st] + more
-
-
-def start_plan(cfg: DRConfig, alpha0: float | None = None) -> Callable[[np.ndarray, float], tuple[int, float, float | None]]:
-    """(global path sizes [num_paths], total path traffic) -> (scored items, starting alpha, target path size or
-    None); the same on the driver and in every barrier task (mstep_onestage)."""
-    J, mc, k = cfg.model.J, cfg.mstep, cfg.eval.k
-    search = cfg.search
-
-    def plan(sizes: np.ndarray, traffic_total: float) -> tuple[int, float, float | None]:
-        V = int(sizes.sum()) // J                             # scored items (each holds J paths)
-        target = search.target_path_size(V, k) if mc.auto_alpha else None
-        if target is None:
-            return V, fixed_alpha(mc), None
-        return V, alpha0 or initial_alpha(traffic_total / max(V, 1), target, mc.penalty_power), target
-    return plan
-
-
-def _log_start(log: Callable[[str], None], st: RoundStats, V: int, partitions: int, how: str, alpha0: float,
-               target: float | None) -> None:
-    log(f"round 0: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path {st.max_path_size}, "
-        f"non-empty paths {st.nonempty_paths}, {V} scored items ({st.skipped_items} without score on their paths); "
-        f"{partitions} partitions, rounds {how}; "
-        + (f"alpha {alpha0:.4g}" if target is None else f"alpha searched from {alpha0:.4g} for path size {target:.1f}"))
-
-
-def _log_rounds(log: Callable[[str], None], h: dict, stats: list[RoundStats]) -> None:
-    if h["trials"]:
-        log(f"alpha {stats[-1].alpha:.4g} after {len(h['trials'])} trials: "
-            + ", ".join(f"{t:.3g} -> size {z:.1f}" for t, z in h["trials"]))
-    for st in stats:
-        log(f"round {st.round}: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path "
-            f"{st.max_path_size}, non-empty paths {st.nonempty_paths}, items moved {st.items_moved} "
-            f"[{st.seconds:.2f}s with the exchange, task cpu {st.cpu_seconds:.2f}s]")
-
-
-def _job_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions, sizes: np.ndarray,
-                V: int, alpha: float, target: float | None,
-                log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
-    """One Spark job per round: the pass (sweep + the partitions' statistics) is marked for a
-    local checkpoint, and collecting its statistics columns computes, stores and checkpoints it.
-    An alpha search runs one job per trial, reading only the trial's statistics."""
-    ctx, stats = state.ctx, []
-    if target is not None:
-        search = AlphaSearch(alpha, target)
-        bc = spark.sparkContext.broadcast(sizes)
-        while (a := search.propose()) is not None:
-            trial = state.df.select(*INPUT_COLUMNS).mapInArrow(
-                lambda it, a=a: sweep_batches(it, bc, ctx, V, a), STATE_DDL)
-            t_sizes, *_, t_traffic = collect_stats(trial, cfg.model.num_paths, opts.driver_merge)
-            search.observe(a, traffic_size(t_traffic, t_sizes))
-        bc.destroy()
-        alpha = search.result
-        state.extra["alpha_trials"] = search.trials
-        log(f"alpha {alpha:.4g} after {len(search.trials)} trials: "
-            + ", ".join(f"{t:.3g} -> size {z:.1f}" for t, z in search.trials))
-    for r in range(1, cfg.mstep.rounds + 1):
-        t0 = time.perf_counter()
-        bc = spark.sparkContext.broadcast(sizes)              # the round's size table, once per executor
-        new = state.df.select(*INPUT_COLUMNS).mapInArrow(lambda it, bc=bc: sweep_batches(it, bc, ctx, V, alpha),
-                                                         STATE_DDL)
-        # cuts the lineage (plans stay one round long); materialised by the statistics job below
-        new = new.localCheckpoint(eager=False, storageLevel=getattr(StorageLevel, opts.storage))
-        old, state = state, MStepState(new, ctx, state.partitions, state.barrier)
-        sums = collect_stats(state, cfg.model.num_paths, opts.driver_merge)
-        secs = time.perf_counter() - t0
-        st, sizes = _round_stats(sums, state, cfg, r, secs, alpha)
-        old.df.unpersist()
-        bc.destroy()
-        stats.append(st)
-        log(f"round {r}: objective {st.objective:.4f}, path size {st.path_size:.1f}, largest path "
-            f"{st.max_path_size}, non-empty paths {st.nonempty_paths}, items moved {st.items_moved} [{secs:.2f}s, with statistics "
-            f"{time.perf_counter() - t0:.2f}s, task cpu {st.cpu_seconds:.2f}s; candidates of the partitions: "
-            f"{_cache_msg(state.extra['cache'])}]")
-    return state, stats
-
-
-def _barrier_rounds(spark: SparkSession, state: MStepState, cfg: DRConfig, opts: MStepOptions, sizes: np.ndarray,
-                    V: int, alpha: float, target: float | None,
-                    log: Callable[[str], None]) -> tuple[MStepState, list[RoundStats]]:
-    """All rounds (and the alpha search) in one barrier stage (mstep_udf.barrier_batches); its
-    statistics come back in `history`."""
-    ctx, rounds = state.ctx, cfg.mstep.rounds
-    if rounds == 0:
-        return state, []
-    t0 = time.perf_counter()
-    bc = spark.sparkContext.broadcast(sizes)                  # the starting table; the tasks keep it up to date
-    new = state.df.select(*INPUT_COLUMNS).mapInArrow(
-        lambda it: barrier_batches(it, bc, ctx, V, rounds, alpha, target), STATE_DDL, barrier=True)
-    new = _checkpoint(new, opts.storage)
-    got = new.select("history", "cache").toArrow()            # <= task slots rows
-    secs = time.perf_counter() - t0
-    bc.destroy()
-    state.df.unpersist()
-    state = MStepState(new, ctx, state.partitions, True)
-    hist = [h for h in got.column("history").to_pylist() if h]
-    h = json.loads(hist[0]) if hist else {"trials": []}
-    if not hist:                                              # no partition holds an item: nothing moves
-        st0 = RoundStats.from_sums(0, sizes, 0.0, 0, 0, alpha, cfg.mstep.penalty_power)
-        stats = [replace(st0, round=r) for r in range(1, rounds + 1)]
-    else:
-        stats = [RoundStats(**d) for d in h["rounds"]]
-        state.extra["alpha_trials"] = [tuple(t) for t in h["trials"]]
-    state.extra["cache"] = np.bincount([c for c in got.column("cache").to_pylist() if c >= 0],
-                                       minlength=3)[:3].tolist()
-    _log_rounds(log, h, stats)
-    log(f"{rounds} rounds in one barrier stage over {state.partitions} partitions: {secs:.2f}s with stage start and "
-        f"checkpoint; candidates of the partitions: {_cache_msg(state.extra['cache'])}")
-    return state, stats
-
-
-def _cache_msg(c: list[int]) -> str:
-    return f"{c[2]} in worker memory, {c[1]} mapped from local files, {c[0]} rebuilt from path_scores"
-
+    return MStepState(checkpoint(state, opts.storage), src.ctx, src.partitions, src.barrier)
 
 def distributed_mstep(spark: SparkSession, warehouse: Warehouse, cfg: DRConfig, path_scores_version: int | None,
                       init_item_paths_version: int | None, run_id: str, round: int | None = None,
                       opts: MStepOptions = MStepOptions(),
-                      log: Callable[[str], None] = _log) -> tuple[CommitResult, list[RoundStats]]:
+                      log: Callable[[str], None] = log_mstep) -> tuple[CommitResult, list[RoundStats]]:
     """M-step over `path_scores@path_scores_version` from `item_paths@init` (None: random balanced start).
 
     Commits the final assignment as ONE `item_paths` version; returns it and the per-round
@@ -461,13 +218,12 @@ def _one_stage(warehouse: Warehouse, src: StateSource, cfg: DRConfig, opts: MSte
     start, stats = RoundStats(**h["start"]), [RoundStats(**d) for d in h["rounds"]]
     log(f"state of {src.partitions} partitions built from path_scores, {how}, in the stage's tasks "
         f"[{h['build_seconds']:.1f}s]")
-    _log_start(log, start, h["items"], src.partitions, "in the same barrier stage", start.alpha, h["target"])
-    _log_rounds(log, h, stats)
+    log_start(log, start, h["items"], src.partitions, "in the same barrier stage", start.alpha, h["target"])
+    log_rounds(log, h, stats)
     log(f"{rounds} rounds in one barrier stage over {src.partitions} partitions: "
         f"{sum(st.seconds for st in stats):.2f}s in the tasks; the stage (start, state build, rounds, item_paths "
         f"files) {secs:.2f}s")
     return staged, [start] + stats, h["target"]
 
-
-__all__ = ["MStepOptions", "MStepState", "StateSource", "SYNC_MODES", "state_source", "start_plan", "task_slots", "plan_partitions", "initial_state", "collect_stats", "round_stats", "run_rounds",
-           "distributed_mstep", "JOB"]
+__all__ = ["MStepOptions", "MStepState", "StateSource", "SYNC_MODES", "state_source", "start_plan", "task_slots",
+           "plan_partitions", "initial_state", "collect_stats", "round_stats", "run_rounds", "distributed_mstep", "JOB"]
