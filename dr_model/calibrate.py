@@ -46,10 +46,17 @@ from .scores import EMPTY, PathScores
 CAP = 1e3               # the alpha search stays within this factor of its start
 
 
+def assigned_scores(scores: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """s[v, pi_j(v)] of each assigned path: scores [m, S], slots [m, J] (-1: not a candidate, score 0) -> [m, J]."""
+    if not len(slots):
+        return np.zeros(slots.shape)
+    return np.where(slots >= 0, np.take_along_axis(scores, np.maximum(slots, 0), 1), 0.0)
+
+
 def assigned_weights(scores: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """Share of each assigned path in its item's assigned score: scores [m, S], slots [m, J] (-1: none) -> [m, J]."""
-    m, J = slots.shape
-    s = np.where(slots >= 0, np.take_along_axis(scores, np.maximum(slots, 0), 1), 0.0) if m else np.zeros((0, J))
+    J = slots.shape[1]
+    s = assigned_scores(scores, slots)
     tot = s.sum(1, keepdims=True)
     return np.where(tot > 0, s / np.where(tot > 0, tot, 1.0), 1.0 / J)
 
@@ -216,5 +223,5 @@ def _explore_rows(items: np.ndarray, real_p: np.ndarray, real_s: np.ndarray, K: 
     compiled(merge_siblings)(real_p, real_s, sib, float(score_frac), out_p, out_s)
 
 
-__all__ = ["assigned_weights", "assigned_traffic", "path_traffic", "traffic_size", "start_path_size", "is_collapsed", "initial_alpha",
+__all__ = ["assigned_scores", "assigned_weights", "assigned_traffic", "path_traffic", "traffic_size", "start_path_size", "is_collapsed", "initial_alpha",
            "AlphaSearch", "exploration_paths", "with_exploration"]

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dr_model.kernels import compiled, slot_rows
 from dr_model.scores import EMPTY
 
 # Python / NumPy scalar types that take the math-module fast path of `gain`.
@@ -168,12 +169,9 @@ def _greedy(delta_f: np.ndarray, s: np.ndarray, nv: np.ndarray, paths: np.ndarra
 
 def _own_slots(paths: np.ndarray, assign: np.ndarray) -> np.ndarray:
     """Slot of each current path among the item's candidates: paths [S, B], assign [B, J] -> [B, J] (-1: none)."""
-    B = paths.shape[1]
-    slots = np.full(assign.shape, -1, dtype=np.int64)
-    for j in range(assign.shape[1]):
-        hit = np.flatnonzero(paths == assign[None, :, j])           # candidate paths are distinct per item
-        slots[hit % B, j] = hit // B
-    return slots
+    out = np.empty(assign.shape, dtype=np.int64)
+    compiled(slot_rows)(paths.T, assign, out)                       # candidate paths are distinct per item
+    return out
 
 
 def update_block(paths_blk: np.ndarray, scores_blk: np.ndarray, nv_blk: np.ndarray, assign_blk: np.ndarray,

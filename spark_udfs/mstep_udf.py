@@ -53,16 +53,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from dr_model.calibrate import AlphaSearch, assigned_traffic, traffic_size
-from dr_model.kernels import compiled, slot_rows
+from dr_model.calibrate import AlphaSearch, assigned_scores, assigned_traffic, traffic_size
 from dr_model.mstep import (CandidateBlocks, RoundStats, effective_block, penalty_delta,
                             size_table, sweep)
+from dr_model.mstep_kernel import _own_slots
 from dr_model.scores import EMPTY
 from spark_udfs.mstep_cache import (FROM_FILES, FROM_WORKER, REBUILT, MStepContext, _blocks, _entry, _Entry,
                                     drop_job, drop_partition, job_dir)
@@ -127,19 +127,12 @@ def _rows(tbl: pa.Table, ctx: MStepContext) -> Iterator[tuple[int, np.ndarray, i
 # --------------------------------------------------------------------------- statistics of a partition
 def find_slots(paths: np.ndarray, assign: np.ndarray) -> np.ndarray:
     """Slot of each assigned path among the item's candidates: paths [m, S], assign [m, J] -> int64 [m, J] (-1: none)."""
-    out = np.empty(assign.shape, dtype=np.int64)
-    compiled(slot_rows)(paths, assign, out)             # paths >= 0 in assign: EMPTY never matches
-    return out
+    return _own_slots(paths.T, assign)                  # paths >= 0 in assign: EMPTY never matches
 
 
 def _loglik(scores: np.ndarray, n_v: np.ndarray, slots: np.ndarray) -> tuple[float, int]:
     """(sum_v N_v log(sum_j s[v, pi_j(v)]) over items with a positive total, items skipped); float64."""
-    m = scores.shape[0]
-    tot = np.zeros(m)
-    rows = np.arange(m)
-    for j in range(slots.shape[1]):
-        k = slots[:, j]
-        tot += np.where(k >= 0, scores[rows, np.maximum(k, 0)], 0.0)
+    tot = assigned_scores(scores, slots).sum(1)
     pos = tot > 0
     # elementwise + sum (no BLAS call: OpenBLAS threads would spin into the next sweep)
     return float((n_v[pos] * np.log(tot[pos])).sum()), int((~pos).sum())
@@ -276,21 +269,30 @@ def one_state_row(tbl: pa.Table | None, ctx: MStepContext, rank: int) -> tuple |
     return rows[0] if rows else None
 
 
+@dataclass
 class FinalState:
-    """A partition's state after the rounds: what _state_row needs, the history column left to fill."""
+    """A partition's state after the rounds (the state row's fields, its history left to fill)."""
 
-    def __init__(self, *fields: Any) -> None:
-        self.fields = fields
+    part: int
+    items: np.ndarray                 # [n], scored first
+    n_scored: int
+    assign: np.ndarray                # [n, J]
+    slots: np.ndarray                 # [n_scored, J]
+    counts: np.ndarray                # [num_paths]
+    loglik: float
+    skipped: int
+    moved: int
+    cpu: float
+    source: int
+    traffic: np.ndarray               # [num_paths]
 
     def with_history(self, ctx: MStepContext, history: str) -> pa.RecordBatch:
-        part, items, m, assign, slots, counts, ll, skipped, moved, cpu, source, traffic = self.fields
-        return _state_row(ctx, part, items, m, assign, slots, counts, ll, skipped, moved, cpu, source, history,
-                          traffic=traffic)
+        return _state_row(ctx, self.part, self.items, self.n_scored, self.assign, self.slots, self.counts, self.loglik,
+                          self.skipped, self.moved, self.cpu, self.source, history, traffic=self.traffic)
 
     def item_paths(self, ctx: MStepContext) -> pa.RecordBatch:
         """Its item_paths rows (item_paths_of)."""
-        part, items, m, assign, slots = self.fields[:5]
-        return item_paths_of(ctx, part, items, m, assign, slots)
+        return item_paths_of(ctx, self.part, self.items, self.n_scored, self.assign, self.slots)
 
 
 def group_rounds(group: Any, row: tuple | None, sizes: np.ndarray, ctx: MStepContext, total_items: int,
@@ -381,7 +383,7 @@ def item_paths_of(ctx: MStepContext, part: int, items: np.ndarray, m: int, assig
     valid[:m] = slots >= 0
     score = np.zeros((n, J))
     if m:
-        score[:m] = np.where(valid[:m], np.take_along_axis(np.asarray(e.scores), np.maximum(slots, 0), 1), 0.0)
+        score[:m] = assigned_scores(np.asarray(e.scores), slots)
     del e
     drop_partition(ctx.job, part)
     return pa.RecordBatch.from_arrays([

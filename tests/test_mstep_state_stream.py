@@ -123,9 +123,9 @@ def test_bucket_files_in_item_order_are_read_one_at_a_time_into_the_cache(tmp_pa
         assert not list((tmp_path / "cache" / "t").glob("*.tmp-*"))     # the temp folder was renamed
 
 
-def test_find_slots_agrees_with_the_kernel_blocks_own_slots():
-    """The state's slots (row-major lists, compiled) are the sweep's own slots (slot-major blocks): same
-    column of each assigned path, -1 where it is not a candidate; int32 lists as the cache holds them."""
+def test_find_slots_and_the_kernel_blocks_own_slots_find_each_assigned_path():
+    """The state's slots (row-major lists) and the sweep's own slots (slot-major blocks): the column of
+    each assigned path among its item's candidates, -1 where it is not one; int32 lists as the cache holds them."""
     from dr_model.mstep_kernel import _own_slots
     from spark_udfs.mstep_udf import find_slots
 
@@ -134,7 +134,8 @@ def test_find_slots_agrees_with_the_kernel_blocks_own_slots():
     paths[::5, S // 2:] = -1                                             # narrower lists: EMPTY slots
     assign = np.where(rng.random((400, J)) < 0.5, paths[np.arange(400)[:, None], rng.integers(0, S // 2, (400, J))],
                       rng.integers(500, 600, (400, J)))
-    want = _own_slots(np.ascontiguousarray(paths.T), assign)
+    want = np.array([[next(iter(np.flatnonzero(paths[i] == a)), -1) for a in assign[i]] for i in range(len(paths))])
     assert (want >= 0).any() and (want == -1).any()
+    assert np.array_equal(_own_slots(np.ascontiguousarray(paths.T), assign), want)
     assert np.array_equal(find_slots(paths, assign), want)
     assert np.array_equal(find_slots(paths.astype(np.int32), assign), want)
